@@ -1,0 +1,234 @@
+"""`dare`: the single entry point. Subcommands are thin shells over the services."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from dare.log import configure_logging
+from dare.settings import Settings, load_settings, settings_markdown
+
+log = structlog.get_logger("cli")
+
+
+# ---------------------------------------------------------------------------- shared flags
+
+
+def add_kafka_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (env DARE_BOOTSTRAP_SERVERS)")
+    p.add_argument("--topic-prefix", help="topic name prefix (env DARE_TOPIC_PREFIX, default 'dare.')")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="local Hugging Face model directory (env DARE_MODEL; default: packaged SmolLM2-135M)")
+    p.add_argument("--device", help="auto, cpu, cuda (env DARE_DEVICE)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="env DARE_DTYPE")
+    p.add_argument("--threads", type=int, help="torch CPU threads (env DARE_THREADS)")
+    p.add_argument("--max-new-tokens", type=int, help="env DARE_MAX_NEW_TOKENS (default 128)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    names = set(Settings.model_fields)
+    return load_settings(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def load_lm(settings: Settings):  # type: ignore[no-untyped-def]
+    import torch
+
+    from dare.model import load_model
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
+
+
+def stop_event_on_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM, so loops finish their current item and shut down cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_markdown())
+    else:
+        print(settings_from(args).model_dump_json(indent=2))
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from schemas import export_json_schemas
+
+    for path in export_json_schemas(Path(args.dir)):
+        print(path)
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from infra.broker import EmbeddedBroker
+
+    stop = stop_event_on_signals()
+    with EmbeddedBroker(port=args.port) as broker:
+        print(f"embedded Tansu broker at {broker.bootstrap_servers} (memory storage; Ctrl-C stops it)", flush=True)
+        print(f"  export DARE_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+        while not stop.wait(0.5):
+            if broker.process is None or broker.process.poll() is not None:
+                print("the broker exited", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dare.data import item_prompt, load_movielens, user_prompt
+    from dare.model import chat_input_ids
+    from workers.greedy import greedy_generate
+
+    settings = settings_from(args)
+    if args.prompt:
+        prompt = args.prompt
+    elif args.user:
+        prompt = user_prompt(load_movielens(), args.user)
+    else:
+        prompt = item_prompt(load_movielens(), args.item)
+    lm = load_lm(settings)
+    gen = greedy_generate(lm, chat_input_ids(lm.tokenizer, prompt), settings.max_new_tokens)
+    print(gen.text)
+    print(f"\n[{len(gen.token_ids)} tokens in {gen.wall_s:.2f}s: {gen.tokens_per_s:.1f} tokens/s, greedy, {lm.model_id}, {lm.device}]")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from infra.kafka import wait_for_broker
+    from workers.service import Worker
+
+    settings = settings_from(args)
+    stop = stop_event_on_signals()
+    wait_for_broker(settings)
+    Worker(settings, load_lm(settings), mode=args.mode).run(stop, max_prompts=args.max_prompts)
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from infra.kafka import consume_all
+    from schemas import Topics
+
+    settings = settings_from(args)
+    topic = getattr(Topics(settings.topic_prefix), args.topic.replace("-", "_"), None) or args.topic
+    for record in consume_all(settings, topic, max_messages=args.max, timeout_s=args.timeout):
+        value = record.value.decode("utf-8", errors="replace") if record.value else ""
+        if args.json:
+            print(value, flush=True)
+        else:
+            print(f"{record.topic}[{record.partition}]@{record.offset} key={record.key!r} {value[:200]}", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dare.demo import run_demo
+
+    return run_demo(settings_from(args), limit=args.limit, json_path=args.json)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dare", description="DARE: recommendation knowledge with LLMs, fast.")
+    parser.add_argument("--log-format", choices=["auto", "json", "console"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="show the effective settings")
+    p.add_argument("--markdown", action="store_true", help="print the DARE_* reference table")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("schemas", help="wire schemas")
+    schemas_sub = p.add_subparsers(dest="schemas_command", required=True)
+    e = schemas_sub.add_parser("export", help="write JSON Schema files")
+    e.add_argument("dir")
+    e.set_defaults(func=cmd_schemas)
+
+    p = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground")
+    p.add_argument("--port", type=int, default=9092)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("generate", help="greedy generation for one prompt, MovieLens user or item")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the user message")
+    which.add_argument("--user", help="MovieLens user id (KAR preference prompt)")
+    which.add_argument("--item", help="MovieLens item id (KAR knowledge prompt)")
+    add_model_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("worker", help="generator worker: prompts topic → knowledge topic")
+    add_kafka_flags(p)
+    add_model_flags(p)
+    p.add_argument("--mode", choices=["ar", "strict", "relaxed"], default="ar")
+    p.add_argument("--max-prompts", type=int, help="exit after this many prompts")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("consume", help="print a topic's messages")
+    add_kafka_flags(p)
+    p.add_argument("topic", help="a topic name, or one of: knowledge, prompts, dead-letter, pools, ...")
+    p.add_argument("--max", type=int, help="stop after N messages")
+    p.add_argument("--timeout", type=float, default=10.0, help="stop after S seconds without a message")
+    p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("demo", help="the pipeline end to end on the embedded broker (or --bootstrap-servers)")
+    add_kafka_flags(p)
+    add_model_flags(p)
+    p.add_argument("--limit", type=int, default=3, help="number of prompts")
+    p.add_argument("--json", type=Path, help="write the summary here")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(log_format=args.log_format, log_level=args.log_level)
+    except Exception as exc:
+        print(f"dare: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    start = time.perf_counter()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear one-line error for the known failure kinds
+        from dare.data import DataError
+        from dare.model import ModelLoadError
+        from infra.broker import BrokerError
+        from infra.kafka import BrokerUnavailable
+
+        from pydantic import ValidationError
+
+        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, ValidationError)):
+            print(f"dare {args.command}: {exc}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        log.debug("command finished", command=args.command, wall_s=round(time.perf_counter() - start, 2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

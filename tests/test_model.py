@@ -1,0 +1,28 @@
+import time
+
+import pytest
+
+from dare.model import ModelLoadError, chat_input_ids, load_model
+from workers.greedy import greedy_generate
+
+
+def test_loads_from_the_packaged_gguf_then_from_the_cache(lm, model_cache):
+    assert lm.model_id == "SmolLM2-135M-Instruct"
+    assert (model_cache / "models" / "SmolLM2-135M-Instruct" / "config.json").is_file()
+    start = time.perf_counter()
+    again = load_model(None, "cpu", "float32", model_cache)
+    assert time.perf_counter() - start < 20  # the cache, not a second conversion
+    assert type(again.model).__name__ == "LlamaForCausalLM"
+
+
+def test_greedy_output_is_deterministic(lm):
+    ids = chat_input_ids(lm.tokenizer, "Introduce the movie Toy Story (1995) in one sentence.")
+    first = greedy_generate(lm, ids, 24)
+    second = greedy_generate(lm, ids, 24)
+    assert first.token_ids == second.token_ids
+    assert len(first.token_ids) > 0 and first.text.strip()
+
+
+def test_a_directory_that_is_not_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path), "cpu", "float32", tmp_path)

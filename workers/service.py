@@ -1,0 +1,150 @@
+"""The generator worker: prompts in, knowledge records out, at least once.
+
+One loop: poll a bounded batch of prompts, decode each, produce its knowledge record, wait
+for the broker's acknowledgement, then commit the offsets of what was answered. A crash
+before the commit means the prompt is decoded again (a countable duplicate), never lost.
+Bad input goes to the dead-letter topic with the reason and the original bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from kafka import OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from dare.model import LoadedModel, chat_input_ids
+from dare.settings import Settings
+from infra.kafka import ensure_topics, make_consumer, make_producer
+from schemas import DeadLetter, DecodeStats, KnowledgeRecord, PromptRequest, SchemaError, Topics, decode, encode
+from workers.greedy import greedy_generate
+
+log = structlog.get_logger("worker")
+
+GROUP_ID = "dare-workers"
+
+
+class PromptRejected(ValueError):
+    """A well-formed prompt that this worker cannot serve (e.g. longer than the model's context)."""
+
+    def __init__(self, reason: str, error_type: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_type = error_type
+
+
+@dataclass
+class WorkerStats:
+    prompts: int = 0
+    tokens: int = 0
+    dead_lettered: int = 0
+    decode_s: float = 0.0
+    started: float = field(default_factory=time.time)
+
+
+def dead_letter(record: ConsumerRecord, reason: str, error_type: str, service: str) -> DeadLetter:
+    return DeadLetter(
+        reason=reason[:4000],
+        error_type=error_type,
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key_b64=base64.b64encode(record.key).decode() if record.key is not None else None,
+        value_b64=base64.b64encode(record.value or b"").decode(),
+        service=service,
+    )
+
+
+class Worker:
+    def __init__(self, settings: Settings, lm: LoadedModel, mode: str = "ar", worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.lm = lm
+        self.mode = mode
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.topics = Topics(settings.topic_prefix)
+        self.stats = WorkerStats()
+        self.context_limit = int(getattr(lm.model.config, "max_position_embeddings", 8192))
+
+    def answer(self, request: PromptRequest) -> KnowledgeRecord:
+        """Decode one prompt into its knowledge record (pure of Kafka)."""
+        max_new = request.max_new_tokens or self.settings.max_new_tokens
+        input_ids = chat_input_ids(self.lm.tokenizer, request.prompt)
+        if len(input_ids) + max_new > self.context_limit:
+            raise PromptRejected(
+                f"prompt of {len(input_ids)} tokens + {max_new} new tokens exceeds the model's context of {self.context_limit}",
+                "too_long",
+            )
+        mode = request.mode or self.mode
+        if mode != "ar":
+            raise PromptRejected(f"mode {mode!r} is not served by this worker yet (only 'ar')", "unsupported_mode")
+        gen = greedy_generate(self.lm, input_ids, max_new)
+        return KnowledgeRecord(
+            request_id=request.request_id,
+            entity_kind=request.entity_kind,
+            entity_id=request.entity_id,
+            segment=request.segment,
+            text=gen.text,
+            token_count=len(gen.token_ids),
+            mode=mode,
+            model=self.lm.model_id,
+            stats=DecodeStats(
+                steps=gen.steps,
+                new_tokens=len(gen.token_ids),
+                mean_accepted=len(gen.token_ids) / gen.steps if gen.steps else 0.0,
+                wall_s=gen.wall_s,
+                forward_s=gen.wall_s,
+            ),
+            worker=self.worker_id,
+        )
+
+    def run(self, stop: threading.Event, max_prompts: int | None = None, idle_timeout_s: float | None = None) -> WorkerStats:
+        """Consume until `stop` is set, `max_prompts` were answered, or nothing arrived for `idle_timeout_s`."""
+        ensure_topics(self.settings, [self.topics.prompts, self.topics.knowledge, self.topics.dead_letter])
+        producer = make_producer(self.settings, "worker")
+        # One prompt per poll keeps the time between polls to one decode (no rebalance storms).
+        consumer = make_consumer(self.settings, "worker", GROUP_ID, [self.topics.prompts], max_poll_records=1)
+        last_message = time.monotonic()
+        log.info("worker started", worker=self.worker_id, mode=self.mode, topic=self.topics.prompts)
+        try:
+            while not stop.is_set():
+                if max_prompts is not None and self.stats.prompts + self.stats.dead_lettered >= max_prompts:
+                    break
+                batch = consumer.poll(timeout_ms=500)
+                if not batch:
+                    if idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
+                        break
+                    continue
+                last_message = time.monotonic()
+                for records in batch.values():
+                    for record in records:
+                        self._handle(record, producer)
+                        consumer.commit({TopicPartition(record.topic, record.partition): OffsetAndMetadata(record.offset + 1, "", -1)})
+        finally:
+            producer.close(timeout=10)
+            consumer.close()
+            log.info("worker stopped", worker=self.worker_id, prompts=self.stats.prompts, dead_lettered=self.stats.dead_lettered)
+        return self.stats
+
+    def _handle(self, record: ConsumerRecord, producer) -> None:  # type: ignore[no-untyped-def]
+        with structlog.contextvars.bound_contextvars(topic=record.topic, partition=record.partition, offset=record.offset):
+            try:
+                request = decode(PromptRequest, record.value)
+                with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+                    start = time.perf_counter()
+                    knowledge = self.answer(request)
+                    producer.send(self.topics.knowledge, key=request.entity_id.encode(), value=encode(knowledge)).get(timeout=30)
+                    self.stats.prompts += 1
+                    self.stats.tokens += knowledge.token_count
+                    self.stats.decode_s += time.perf_counter() - start
+                    log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
+            except (SchemaError, PromptRejected) as exc:
+                letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")
+                producer.send(self.topics.dead_letter, key=record.key, value=encode(letter)).get(timeout=30)
+                self.stats.dead_lettered += 1
+                log.warning("prompt dead-lettered", reason=exc.reason, error_type=exc.error_type)
