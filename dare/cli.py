@@ -146,6 +146,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings_from(args), limit=args.limit, json_path=args.json)
 
 
+def cmd_workload(args: argparse.Namespace) -> int:
+    import json
+
+    from dare.data import load_movielens
+    from dare.workload import POOL_PATH, SPEC_PATH, make_pool_file, make_spec
+
+    settings = settings_from(args)
+    spec = make_spec(load_movielens(), segments=args.segments, pool_size=args.pool_size, held_out=args.held_out)
+    SPEC_PATH.write_text(json.dumps(spec, indent=1) + "\n")
+    print(f"wrote {SPEC_PATH}", flush=True)
+    n = make_pool_file(load_lm(settings), spec, settings.max_new_tokens, POOL_PATH)
+    print(f"wrote {POOL_PATH} ({n} texts)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -191,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="stop after S seconds without a message")
     p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
     p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser("workload", help="regenerate the default benchmark workload (bench/workload.json, bench/pool.jsonl)")
+    p.add_argument("action", choices=["make"])
+    add_model_flags(p)
+    p.add_argument("--segments", type=int, default=4, help="user segments and item genres, each")
+    p.add_argument("--pool-size", type=int, default=32, help="pool texts per segment")
+    p.add_argument("--held-out", type=int, default=3, help="held-out prompts per segment")
+    p.set_defaults(func=cmd_workload)
 
     p = sub.add_parser("demo", help="the pipeline end to end on the embedded broker (or --bootstrap-servers)")
     add_kafka_flags(p)

@@ -33,13 +33,34 @@ def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int) 
         do_sample=False,
         pad_token_id=lm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
     )
-    new = out[0, len(input_ids) :].tolist()
-    eos = lm.model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    for n, token in enumerate(new):  # drop EOS and anything after it
-        if token in eos_ids:
-            new = new[:n]
-            break
+    new = _until_eos(lm, out[0, len(input_ids) :].tolist())
     wall = time.perf_counter() - start
     text = lm.tokenizer.decode(new, skip_special_tokens=True)  # type: ignore[attr-defined]
     return Generation(new, text, steps=len(new), wall_s=wall)
+
+
+@torch.inference_mode()
+def greedy_generate_batch(lm: LoadedModel, inputs: list[list[int]], max_new_tokens: int) -> list[Generation]:
+    """Greedy decoding of several prompts in one left-padded batch (transformers `generate`).
+    `wall_s` of each result is the batch's wall time."""
+    start = time.perf_counter()
+    pad = lm.tokenizer.pad_token_id  # type: ignore[attr-defined]
+    width = max(len(ids) for ids in inputs)
+    x = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in inputs], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in inputs], device=lm.device)
+    out = lm.model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    wall = time.perf_counter() - start
+    results = []
+    for row in out[:, width:].tolist():
+        new = _until_eos(lm, row)
+        results.append(Generation(new, lm.tokenizer.decode(new, skip_special_tokens=True), len(new), wall))  # type: ignore[attr-defined]
+    return results
+
+
+def _until_eos(lm: LoadedModel, tokens: list[int]) -> list[int]:
+    eos = lm.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    for n, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:n]
+    return tokens

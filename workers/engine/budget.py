@@ -1,0 +1,115 @@
+"""The draft budget: how many draft tokens to verify, from the device's cost curve.
+
+Verifying n tokens costs cost(n) (measured on this device, this model, once, then cached).
+The draft tree's scores estimate each node's chance of acceptance; recent steps calibrate
+them. The budget takes the prefix of the tree (in score order) that maximises expected
+tokens per second: (1 + calibration * sum(scores[:n])) / cost(1 + n).
+On this CPU a 64-token verify costs ~4x a step, so trees stay small; on a GPU it costs ~1x,
+so the whole tree is worth sending.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workers.engine.verify import forward, new_cache
+
+PROBE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class CostModel:
+    """Forward time (seconds) by number of input tokens, at a typical context length."""
+
+    seconds: dict[int, float]
+    device: str = "unknown"
+
+    def cost(self, n: int) -> float:
+        sizes = sorted(self.seconds)
+        if n <= sizes[0]:
+            return self.seconds[sizes[0]]
+        for lo, hi in zip(sizes, sizes[1:]):
+            if n <= hi:
+                t = (n - lo) / (hi - lo)
+                return self.seconds[lo] * (1 - t) + self.seconds[hi] * t
+        slope = (self.seconds[sizes[-1]] - self.seconds[sizes[-2]]) / (sizes[-1] - sizes[-2])
+        return self.seconds[sizes[-1]] + slope * (n - sizes[-1])
+
+    @classmethod
+    def flat(cls) -> "CostModel":
+        """A device where any tree up to 64 costs one step (e.g. a large GPU)."""
+        return cls({1: 1.0, 64: 1.0}, "flat")
+
+
+@torch.inference_mode()
+def measure_cost(model: torch.nn.Module, device: torch.device, context: int = 300, repeats: int = 3,
+                 sizes: tuple[int, ...] = PROBE_SIZES) -> CostModel:
+    """Median forward time for each draft size after a `context`-token prefill."""
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, context), generator=generator).to(device)
+    seconds = {}
+    for n in sizes:
+        samples = []
+        for _ in range(repeats + 1):  # the first run warms up
+            cache = new_cache(model)
+            forward(model, cache, prompt, torch.arange(context, device=device)[None])
+            ids = torch.randint(0, vocab, (1, n), generator=generator).to(device)
+            positions = torch.arange(context, context + n, device=device)[None]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            forward(model, cache, ids, positions)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        seconds[n] = statistics.median(samples[1:])
+    return CostModel(seconds, str(device))
+
+
+def load_or_measure(model: torch.nn.Module, model_id: str, device: torch.device, cache_dir: Path | None) -> CostModel:
+    """The cost curve for this model and device, measured once and cached as JSON."""
+    key = f"{model_id}-{device.type}-{next(model.parameters()).dtype}-{torch.get_num_threads()}t".replace("/", "_")
+    path = cache_dir / "cost" / f"{key}.json" if cache_dir else None
+    if path and path.is_file():
+        data = json.loads(path.read_text())
+        return CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
+    cost = measure_cost(model, device)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds": cost.seconds, "device": cost.device}, indent=1))
+    return cost
+
+
+@dataclass
+class Budget:
+    """Chooses the draft size per step; learns how well the tree's scores predict acceptance."""
+
+    cost: CostModel
+    max_tokens: int = 64
+    calibration: float = 1.0
+    decay: float = 0.8
+    history: list[tuple[float, int]] = field(default_factory=list)
+
+    def choose(self, scores: list[float]) -> int:
+        best_n, best_rate = 0, 1.0 / self.cost.cost(1)
+        expected = 1.0
+        for n, score in enumerate(scores[: self.max_tokens], start=1):
+            expected += self.calibration * score
+            rate = expected / self.cost.cost(1 + n)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n
+
+    def observe(self, predicted: float, accepted: int) -> None:
+        """After a step: `predicted` was the sum of the sent nodes' scores, `accepted` what the model took."""
+        if predicted <= 0:
+            return
+        ratio = min(3.0, (accepted + 0.1) / (predicted + 0.1))
+        self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio

@@ -1,0 +1,121 @@
+"""DARE decoding: draft from pools, verify the tree in one forward, accept, repeat.
+
+    prefill(prompt[:-1]); pending = prompt[-1]
+    loop: tree = drafter.get_candidates(context)      # retrieval
+          n = budget.choose(tree.scores)              # cost model x expected acceptance
+          logits = forward([pending, *tree[:n]])      # verify
+          path, bonus = accept(logits, tree, rule)    # strict or relaxed
+          keep the path's keys/values; emit path tokens + bonus; pending = bonus
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.engine.accept import Acceptance, accept
+from workers.engine.budget import Budget
+from workers.engine.draft import RetrievalDrafter
+from workers.engine.verify import cache_length, forward, keep_accepted, new_cache, tree_inputs
+
+
+@dataclass
+class DecodeStats:
+    steps: int = 0
+    new_tokens: int = 0
+    accepted: list[int] = field(default_factory=list)  # tokens emitted per step (accepted drafts + 1)
+    drafted: list[int] = field(default_factory=list)  # draft tokens sent per step
+    prefill_s: float = 0.0
+    retrieval_s: float = 0.0
+    forward_s: float = 0.0
+    bookkeeping_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+
+@dataclass
+class Output:
+    token_ids: list[int]
+    text: str
+    stats: DecodeStats
+
+
+def stop_index(text: str, stop_strings: Sequence[str]) -> int | None:
+    hits = [i for s in stop_strings if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: torch.nn.Module,
+    tokenizer: object,
+    input_ids: Sequence[int],
+    drafter: RetrievalDrafter,
+    budget: Budget,
+    rule: Acceptance,
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    stop_strings: Sequence[str] = (),
+) -> Output:
+    if not input_ids:
+        raise ValueError("empty prompt: nothing to continue")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    stats = DecodeStats()
+    start = time.perf_counter()
+    cache = new_cache(model)
+    if len(input_ids) > 1:
+        forward(model, cache, torch.tensor([list(input_ids[:-1])], device=device),
+                torch.arange(len(input_ids) - 1, device=device)[None])
+    stats.prefill_s = time.perf_counter() - start
+    context = list(input_ids)
+    pending = context[-1]
+    out: list[int] = []
+    done = False
+    while not done:
+        t0 = time.perf_counter()
+        candidates = drafter.get_candidates(context)
+        n = budget.choose(candidates.scores)
+        tree = candidates.prefix(n)
+        t1 = time.perf_counter()
+        past = cache_length(cache)
+        ids, positions, mask = tree_inputs(pending, tree, past, device, dtype)
+        logits = forward(model, cache, ids, positions, mask)[0]
+        t2 = time.perf_counter()
+        path, bonus = accept(logits, tree, rule)
+        keep_accepted(cache, past, [0, *path])
+        new = [tree.tokens[p - 1] for p in path] + [bonus]
+        budget.observe(sum(tree.scores), len(path))
+        stats.steps += 1
+        stats.drafted.append(n)
+        stats.accepted.append(len(new))
+        for i, token in enumerate(new):  # stop on EOS and the token limit
+            if token in eos_token_ids:
+                new, done = new[:i], True
+                break
+        if len(out) + len(new) >= max_new_tokens:
+            new, done = new[: max_new_tokens - len(out)], True
+        out.extend(new)
+        context.extend(new)
+        drafter.update(new)
+        pending = bonus
+        if stop_strings and not done:
+            tail = tokenizer.decode(out[-64:])  # type: ignore[attr-defined]
+            done = stop_index(tail, stop_strings) is not None
+        t3 = time.perf_counter()
+        stats.retrieval_s += t1 - t0
+        stats.forward_s += t2 - t1
+        stats.bookkeeping_s += t3 - t2
+    text = tokenizer.decode(out, skip_special_tokens=True)  # type: ignore[attr-defined]
+    if stop_strings and (cut := stop_index(text, stop_strings)) is not None:
+        text = text[:cut]
+        out = tokenizer.encode(text, add_special_tokens=False) if text else []  # type: ignore[attr-defined]
+    stats.new_tokens = len(out)
+    stats.wall_s = time.perf_counter() - start
+    return Output(out, text, stats)
