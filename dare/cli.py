@@ -146,6 +146,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings_from(args), limit=args.limit, json_path=args.json)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dare.bench import check_prompt_lengths, format_table, parse_methods, run_bench, write_json
+    from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
+
+    settings = settings_from(args)
+    methods = parse_methods(args.methods)
+    pool_path = args.pool or POOL_PATH
+    pool = read_pool(pool_path)
+    prompts = read_prompts(args.prompts) if args.prompts else default_prompts(SPEC_PATH)
+    check_segments(prompts, pool, args.prompts or SPEC_PATH)
+    prompts = prompts[: args.limit] if args.limit else prompts
+    lm = load_lm(settings)
+    check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
+    print(f"bench: {len(prompts)} prompts x {len(methods)} methods, {settings.max_new_tokens} new tokens, "
+          f"pools from {pool_path}", file=sys.stderr, flush=True)
+    report = run_bench(lm, prompts, pool, methods, settings.max_new_tokens, settings.cache_dir)
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def cmd_workload(args: argparse.Namespace) -> int:
     import json
 
@@ -207,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
     p.set_defaults(func=cmd_consume)
 
+    p = sub.add_parser("bench", help="ar, pld, rest and DARE on the same prompts, side by side")
+    add_model_flags(p)
+    p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
+    p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
+    p.add_argument("--methods", default="ar,pld,rest,dare-strict,dare-relaxed,dare-relaxed@global,dare-relaxed@random")
+    p.add_argument("--limit", type=int, help="first N prompts only")
+    p.add_argument("--json", type=Path, help="write the full report here")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("workload", help="regenerate the default benchmark workload (bench/workload.json, bench/pool.jsonl)")
     p.add_argument("action", choices=["make"])
     add_model_flags(p)
@@ -245,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from pydantic import ValidationError
 
-        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, ValidationError)):
+        from dare.workload import WorkloadError
+
+        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, ValidationError, WorkloadError)):
             print(f"dare {args.command}: {exc}", file=sys.stderr)
             return 1
         raise

@@ -68,15 +68,19 @@ def cached_default_model(cache_dir: Path) -> Path:
     target = cache_dir / "models" / DEFAULT_MODEL_ID
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
+    return convert_gguf(packaged_gguf(), target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """De-quantise a GGUF checkpoint into a transformers safetensors directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = packaged_gguf()
-    log.info("converting packaged GGUF to a safetensors cache (once, ~25 s)", gguf=str(gguf), cache=str(target))
+    log.info("converting GGUF to a safetensors cache (once, ~25 s)", gguf=str(gguf), cache=str(target))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
-        raise ModelLoadError(f"could not load the packaged GGUF {gguf}: {exc!r}") from exc
+        raise ModelLoadError(f"could not load the GGUF {gguf}: {exc!r}") from exc
     # A GGUF-loaded model carries a quantizer marker that blocks save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

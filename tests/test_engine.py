@@ -280,3 +280,31 @@ def test_budget_sends_nothing_when_drafts_are_too_costly_and_everything_when_fre
 def test_empty_prompt_is_an_error(tiny):
     with pytest.raises(ValueError, match="empty prompt"):
         decode(tiny, [], [], "strict")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gpt2"])
+def test_strict_equals_greedy_on_other_model_families(family):
+    """Stock transformers models of other families take the same 4D tree mask."""
+    import transformers
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=VOCAB, eos_token_id=EOS, bos_token_id=0, pad_token_id=0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config_class, model_class = {
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        }[family]
+        config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, **common)
+        model = model_class(config)
+    model = model.to(torch.float64).eval()
+    model.lm_head.weight.data *= 8
+    model.generation_config.eos_token_id = EOS
+    rng = random.Random(3)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 12))] for _ in range(4)]
+    pools = random_pools(model, rng, prompts)
+    for prompt in prompts:
+        assert decode(model, prompt, pools, "strict", n=24).token_ids == greedy(model, prompt, 24)

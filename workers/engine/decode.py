@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget
-from workers.engine.draft import RetrievalDrafter
+from workers.engine.budget import Budget, CostModel
+from workers.engine.draft import DraftConfig, RetrievalDrafter
+from workers.engine.pool import Pool
 from workers.engine.verify import cache_length, forward, keep_accepted, new_cache, tree_inputs
 
 
@@ -119,3 +120,54 @@ def speculative_generate(
     stats.new_tokens = len(out)
     stats.wall_s = time.perf_counter() - start
     return Output(out, text, stats)
+
+
+class Dare:
+    """One model with its cost curve and decoding settings; `generate` decodes one request
+    against the pools it is given (segment, global, ...) plus its own prompt and output."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, cost: CostModel, draft: DraftConfig | None = None,
+                 top_k: int = 2, min_prob: float = 0.1, self_weight: float = 1.0, eos_token_ids: set[int] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cost = cost
+        self.draft = draft or DraftConfig()
+        self.top_k, self.min_prob, self.self_weight = top_k, min_prob, self_weight
+        if eos_token_ids is None:
+            eos = model.generation_config.eos_token_id  # type: ignore[union-attr]
+            eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_token_ids = eos_token_ids
+        self.assistant_prefix = assistant_prefix(tokenizer)
+
+    def pool(self, texts: Sequence[str], max_nodes: int = 400_000) -> Pool:
+        """A pool over generated texts, each preceded by the chat template's assistant header so that
+        an answer's opening words are drafted from its very first step."""
+        pool = Pool(depth=self.draft.max_key + self.draft.max_depth, max_nodes=max_nodes)
+        for n, text in enumerate(texts):
+            self.add_text(pool, str(n), text)
+        return pool
+
+    def add_text(self, pool: Pool, text_id: str, text: str) -> None:
+        pool.add(text_id, self.assistant_prefix + self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+
+    def generate(self, input_ids: Sequence[int], pools: Sequence[tuple[Pool, float]], mode: str, max_new_tokens: int,
+                 use_self: bool = True, stop_strings: Sequence[str] = ()) -> Output:
+        drafter = RetrievalDrafter(pools, self.draft, prompt=input_ids if use_self else None, self_weight=self.self_weight)
+        budget = Budget(self.cost, max_tokens=self.draft.max_nodes)
+        rule = Acceptance(mode, self.top_k, self.min_prob)
+        return speculative_generate(self.model, self.tokenizer, input_ids, drafter, budget, rule, max_new_tokens,
+                                    self.eos_token_ids, stop_strings)
+
+
+def assistant_prefix(tokenizer: object) -> list[int]:
+    """The chat template's tokens between a user message and the assistant's answer."""
+    try:
+        a = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
+        b = tokenizer.apply_chat_template([{"role": "user", "content": "b"}], add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
+    except Exception:
+        return []  # no chat template: pools hold bare texts
+    a, b = list(a), list(b)
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n :]

@@ -23,10 +23,10 @@ def cache_argument(model_class: type) -> str:
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache:
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
+    """A cache of plain full-attention layers. Our own 4D mask decides what each token sees, so
+    sliding-window models (Mistral) are treated as full attention: exact while the sequence is
+    shorter than their window (4096 for Mistral-7B), which knowledge prompts are."""
+    return DynamicCache()
 
 
 def cache_length(cache: DynamicCache) -> int:

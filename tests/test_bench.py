@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from dare.bench import check_prompt_lengths, format_table, parse_methods, run_bench
+from dare.cli import main
+from dare.workload import (
+    POOL_PATH,
+    SPEC_PATH,
+    BenchPrompt,
+    WorkloadError,
+    check_segments,
+    default_prompts,
+    read_pool,
+    read_prompts,
+)
+
+
+def write(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_prompt_file_errors_name_the_line(tmp_path):
+    good = {"id": "a", "segment": "s", "prompt": "hi"}
+    with pytest.raises(WorkloadError, match=r"p.jsonl:2: field 'prompt'"):
+        read_prompts(write(tmp_path, "p.jsonl", [good, {"id": "b", "segment": "s"}]))
+    with pytest.raises(WorkloadError, match=r"p.jsonl:3: not JSON"):
+        read_prompts(write(tmp_path, "p.jsonl", [good, good, "{oops"]))
+    with pytest.raises(WorkloadError, match=r"field 'prompt' missing, empty"):
+        read_prompts(write(tmp_path, "p.jsonl", [good | {"prompt": "  "}]))
+    with pytest.raises(WorkloadError, match="no such file"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_unknown_segment_names_the_prompt_line():
+    prompts = [BenchPrompt("a", "s1", "x"), BenchPrompt("b", "nowhere", "y")]
+    with pytest.raises(WorkloadError, match=r"prompts.jsonl:2: unknown segment 'nowhere'"):
+        check_segments(prompts, {"s1": ["text"]}, "prompts.jsonl")
+
+
+def test_unknown_methods_are_rejected_and_ar_is_always_measured():
+    assert parse_methods("dare-relaxed@global") == ["ar", "dare-relaxed@global"]
+    with pytest.raises(WorkloadError, match="unknown method"):
+        parse_methods("ar,turbo")
+    with pytest.raises(WorkloadError, match="pool variant"):
+        parse_methods("rest@global")
+
+
+def test_default_workload_files_agree():
+    spec = json.loads(SPEC_PATH.read_text())
+    pool = read_pool(POOL_PATH)
+    assert set(pool) == set(spec["segments"])
+    assert all(len(texts) == len(spec["segments"][s]["pool"]) for s, texts in pool.items())
+    prompts = default_prompts()
+    assert len(prompts) == sum(len(s["held_out"]) for s in spec["segments"].values())
+    assert len({p.segment for p in prompts[: len(spec["segments"])]}) == len(spec["segments"])  # interleaved
+    check_segments(prompts, pool, SPEC_PATH)
+
+
+def test_over_long_prompt_names_the_line(lm):
+    prompts = [BenchPrompt("ok", "s", "hi"), BenchPrompt("long", "s", "9" * 9000)]
+    with pytest.raises(WorkloadError, match=r"f.jsonl:2: prompt 'long' has \d+ tokens"):
+        check_prompt_lengths(lm, prompts, 128, "f.jsonl")
+
+
+def test_bench_runs_every_method_and_strict_matches_greedy_on_smollm(lm, model_cache):
+    prompts = [
+        BenchPrompt("toy", "s1", "Introduce the movie Toy Story (1995) in two sentences."),
+        BenchPrompt("heat", "s2", "Introduce the movie Heat (1995) in two sentences."),
+    ]
+    pools = {
+        "s1": ["Toy Story is a 1995 American computer-animated comedy film directed by John Lasseter."],
+        "s2": ["Heat is a 1995 American crime film written and directed by Michael Mann."],
+    }
+    methods = parse_methods("ar,pld,rest,dare-strict,dare-relaxed,dare-strict@global,dare-relaxed@random")
+    report = run_bench(lm, prompts, pools, methods, 24, model_cache)
+    assert set(report["methods"]) == set(methods)
+    for prompt in report["prompts"]:
+        outputs = prompt["outputs"]
+        assert outputs["dare-strict"]["token_ids"] == outputs["ar"]["token_ids"]  # lossless
+        assert outputs["dare-strict@global"]["token_ids"] == outputs["ar"]["token_ids"]
+        assert outputs["rest"]["token_ids"] == outputs["ar"]["token_ids"]
+        assert outputs["dare-strict"]["steps"] <= outputs["ar"]["steps"]
+    for m in report["methods"].values():
+        assert m["tokens_per_s"] > 0 and m["mean_accepted"] >= 1.0
+    assert "| dare-relaxed |" in format_table(report)
+
+
+def test_bench_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
+    prompts = write(tmp_path, "p.jsonl", [{"id": "a", "segment": "zz", "prompt": "hi"}])
+    pool = write(tmp_path, "pool.jsonl", [{"segment": "s1", "text": "hello"}])
+    assert main(["bench", "--prompts", str(prompts), "--pool", str(pool)]) == 1
+    assert "p.jsonl:1: unknown segment 'zz'" in capsys.readouterr().err
