@@ -2,8 +2,9 @@
 
 Methods: `ar` (transformers greedy generate), `pld` (transformers prompt lookup), `rest`
 (one global pool over all pool texts, strict, longest match dominates, no prompt lookup),
-`dare-strict`, `dare-relaxed`; DARE's pool variants by suffix: `@segment` (the default),
-`@global` (all pool texts), `@random` (a random sample as large as the prompt's segment pool).
+`dare-strict`, `dare-relaxed`. Plain DARE drafts from the prompt's segment pool merged with the
+global pool (and the request's own text); pool variants by suffix draft from one pool only:
+`@segment`, `@global` (all pool texts), `@random` (a random sample as large as the segment pool).
 Prompts run one after another and, within a prompt, every method in turn, so machine noise
 hits all methods alike.
 """
@@ -27,7 +28,6 @@ from workers.engine.decode import Dare
 from workers.engine.draft import DraftConfig
 from workers.engine.pool import Pool
 
-DEFAULT_METHODS = "ar,pld,rest,dare-strict,dare-relaxed,dare-relaxed@global,dare-relaxed@random"
 BASE_METHODS = ("ar", "pld", "rest", "dare-strict", "dare-relaxed")
 POOL_VARIANTS = ("segment", "global", "random")
 PLD_TOKENS = 10
@@ -81,7 +81,7 @@ def run_hf(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, counter: 
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     new = out[0, len(input_ids) :].tolist()
     new = new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]
-    steps = max(1, counter.calls - calls - 1)  # minus the prefill
+    steps = max(1, counter.calls - calls)  # the prefill yields the first token, like DARE's first step
     return {"token_ids": new, "steps": steps, "wall_s": wall, "retrieval_s": 0.0, "forward_s": wall}
 
 
@@ -99,7 +99,9 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
     counter = ForwardCounter(lm.model)
 
     def pools_for(method: str, segment: str) -> list[tuple[Pool, float]]:
-        variant = method.partition("@")[2] or "segment"
+        variant = method.partition("@")[2]
+        if not variant:
+            return [(segment_pools[segment], 1.0), (global_pool, 1.0)]
         return [({"segment": segment_pools, "random": random_pools}[variant][segment] if variant != "global" else global_pool, 1.0)]
 
     # Warm-up: one short run of each engine path, outside the measurements.

@@ -15,6 +15,8 @@ import structlog
 from dare.log import configure_logging
 from dare.settings import Settings, load_settings, settings_markdown
 
+DEFAULT_METHODS = "ar,pld,rest,dare-strict,dare-relaxed,dare-relaxed@segment,dare-relaxed@global,dare-relaxed@random"
+
 log = structlog.get_logger("cli")
 
 
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
     p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
-    p.add_argument("--methods", default="ar,pld,rest,dare-strict,dare-relaxed,dare-relaxed@global,dare-relaxed@random")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     p.add_argument("--limit", type=int, help="first N prompts only")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.set_defaults(func=cmd_bench)
