@@ -27,6 +27,7 @@ from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
 from workers.engine.draft import DraftConfig
 from workers.engine.pool import Pool
+from workers.greedy import until_eos
 
 BASE_METHODS = ("ar", "pld", "rest", "dare-strict", "dare-relaxed")
 POOL_VARIANTS = ("segment", "global", "random")
@@ -77,10 +78,7 @@ def run_hf(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, counter: 
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    eos = lm.model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
-    new = out[0, len(input_ids) :].tolist()
-    new = new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]
+    new = until_eos(lm, out[0, len(input_ids) :].tolist())
     steps = max(1, counter.calls - calls)  # the prefill yields the first token, like DARE's first step
     return {"token_ids": new, "steps": steps, "wall_s": wall, "retrieval_s": 0.0, "forward_s": wall}
 

@@ -171,6 +171,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    from dare.replay import file_messages, movielens_messages, produce, topic_for
+    from infra.kafka import wait_for_broker
+
+    settings = settings_from(args)
+    wait_for_broker(settings)
+    if args.source == "file":
+        if not (args.file and args.type):
+            print("dare produce file: --file and --type are required", file=sys.stderr)
+            return 2
+        topic = args.topic or topic_for(settings, {"UserEvent": "user_events", "ItemEvent": "item_events",
+                                                   "PromptRequest": "prompts", "KnowledgeRecord": "knowledge"}.get(args.type, "prompts"))
+        messages = file_messages(args.file, args.type)
+    else:
+        attribute, messages = movielens_messages(args.source, args.limit, args.mode)
+        topic = args.topic or topic_for(settings, attribute)
+    start = time.perf_counter()
+    n = produce(settings, topic, messages)
+    print(f"produced {n} messages to {topic} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_pool_builder(args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from infra.kafka import wait_for_broker
+    from pool_builder.service import PoolBuilderService
+
+    settings = settings_from(args)
+    stop = stop_event_on_signals()
+    wait_for_broker(settings)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    service = PoolBuilderService(settings, args.state_dir or settings.cache_dir / "pool-builder", segments=args.segments,
+                                 pool_cap=args.pool_cap, refit_every_s=args.refit_every)
+    service.run(stop)
+    return 0
+
+
 def cmd_workload(args: argparse.Namespace) -> int:
     import json
 
@@ -232,6 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
     p.set_defaults(func=cmd_consume)
 
+    p = sub.add_parser("produce", help="MovieLens events/prompts, or a JSONL file of schema messages, into Kafka")
+    add_kafka_flags(p)
+    p.add_argument("source", choices=["user-events", "item-events", "prompts", "file"])
+    p.add_argument("--limit", type=int, help="first N only")
+    p.add_argument("--mode", choices=["ar", "strict", "relaxed"], help="prompts: decoding mode to ask for")
+    p.add_argument("--file", type=Path, help="file: JSONL, one message per line")
+    p.add_argument("--type", help="file: message type (UserEvent, ItemEvent, PromptRequest, KnowledgeRecord, ...)")
+    p.add_argument("--topic", help="override the destination topic")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("pool-builder", help="the pool-builder service: events and knowledge in, pools and assignments out")
+    add_kafka_flags(p)
+    p.add_argument("--segments", type=int, default=8, help="user segments (k-means k)")
+    p.add_argument("--pool-cap", type=int, default=64, help="texts per segment pool")
+    p.add_argument("--refit-every", type=float, default=30.0, help="seconds between k-means re-fits while users grow")
+    p.add_argument("--state-dir", type=Path, help="snapshot directory (default: DARE_CACHE_DIR/pool-builder)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=cmd_pool_builder)
+
     p = sub.add_parser("bench", help="ar, pld, rest and DARE on the same prompts, side by side")
     add_model_flags(p)
     p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
@@ -281,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from dare.workload import WorkloadError
 
-        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, ValidationError, WorkloadError)):
+        from schemas import SchemaError
+
+        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, ValidationError, WorkloadError, SchemaError)):
             print(f"dare {args.command}: {exc}", file=sys.stderr)
             return 1
         raise

@@ -33,7 +33,7 @@ def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int) 
         do_sample=False,
         pad_token_id=lm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
     )
-    new = _until_eos(lm, out[0, len(input_ids) :].tolist())
+    new = until_eos(lm, out[0, len(input_ids) :].tolist())
     wall = time.perf_counter() - start
     text = lm.tokenizer.decode(new, skip_special_tokens=True)  # type: ignore[attr-defined]
     return Generation(new, text, steps=len(new), wall_s=wall)
@@ -52,12 +52,12 @@ def greedy_generate_batch(lm: LoadedModel, inputs: list[list[int]], max_new_toke
     wall = time.perf_counter() - start
     results = []
     for row in out[:, width:].tolist():
-        new = _until_eos(lm, row)
+        new = until_eos(lm, row)
         results.append(Generation(new, lm.tokenizer.decode(new, skip_special_tokens=True), len(new), wall))  # type: ignore[attr-defined]
     return results
 
 
-def _until_eos(lm: LoadedModel, tokens: list[int]) -> list[int]:
+def until_eos(lm: LoadedModel, tokens: list[int]) -> list[int]:
     eos = lm.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     for n, token in enumerate(tokens):

@@ -1,0 +1,237 @@
+"""The pool builder's state, free of Kafka: events in, pool updates and assignments out.
+
+- Items: a MiniLM vector each (encoded in batches when item events arrive), segment = first genre.
+- Users: rating-weighted running means of item vectors (no model call per rating); ratings for
+  items not seen yet wait (bounded) until the item arrives.
+- User segments: FAISS k-means, re-fitted when asked (on a schedule, or after enough new
+  users), with ids kept stable by matching new centroids to old ones.
+- Pools: per segment, at most `pool_cap` texts, ranked by the author's similarity to the
+  segment centroid plus recency; a knowledge record enters its entity's segment pool at once.
+Every change is returned as messages for the caller to publish.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pool_builder.embeddings import UserVectors, item_text
+from pool_builder.segments import assign, fit_centroids, match_to_previous, segment_name
+from schemas import ItemEvent, KnowledgeRecord, PoolText, PoolUpdate, SegmentAssignment, UserEvent
+from schemas.messages import MAX_POOL_TEXTS_PER_MESSAGE
+
+RECENCY_WEIGHT = 0.5  # a brand-new text outranks an old one from a user 0.5 cosine closer to the centre
+
+
+@dataclass
+class Counters:
+    user_events: int = 0
+    item_events: int = 0
+    knowledge: int = 0
+    duplicates: int = 0
+    unknown_items: int = 0
+    refits: int = 0
+    last_refit_s: float = 0.0
+
+
+@dataclass
+class SegmentPool:
+    version: int = 0
+    texts: OrderedDict[str, tuple[str, str, int]] = field(default_factory=OrderedDict)  # text id → (entity, text, seq)
+
+
+class PoolBuilder:
+    def __init__(self, encoder, segments: int = 8, pool_cap: int = 64, snapshot_every: int = 50,  # type: ignore[no-untyped-def]
+                 dedup_window: int = 200_000, pending_cap: int = 100_000) -> None:
+        self.encoder = encoder
+        self.k = segments
+        self.pool_cap = pool_cap
+        self.snapshot_every = snapshot_every
+        self.dedup_window = dedup_window
+        self.pending_cap = pending_cap
+        self.item_vectors: dict[str, np.ndarray] = {}
+        self.item_segment: dict[str, str] = {}
+        self.users = UserVectors()
+        self.centroids: np.ndarray | None = None
+        self.user_segment: dict[str, str] = {}
+        self.pools: dict[str, SegmentPool] = defaultdict(SegmentPool)
+        self.seen: OrderedDict[str, None] = OrderedDict()
+        self.pending: dict[str, list[UserEvent]] = defaultdict(list)
+        self.pending_count = 0
+        self.clock = 0  # counts knowledge texts added: their recency
+        self.users_at_refit = 0
+        self.counters = Counters()
+
+    # ------------------------------------------------------------------ events
+
+    def _duplicate(self, key: str) -> bool:
+        if key in self.seen:
+            self.counters.duplicates += 1
+            return True
+        self.seen[key] = None
+        if len(self.seen) > self.dedup_window:
+            self.seen.popitem(last=False)
+        return False
+
+    def add_items(self, events: list[ItemEvent]) -> list[SegmentAssignment]:
+        """Encode new items in one batch; apply ratings that were waiting for them."""
+        fresh = [e for e in events if not self._duplicate(f"i:{e.event_id}")]
+        self.counters.item_events += len(fresh)
+        if not fresh:
+            return []
+        vectors = self.encoder.encode([item_text(e.title, e.year, e.genres) for e in fresh])
+        out = []
+        for event, vector in zip(fresh, vectors):
+            self.item_vectors[event.item_id] = vector
+            segment = f"g-{event.genres[0]}" if event.genres else "g-unknown"
+            if self.item_segment.get(event.item_id) != segment:
+                self.item_segment[event.item_id] = segment
+                out.append(SegmentAssignment(entity_kind="item", entity_id=event.item_id, segment=segment, version=0))
+            for waiting in self.pending.pop(event.item_id, []):
+                self.pending_count -= 1
+                self.users.add(waiting.user_id, vector, waiting.rating)
+        return out
+
+    def add_user_event(self, event: UserEvent) -> None:
+        if self._duplicate(f"u:{event.event_id}"):
+            return
+        self.counters.user_events += 1
+        vector = self.item_vectors.get(event.item_id)
+        if vector is None:
+            self.counters.unknown_items += 1
+            if self.pending_count < self.pending_cap:
+                self.pending[event.item_id].append(event)
+                self.pending_count += 1
+            return
+        self.users.add(event.user_id, vector, event.rating)
+
+    def add_knowledge(self, record: KnowledgeRecord) -> list[PoolUpdate]:
+        """Put a knowledge record into its entity's segment pool (evicting the weakest text)."""
+        if self._duplicate(f"k:{record.request_id}") or not record.text.strip():
+            return []
+        self.counters.knowledge += 1
+        segment = self.segment_of(record.entity_kind, record.entity_id) or record.segment
+        if segment is None:
+            return []
+        pool = self.pools[segment]
+        text_id = f"{record.entity_kind}-{record.entity_id}"
+        removed = [text_id] if text_id in pool.texts else []
+        self.clock += 1
+        pool.texts[text_id] = (record.entity_id if record.entity_kind == "user" else "", record.text, self.clock)
+        pool.texts.move_to_end(text_id)
+        while len(pool.texts) > self.pool_cap:
+            weakest = min(pool.texts, key=lambda t: self._score(segment, pool.texts[t]))
+            del pool.texts[weakest]
+            if weakest == text_id:
+                return []
+            removed.append(weakest)
+        return self._publish(segment, added=[PoolText(text_id=text_id, text=record.text)], removed=removed)
+
+    def segment_of(self, entity_kind: str, entity_id: str) -> str | None:
+        return (self.user_segment if entity_kind == "user" else self.item_segment).get(entity_id)
+
+    # ------------------------------------------------------------------ segments
+
+    def needs_refit(self) -> bool:
+        users = len(self.users.index)
+        return users >= self.k and (self.centroids is None or users >= 1.2 * self.users_at_refit)
+
+    def refit(self) -> tuple[list[SegmentAssignment], list[PoolUpdate]]:
+        """Re-cluster users; publish changed assignments and re-ranked pools."""
+        import time
+
+        start = time.perf_counter()
+        ids, matrix = self.users.matrix()
+        centroids = fit_centroids(matrix, self.k)
+        self.centroids = match_to_previous(centroids, self.centroids)  # type: ignore[arg-type]
+        labels = assign(matrix, self.centroids)
+        changed = []
+        for uid, label in zip(ids, labels):
+            segment = segment_name("user", int(label))
+            if self.user_segment.get(uid) != segment:
+                self.user_segment[uid] = segment
+                changed.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=segment, version=self.counters.refits + 1))
+        self.users_at_refit = len(ids)
+        self.counters.refits += 1
+        updates = self._reassign_pools()
+        self.counters.last_refit_s = time.perf_counter() - start
+        return changed, updates
+
+    def _user_vector(self, user_id: str) -> np.ndarray | None:
+        row = self.users.index.get(user_id)
+        if row is None:
+            return None
+        v = self.users.sums[row]
+        return v / max(float(np.linalg.norm(v)), 1e-9)
+
+    def _score(self, segment: str, entry: tuple[str, str, int]) -> float:
+        user_id, _, seq = entry
+        recency = seq / max(1, self.clock)
+        similarity = 0.0
+        if user_id and self.centroids is not None and segment.startswith("u"):
+            v = self._user_vector(user_id)
+            if v is not None:
+                similarity = float(v @ self.centroids[int(segment[1:])])
+        return similarity + RECENCY_WEIGHT * recency
+
+    def _reassign_pools(self) -> list[PoolUpdate]:
+        """After a re-fit, user texts follow their authors to their new segments; snapshot every user pool."""
+        entries = [(tid, e) for s, p in self.pools.items() if s.startswith("u") for tid, e in p.texts.items()]
+        for segment in [s for s in self.pools if s.startswith("u")]:
+            self.pools[segment].texts.clear()
+        for text_id, entry in sorted(entries, key=lambda te: te[1][2]):
+            segment = self.user_segment.get(entry[0])
+            if segment:
+                self.pools[segment].texts[text_id] = entry
+        updates = []
+        for segment in sorted(s for s in self.pools if s.startswith("u")):
+            pool = self.pools[segment]
+            if len(pool.texts) > self.pool_cap:
+                keep = sorted(pool.texts, key=lambda t: self._score(segment, pool.texts[t]), reverse=True)[: self.pool_cap]
+                pool.texts = OrderedDict((t, pool.texts[t]) for t in sorted(keep, key=lambda t: pool.texts[t][2]))
+            updates += self.snapshot(segment)
+        return updates
+
+    # ------------------------------------------------------------------ publishing
+
+    def _publish(self, segment: str, added: list[PoolText], removed: list[str]) -> list[PoolUpdate]:
+        pool = self.pools[segment]
+        pool.version += 1
+        if pool.version % self.snapshot_every == 0:
+            return self.snapshot(segment, bump=False)
+        return [PoolUpdate(segment=segment, version=pool.version, kind="delta", added=added, removed=removed)]
+
+    def snapshot(self, segment: str, bump: bool = True) -> list[PoolUpdate]:
+        """The whole pool, in chunks small enough for Kafka's default message limit."""
+        pool = self.pools[segment]
+        if bump:
+            pool.version += 1
+        texts = [PoolText(text_id=t, text=e[1]) for t, e in pool.texts.items()]
+        chunks = [texts[i : i + MAX_POOL_TEXTS_PER_MESSAGE // 4] for i in range(0, len(texts), MAX_POOL_TEXTS_PER_MESSAGE // 4)] or [[]]
+        return [PoolUpdate(segment=segment, version=pool.version, kind="snapshot", added=chunk, chunk=i, chunks=len(chunks))
+                for i, chunk in enumerate(chunks)]
+
+    def all_snapshots(self) -> list[PoolUpdate]:
+        return [u for segment in sorted(self.pools) for u in self.snapshot(segment)]
+
+    def all_assignments(self) -> list[SegmentAssignment]:
+        version = self.counters.refits
+        return [SegmentAssignment(entity_kind="user", entity_id=u, segment=s, version=version) for u, s in self.user_segment.items()] + [
+            SegmentAssignment(entity_kind="item", entity_id=i, segment=s, version=0) for i, s in self.item_segment.items()]
+
+    # ------------------------------------------------------------------ state
+
+    def dumps(self) -> bytes:
+        """Everything but the encoder (a snapshot is only ever read back by this service)."""
+        state = {k: v for k, v in self.__dict__.items() if k != "encoder"}
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def loads(cls, data: bytes, encoder) -> "PoolBuilder":  # type: ignore[no-untyped-def]
+        builder = cls.__new__(cls)
+        builder.__dict__.update(pickle.loads(data))
+        builder.encoder = encoder
+        return builder

@@ -1,0 +1,143 @@
+"""The pool builder: its state machine with a fake encoder, and the service against a real broker."""
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dare.data import item_events, load_movielens, user_events
+from dare.replay import produce
+from infra.kafka import consume_all, make_producer
+from pool_builder.builder import PoolBuilder
+from pool_builder.service import PoolBuilderService, read_pools
+from schemas import DeadLetter, DecodeStats, ItemEvent, KnowledgeRecord, SegmentAssignment, Topics, UserEvent, decode, encode
+
+
+class HashEncoder:
+    """Deterministic unit vectors from text hashes, for fast tests; genre words dominate."""
+
+    def encode(self, texts):
+        out = []
+        for text in texts:
+            genre = text.split("Genres: ")[-1]
+            seed = int(hashlib.md5(genre.encode()).hexdigest()[:8], 16)
+            v = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+            v += 0.3 * np.random.default_rng(int(hashlib.md5(text.encode()).hexdigest()[:8], 16)).standard_normal(384).astype(np.float32)
+            out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+
+
+def knowledge(entity_id, text, kind="user", request_id=None):
+    return KnowledgeRecord(request_id=request_id or f"r-{kind}-{entity_id}", entity_kind=kind, entity_id=entity_id, text=text,
+                           token_count=3, mode="ar", model="m", worker="w",
+                           stats=DecodeStats(steps=3, new_tokens=3, mean_accepted=1.0, wall_s=0.1))
+
+
+@pytest.fixture(scope="module")
+def ml():
+    return load_movielens()
+
+
+@pytest.fixture(scope="module")
+def fed(ml):
+    builder = PoolBuilder(HashEncoder(), segments=5, pool_cap=4)
+    builder.add_items(list(item_events(ml)))
+    for event in user_events(ml, limit=30_000):
+        builder.add_user_event(event)
+    return builder
+
+
+def test_every_user_gets_one_of_k_segments(fed):
+    assignments, _ = fed.refit()
+    assert len({a.segment for a in assignments}) == 5
+    assert set(fed.user_segment) == set(fed.users.index)
+
+
+def test_knowledge_lands_in_its_authors_segment_pool_within_the_cap(fed):
+    users = sorted(fed.user_segment, key=int)[:30]
+    for uid in users:
+        updates = fed.add_knowledge(knowledge(uid, f"user {uid} likes things"))
+        assert all(u.segment == fed.user_segment[uid] for u in updates)
+    assert all(len(pool.texts) <= 4 for pool in fed.pools.values())
+    newest = users[-1]
+    assert f"user-{newest}" in fed.pools[fed.user_segment[newest]].texts  # the newest text survives eviction
+    assert fed.add_knowledge(knowledge(users[0], "again", request_id=f"r-user-{users[0]}")) == []  # duplicate request
+    assert fed.counters.duplicates >= 1
+
+
+def test_item_knowledge_goes_to_the_genre_pool(fed, ml):
+    [update] = fed.add_knowledge(knowledge("1", "Toy Story is animated.", kind="item"))
+    assert update.segment == f"g-{ml.items['1'].genres[0]}" and update.kind == "delta"
+
+
+def test_refit_keeps_segment_ids_stable(fed):
+    before = dict(fed.user_segment)
+    changed, _ = fed.refit()
+    assert len(changed) < 0.1 * len(before)  # same data: (almost) nobody moves
+
+
+def test_ratings_for_unknown_items_wait_for_the_item():
+    builder = PoolBuilder(HashEncoder(), segments=2)
+    builder.add_user_event(UserEvent(event_id="e1", user_id="u", item_id="99", rating=5.0, timestamp=1))
+    assert builder.counters.unknown_items == 1 and "u" not in builder.users.index
+    builder.add_items([ItemEvent(event_id="i99", item_id="99", title="T", genres=["Drama"], timestamp=0)])
+    assert "u" in builder.users.index
+
+
+def test_state_round_trip(fed):
+    restored = PoolBuilder.loads(fed.dumps(), HashEncoder())
+    assert restored.user_segment == fed.user_segment
+    assert {s: list(p.texts) for s, p in restored.pools.items()} == {s: list(p.texts) for s, p in fed.pools.items()}
+
+
+def test_snapshots_are_chunked_below_the_message_limit():
+    builder = PoolBuilder(HashEncoder(), segments=2, pool_cap=500)
+    builder.item_segment["1"] = "g-Drama"
+    for n in range(300):
+        builder.add_knowledge(knowledge("1", "x" * 3000, kind="item", request_id=f"r{n}"))
+        builder.pools["g-Drama"].texts[f"t{n}"] = ("", "x" * 3000, n)
+    chunks = builder.snapshot("g-Drama")
+    assert len(chunks) > 1 and all(len(encode(c)) < 1_000_000 for c in chunks)
+    assert {c.chunks for c in chunks} == {len(chunks)}
+
+
+# ---------------------------------------------------------------------------- service
+
+
+@pytest.mark.integration
+def test_service_replay_knowledge_restart_and_dead_letters(kafka_settings, ml, tmp_path):
+    settings = kafka_settings
+    topics = Topics(settings.topic_prefix)
+    produce(settings, topics.item_events, list(item_events(ml)))
+    start = time.perf_counter()
+    produce(settings, topics.user_events, user_events(ml))
+    producer = make_producer(settings, "test")
+    producer.send(topics.user_events, value=b"{garbage")
+    producer.send(topics.item_events, value=b'{"schema_version": 1, "item_id": "x"}')
+    producer.flush()
+
+    def run_service():
+        service = PoolBuilderService(settings, tmp_path, segments=6, pool_cap=8, encoder=HashEncoder())
+        return service.run(threading.Event(), idle_exit_s=3.0)
+
+    builder = run_service()
+    print(f"\n[pool-builder] 100k ratings produced + consumed in {time.perf_counter() - start:.1f}s")
+    assert builder.counters.user_events == 100_000
+    assignments = [decode(SegmentAssignment, r.value) for r in consume_all(settings, topics.assignments, timeout_s=5)]
+    user_segments = {a.entity_id: a.segment for a in assignments if a.entity_kind == "user"}
+    assert len(user_segments) == 943 and len(set(user_segments.values())) == 6
+
+    letters = [decode(DeadLetter, r.value) for r in consume_all(settings, topics.dead_letter, timeout_s=3)]
+    assert sorted(letter.error_type for letter in letters) == ["json", "schema"]
+
+    uid = "42"
+    producer.send(topics.knowledge, key=uid.encode(), value=encode(knowledge(uid, "Likes film noir and westerns.")))
+    producer.flush()
+    builder = run_service()  # a restart: state from the snapshot, only the new record consumed
+    assert builder.counters.user_events == 100_000
+    pools = read_pools(settings)
+    assert pools[user_segments[uid]][f"user-{uid}"] == "Likes film noir and westerns."
+    assert builder.user_segment == user_segments  # segment ids kept across the restart
+    assert all(len(texts) <= 8 for texts in pools.values())
