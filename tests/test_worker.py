@@ -7,7 +7,9 @@ import pytest
 
 from dare.data import load_movielens, prompt_request
 from infra.kafka import consume_all, ensure_topics, make_producer
-from schemas import DeadLetter, KnowledgeRecord, PromptRequest, Topics, decode, encode
+from schemas import DeadLetter, KnowledgeRecord, PoolText, PoolUpdate, PromptRequest, SegmentAssignment, Topics, decode, encode
+from workers.greedy import greedy_generate
+from dare.model import chat_input_ids
 from workers.service import Worker
 
 pytestmark = pytest.mark.integration
@@ -23,7 +25,7 @@ def test_worker_answers_good_prompts_and_dead_letters_bad_ones(kafka_settings, l
         b"\xff\x00 not utf-8",
         b'{"schema_version": 1, "request_id": "x"}',
         encode(PromptRequest(request_id="long", entity_kind="user", entity_id="1", prompt="9" * 30000)),
-        encode(PromptRequest(request_id="turbo", entity_kind="user", entity_id="1", prompt="hi", mode="relaxed")),
+        b'{"schema_version": 1, "request_id": "turbo", "entity_kind": "user", "entity_id": "1", "prompt": "hi", "mode": "turbo"}',
     ]
     producer = make_producer(settings, "test")
     for message in [encode(good[0]), bad[0], encode(good[1]), bad[1], bad[2], encode(good[2]), bad[3]]:
@@ -38,7 +40,36 @@ def test_worker_answers_good_prompts_and_dead_letters_bad_ones(kafka_settings, l
     assert all(k.token_count > 0 and k.mode == "ar" and k.model == lm.model_id for k in knowledge)
 
     letters = [decode(DeadLetter, r.value) for r in consume_all(settings, topics.dead_letter, timeout_s=5)]
-    assert [letter.error_type for letter in letters] == ["undecodable", "schema", "too_long", "unsupported_mode"]
+    assert [letter.error_type for letter in letters] == ["undecodable", "schema", "too_long", "schema"]
+    assert "mode" in letters[3].reason
     assert base64.b64decode(letters[0].value_b64) == bad[0]  # the original bytes, kept
     assert all(letter.source_topic == topics.prompts for letter in letters)
     assert "exceeds the model's context" in letters[2].reason
+
+
+def test_worker_decodes_with_dare_using_pools_from_the_topic(kafka_settings, lm):
+    settings = kafka_settings.model_copy(update={"max_new_tokens": 32})
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.all())
+    ml = load_movielens()
+    request = prompt_request(ml, "item", "1", request_id="dare-1", mode="strict")
+    greedy = greedy_generate(lm, chat_input_ids(lm.tokenizer, request.prompt), 32)
+    producer = make_producer(settings, "test")
+    # The pool builder's output: a segment pool holding a text close to the answer, and the assignment.
+    snapshot = PoolUpdate(segment="g-Animation", version=1, kind="snapshot", added=[PoolText(text_id="item-2", text=greedy.text)])
+    producer.send(topics.pools, key=b"g-Animation", value=encode(snapshot))
+    producer.send(topics.assignments, key=b"1", value=encode(SegmentAssignment(entity_kind="item", entity_id="1", segment="g-Animation", version=0)))
+    producer.send(topics.prompts, key=b"1", value=encode(request))
+    producer.send(topics.prompts, key=b"1", value=encode(request.model_copy(update={"request_id": "dare-2", "mode": "relaxed"})))
+    producer.flush()
+
+    worker = Worker(settings, lm)
+    stats = worker.run(threading.Event(), max_prompts=2, idle_timeout_s=60)
+    assert stats.prompts == 2
+    records = {k.request_id: k for k in (decode(KnowledgeRecord, r.value) for r in consume_all(settings, topics.knowledge, timeout_s=5))}
+    strict = records["dare-1"]
+    assert strict.segment == "g-Animation" and strict.mode == "strict"
+    assert strict.text == greedy.text  # lossless through the whole worker path
+    assert strict.stats.mean_accepted > 2  # the pool text was drafted and accepted
+    assert records["dare-2"].mode == "relaxed" and records["dare-2"].token_count > 0
+    assert "item-1" in worker.pools.pools["g-Animation"].texts  # its own output joined the local pool

@@ -23,7 +23,10 @@ from dare.model import LoadedModel, chat_input_ids
 from dare.settings import Settings
 from infra.kafka import ensure_topics, make_consumer, make_producer
 from schemas import DeadLetter, DecodeStats, KnowledgeRecord, PromptRequest, SchemaError, Topics, decode, encode
+from workers.engine.budget import load_or_measure
+from workers.engine.decode import Dare
 from workers.greedy import greedy_generate
+from workers.pools import LivePools, PoolFollower
 
 log = structlog.get_logger("worker")
 
@@ -70,6 +73,10 @@ class Worker:
         self.topics = Topics(settings.topic_prefix)
         self.stats = WorkerStats()
         self.context_limit = int(getattr(lm.model.config, "max_position_embeddings", 8192))
+        cost = load_or_measure(lm.model, lm.model_id, lm.device, settings.cache_dir)
+        self.dare = Dare(lm.model, lm.tokenizer, cost)
+        self.pools = LivePools(self.dare)
+        self.follower: PoolFollower | None = None
 
     def answer(self, request: PromptRequest) -> KnowledgeRecord:
         """Decode one prompt into its knowledge record (pure of Kafka)."""
@@ -81,31 +88,41 @@ class Worker:
                 "too_long",
             )
         mode = request.mode or self.mode
-        if mode != "ar":
-            raise PromptRejected(f"mode {mode!r} is not served by this worker yet (only 'ar')", "unsupported_mode")
-        gen = greedy_generate(self.lm, input_ids, max_new)
+        if self.follower is not None:
+            self.follower.poll()  # pools as fresh as the topic
+        segment = self.pools.segment_of(request.entity_kind, request.entity_id, request.segment)
+        if mode == "ar":
+            gen = greedy_generate(self.lm, input_ids, max_new)
+            token_ids, text = gen.token_ids, gen.text
+            stats = DecodeStats(steps=gen.steps, new_tokens=len(token_ids), mean_accepted=1.0 if token_ids else 0.0,
+                                wall_s=gen.wall_s, forward_s=gen.wall_s)
+        else:
+            out = self.dare.generate(input_ids, self.pools.sources(segment), mode, max_new)
+            token_ids, text, s = out.token_ids, out.text, out.stats
+            stats = DecodeStats(steps=s.steps, new_tokens=len(token_ids), mean_accepted=s.mean_accepted, wall_s=s.wall_s,
+                                retrieval_s=s.retrieval_s, forward_s=s.forward_s + s.prefill_s)
+        if text.strip():  # the paper's code: a generated text drafts for the next request at once
+            self.pools.add_text(segment, f"{request.entity_kind}-{request.entity_id}", text)
         return KnowledgeRecord(
             request_id=request.request_id,
             entity_kind=request.entity_kind,
             entity_id=request.entity_id,
-            segment=request.segment,
-            text=gen.text,
-            token_count=len(gen.token_ids),
+            segment=segment,
+            text=text,
+            token_count=len(token_ids),
             mode=mode,
             model=self.lm.model_id,
-            stats=DecodeStats(
-                steps=gen.steps,
-                new_tokens=len(gen.token_ids),
-                mean_accepted=len(gen.token_ids) / gen.steps if gen.steps else 0.0,
-                wall_s=gen.wall_s,
-                forward_s=gen.wall_s,
-            ),
+            stats=stats,
             worker=self.worker_id,
         )
 
     def run(self, stop: threading.Event, max_prompts: int | None = None, idle_timeout_s: float | None = None) -> WorkerStats:
         """Consume until `stop` is set, `max_prompts` were answered, or nothing arrived for `idle_timeout_s`."""
-        ensure_topics(self.settings, [self.topics.prompts, self.topics.knowledge, self.topics.dead_letter])
+        ensure_topics(self.settings, [self.topics.prompts, self.topics.knowledge, self.topics.dead_letter,
+                                      self.topics.pools, self.topics.assignments])
+        self.follower = PoolFollower(self.settings, self.pools)
+        applied = self.follower.poll(timeout_ms=500)
+        log.info("pools loaded", updates=applied, segments=len(self.pools.pools), assignments=len(self.pools.assignments))
         producer = make_producer(self.settings, "worker")
         # One prompt per poll keeps the time between polls to one decode (no rebalance storms).
         consumer = make_consumer(self.settings, "worker", GROUP_ID, [self.topics.prompts], max_poll_records=1)
@@ -128,6 +145,7 @@ class Worker:
         finally:
             producer.close(timeout=10)
             consumer.close()
+            self.follower.close()
             log.info("worker stopped", worker=self.worker_id, prompts=self.stats.prompts, dead_lettered=self.stats.dead_lettered)
         return self.stats
 
