@@ -123,7 +123,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     stop = stop_event_on_signals()
     wait_for_broker(settings)
-    Worker(settings, load_lm(settings), mode=args.mode).run(stop, max_prompts=args.max_prompts)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    Worker(settings, load_lm(settings), mode=args.mode).run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 
 
@@ -261,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--mode", choices=["ar", "strict", "relaxed"], default="ar")
     p.add_argument("--max-prompts", type=int, help="exit after this many prompts")
+    p.add_argument("--idle-exit", type=float, help="exit after S seconds without a prompt (default: run until stopped)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (incl. dare_worker_ready) on this port")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("consume", help="print a topic's messages")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import structlog
 from kafka import OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaError
+from prometheus_client import Counter, Gauge
 
 from dare.model import LoadedModel, chat_input_ids
 from dare.settings import Settings
@@ -31,6 +33,13 @@ from workers.pools import LivePools, PoolFollower
 log = structlog.get_logger("worker")
 
 GROUP_ID = "dare-workers"
+
+PROMPTS = Counter("dare_worker_prompts_total", "Prompts answered", ["mode"])
+TOKENS = Counter("dare_worker_tokens_total", "Tokens generated", ["mode"])
+DEAD = Counter("dare_worker_dead_letters_total", "Prompts sent to the dead-letter topic", ["error_type"])
+ACCEPTED = Gauge("dare_worker_mean_accepted", "Tokens per forward pass of the last prompt")
+TOKENS_PER_S = Gauge("dare_worker_tokens_per_second", "Decode speed of the last prompt")
+READY = Gauge("dare_worker_ready", "1 once the worker has its pools and has joined the group")
 
 
 class PromptRejected(ValueError):
@@ -77,6 +86,7 @@ class Worker:
         self.dare = Dare(lm.model, lm.tokenizer, cost)
         self.pools = LivePools(self.dare)
         self.follower: PoolFollower | None = None
+        self.ready = threading.Event()  # set once pools are loaded and partitions assigned
 
     def answer(self, request: PromptRequest) -> KnowledgeRecord:
         """Decode one prompt into its knowledge record (pure of Kafka)."""
@@ -133,6 +143,12 @@ class Worker:
                 if max_prompts is not None and self.stats.prompts + self.stats.dead_lettered >= max_prompts:
                     break
                 batch = consumer.poll(timeout_ms=500)
+                if not consumer.assignment():  # joining or rebalancing: not idle
+                    last_message = time.monotonic()
+                elif not self.ready.is_set():
+                    self.ready.set()
+                    READY.set(1)
+                    log.info("worker ready", partitions=len(consumer.assignment()))
                 if not batch:
                     if idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
                         break
@@ -141,8 +157,13 @@ class Worker:
                 for records in batch.values():
                     for record in records:
                         self._handle(record, producer)
-                        consumer.commit({TopicPartition(record.topic, record.partition): OffsetAndMetadata(record.offset + 1, "", -1)})
+                        try:
+                            consumer.commit({TopicPartition(record.topic, record.partition): OffsetAndMetadata(record.offset + 1, "", -1)})
+                        except (CommitFailedError, KafkaError) as exc:  # revoked mid-decode: the new owner repeats it
+                            log.warning("commit failed; the prompt may be answered twice", error=repr(exc))
         finally:
+            self.ready.clear()
+            READY.set(0)
             producer.close(timeout=10)
             consumer.close()
             self.follower.close()
@@ -160,9 +181,14 @@ class Worker:
                     self.stats.prompts += 1
                     self.stats.tokens += knowledge.token_count
                     self.stats.decode_s += time.perf_counter() - start
+                    PROMPTS.labels(knowledge.mode).inc()
+                    TOKENS.labels(knowledge.mode).inc(knowledge.token_count)
+                    ACCEPTED.set(knowledge.stats.mean_accepted)
+                    TOKENS_PER_S.set(knowledge.token_count / knowledge.stats.wall_s if knowledge.stats.wall_s else 0.0)
                     log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
             except (SchemaError, PromptRejected) as exc:
                 letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")
                 producer.send(self.topics.dead_letter, key=record.key, value=encode(letter)).get(timeout=30)
                 self.stats.dead_lettered += 1
+                DEAD.labels(exc.error_type).inc()
                 log.warning("prompt dead-lettered", reason=exc.reason, error_type=exc.error_type)

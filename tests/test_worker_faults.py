@@ -1,0 +1,97 @@
+"""Fault tests with real worker processes against a real broker: nothing may be lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from dare.data import load_movielens, prompt_request
+from infra.kafka import consume_all, ensure_topics, make_producer
+from schemas import KnowledgeRecord, Topics, decode, encode
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = 24
+
+
+def start_worker(settings, model_cache, *extra):
+    env = os.environ | {
+        "DARE_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "DARE_TOPIC_PREFIX": settings.topic_prefix,
+        "DARE_CACHE_DIR": str(model_cache),
+        "DARE_MAX_NEW_TOKENS": "12",
+        "DARE_THREADS": "1",
+        "DARE_LOG_FORMAT": "json",
+    }
+    return subprocess.Popen([sys.executable, "-m", "dare.cli", "worker", "--device", "cpu", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def produce_backlog(settings):
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.all())
+    ml = load_movielens()
+    producer = make_producer(settings, "test")
+    ids = []
+    for n in range(PROMPTS):
+        request = prompt_request(ml, "item", str(n + 1), request_id=f"job-{n}", mode="strict" if n % 2 else "ar")
+        producer.send(topics.prompts, key=request.entity_id.encode(), value=encode(request))
+        ids.append(request.request_id)
+    producer.flush()
+    producer.close()
+    return ids
+
+
+def answered(settings):
+    return Counter(decode(KnowledgeRecord, r.value).request_id
+                   for r in consume_all(settings, Topics(settings.topic_prefix).knowledge, timeout_s=3))
+
+
+def wait_for(predicate, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def test_sigkill_mid_backlog_then_restart_loses_nothing(kafka_settings, model_cache, lm):
+    ids = produce_backlog(kafka_settings)
+    worker = start_worker(kafka_settings, model_cache)
+    try:
+        assert wait_for(lambda: len(answered(kafka_settings)) >= 4, 180), "the worker answered nothing"
+        os.killpg(worker.pid, signal.SIGKILL)  # mid-decode, no goodbye
+        worker.wait(10)
+        worker = start_worker(kafka_settings, model_cache, "--idle-exit", "8")
+        assert worker.wait(300) == 0
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+    counts = answered(kafka_settings)
+    assert set(ids) <= set(counts), f"lost: {sorted(set(ids) - set(counts))}"
+    print(f"\n[faults] SIGKILL + restart: {len(ids)} prompts, {sum(counts.values()) - len(counts)} duplicates")
+
+
+def test_a_worker_joins_and_one_leaves_mid_backlog(kafka_settings, model_cache, lm):
+    ids = produce_backlog(kafka_settings)
+    first = start_worker(kafka_settings, model_cache)
+    second = None
+    try:
+        assert wait_for(lambda: len(answered(kafka_settings)) >= 3, 180)
+        second = start_worker(kafka_settings, model_cache, "--idle-exit", "8")  # joins: rebalance
+        assert wait_for(lambda: len(answered(kafka_settings)) >= 10, 180)
+        os.killpg(first.pid, signal.SIGTERM)  # leaves gracefully: finishes its prompt, commits, closes
+        assert first.wait(60) == 0
+        assert second.wait(300) == 0
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    counts = answered(kafka_settings)
+    assert set(ids) <= set(counts), f"lost: {sorted(set(ids) - set(counts))}"
+    print(f"\n[faults] join + leave: {len(ids)} prompts, {sum(counts.values()) - len(counts)} duplicates")
