@@ -36,6 +36,7 @@ def test_demo_end_to_end(kafka_settings, model_cache, lm, monkeypatch, tmp_path,
     argv += ["--bootstrap-servers", kafka_settings.bootstrap_servers, "--topic-prefix", kafka_settings.topic_prefix]
     assert main(argv) == 0
     summary = json.loads(out.read_text())
-    assert summary["prompts"] == 2 and summary["knowledge_records"] == 2
+    assert summary["prompts"] == 4 and summary["knowledge_records"] == 4
+    assert set(summary["modes"]) == {"ar", "relaxed"} and summary["speedup_vs_ar"] > 0
     assert summary["lost"] == 0 and summary["dead_lettered"] == 0
     assert "| prompts |" in capsys.readouterr().out
