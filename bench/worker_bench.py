@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -18,7 +17,6 @@ from contextlib import ExitStack
 import torch
 
 from dare.data import load_movielens, prompt_request
-from dare.model import chat_input_ids
 from dare.settings import Settings
 from infra.broker import EmbeddedBroker
 from infra.kafka import consume_all, ensure_topics, make_producer

@@ -215,7 +215,6 @@ def cmd_pool_builder(args: argparse.Namespace) -> int:
 
 
 def cmd_workload(args: argparse.Namespace) -> int:
-    import json
 
     from dare.data import load_movielens
     from dare.workload import POOL_PATH, SPEC_PATH, make_pool_file, make_spec

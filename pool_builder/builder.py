@@ -122,13 +122,15 @@ class PoolBuilder:
         self.clock += 1
         pool.texts[text_id] = (record.entity_id if record.entity_kind == "user" else "", record.text, self.clock)
         pool.texts.move_to_end(text_id)
+        added = [PoolText(text_id=text_id, text=record.text)]
         while len(pool.texts) > self.pool_cap:
             weakest = min(pool.texts, key=lambda t: self._score(segment, pool.texts[t]))
             del pool.texts[weakest]
             if weakest == text_id:
-                return []
-            removed.append(weakest)
-        return self._publish(segment, added=[PoolText(text_id=text_id, text=record.text)], removed=removed)
+                added = []  # the new text ranks last: it does not enter (an older version, if any, is removed)
+            else:
+                removed.append(weakest)
+        return self._publish(segment, added=added, removed=removed) if added or removed else []
 
     def segment_of(self, entity_kind: str, entity_id: str) -> str | None:
         return (self.user_segment if entity_kind == "user" else self.item_segment).get(entity_id)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import structlog
-from kafka import OffsetAndMetadata, TopicPartition
+from kafka import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from dare.settings import Settings

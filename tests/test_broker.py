@@ -4,7 +4,6 @@ import socket
 import time
 
 import pytest
-from kafka import TopicPartition
 
 from infra.broker import BrokerError, EmbeddedBroker, port_in_use
 from infra.kafka import BrokerUnavailable, consume_all, ensure_topics, make_consumer, make_producer, wait_for_broker
