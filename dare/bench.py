@@ -15,7 +15,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
 from workers.engine.draft import DraftConfig
 from workers.engine.pool import Pool
-from workers.greedy import until_eos
+from workers.greedy import greedy_generate
 
 BASE_METHODS = ("ar", "pld", "rest", "dare-strict", "dare-relaxed")
 POOL_VARIANTS = ("segment", "global", "random")
@@ -69,18 +68,10 @@ class ForwardCounter:
 
 
 def run_hf(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, counter: ForwardCounter, pld: bool) -> dict:
-    x = torch.tensor([input_ids], device=lm.device)
-    extra = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
     calls = counter.calls
-    start = time.perf_counter()
-    out = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=lm.tokenizer.pad_token_id, **extra)  # type: ignore[attr-defined]
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    new = until_eos(lm, out[0, len(input_ids) :].tolist())
+    gen = greedy_generate(lm, input_ids, max_new_tokens, **({"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}))
     steps = max(1, counter.calls - calls)  # the prefill yields the first token, like DARE's first step
-    return {"token_ids": new, "steps": steps, "wall_s": wall, "retrieval_s": 0.0, "forward_s": wall}
+    return {"token_ids": gen.token_ids, "steps": steps, "wall_s": gen.wall_s, "retrieval_s": 0.0, "forward_s": gen.wall_s}
 
 
 def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str, list[str]], methods: list[str],

@@ -162,17 +162,16 @@ class PoolBuilderService:
 def read_pools(settings: Settings, timeout_s: float = 5.0) -> dict[str, dict[str, str]]:
     """Rebuild every pool from the pools topic (what a worker does at start): segment → text id → text."""
     from infra.kafka import consume_all
-    from schemas import PoolUpdate
+    from schemas import PoolUpdate, assemble_snapshot
 
     pools: dict[str, dict[str, str]] = {}
-    staged: dict[tuple[str, int], dict[str, str]] = {}
+    staged: dict = {}  # type: ignore[type-arg]
     for record in consume_all(settings, Topics(settings.topic_prefix).pools, timeout_s=timeout_s):
         update = decode(PoolUpdate, record.value)
         if update.kind == "snapshot":
-            chunk = staged.setdefault((update.segment, update.version), {})
-            chunk.update({t.text_id: t.text for t in update.added})
-            if update.chunk == update.chunks - 1:
-                pools[update.segment] = staged.pop((update.segment, update.version))
+            chunks = assemble_snapshot(staged, update)
+            if chunks is not None:
+                pools[update.segment] = {t.text_id: t.text for c in chunks for t in c.added}
         else:
             pool = pools.setdefault(update.segment, {})
             for text_id in update.removed:

@@ -14,6 +14,7 @@ from schemas.messages import (
     PromptRequest,
     SegmentAssignment,
     UserEvent,
+    assemble_snapshot,
 )
 from schemas.topics import Topics
 
@@ -32,6 +33,7 @@ __all__ = [
     "SegmentAssignment",
     "Topics",
     "UserEvent",
+    "assemble_snapshot",
     "decode",
     "encode",
     "export_json_schemas",

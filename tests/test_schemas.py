@@ -128,3 +128,16 @@ def test_json_schema_export(tmp_path):
     schema = json.loads((tmp_path / "PromptRequest.schema.json").read_text())
     assert schema["additionalProperties"] is False
     assert "prompt" in schema["required"]
+
+
+def test_snapshot_chunks_assemble_once_all_arrived_in_any_order():
+    from schemas import assemble_snapshot
+
+    chunks = [PoolUpdate(segment="s", version=3, kind="snapshot", added=[PoolText(text_id=f"t{i}", text="x")], chunk=i, chunks=3)
+              for i in range(3)]
+    staged: dict = {}
+    assert assemble_snapshot(staged, chunks[2]) is None
+    assert assemble_snapshot(staged, chunks[0]) is None
+    assert assemble_snapshot(staged, chunks[0]) is None  # a redelivered chunk counts once
+    assert assemble_snapshot(staged, chunks[1]) == chunks
+    assert staged == {}

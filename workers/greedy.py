@@ -23,7 +23,8 @@ class Generation:
 
 
 @torch.inference_mode()
-def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int) -> Generation:
+def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, **generate_kwargs: object) -> Generation:
+    """Greedy decoding of one prompt; `generate_kwargs` pass through (e.g. prompt_lookup_num_tokens)."""
     start = time.perf_counter()
     x = torch.tensor([input_ids], device=lm.device)
     out = lm.model.generate(
@@ -32,6 +33,7 @@ def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int) 
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=lm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        **generate_kwargs,
     )
     new = until_eos(lm, out[0, len(input_ids) :].tolist())
     wall = time.perf_counter() - start

@@ -13,7 +13,7 @@ from kafka import TopicPartition
 
 from dare.settings import Settings
 from infra.kafka import make_consumer
-from schemas import PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
+from schemas import PoolUpdate, SchemaError, SegmentAssignment, Topics, assemble_snapshot, decode
 from workers.engine.decode import Dare
 from workers.engine.pool import Pool
 
@@ -48,17 +48,14 @@ class LivePools:
             for text in update.added:
                 self.add_text(update.segment, text.text_id, text.text)
         else:
-            key = (update.segment, update.version)
-            chunks = self.staged.setdefault(key, [])
-            chunks.append(update)
-            if len(chunks) < update.chunks:
+            chunks = assemble_snapshot(self.staged, update)
+            if chunks is None:
                 return
-            del self.staged[key]
             old = self.pools.pop(update.segment, None)
             if old is not None:
                 for text_id in list(old.texts):
                     self.global_pool.remove(f"{update.segment}/{text_id}")
-            for chunk in sorted(chunks, key=lambda c: c.chunk):
+            for chunk in chunks:
                 for text in chunk.added:
                     self.add_text(update.segment, text.text_id, text.text)
         self.applied += 1
