@@ -116,9 +116,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def start_service(args: argparse.Namespace) -> tuple[Settings, threading.Event]:
+    """What every long-running service does first: settings, signal handling, a broker that
+    answers (retried with backoff), and the metrics endpoint if asked for."""
     from infra.kafka import wait_for_broker
-    from workers.service import Worker
 
     settings = settings_from(args)
     stop = stop_event_on_signals()
@@ -127,6 +128,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
+    return settings, stop
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.service import Worker
+
+    settings, stop = start_service(args)
     Worker(settings, load_lm(settings), mode=args.mode).run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 
@@ -198,16 +206,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_builder(args: argparse.Namespace) -> int:
-    from prometheus_client import start_http_server
-
-    from infra.kafka import wait_for_broker
     from pool_builder.service import PoolBuilderService
 
-    settings = settings_from(args)
-    stop = stop_event_on_signals()
-    wait_for_broker(settings)
-    if args.metrics_port:
-        start_http_server(args.metrics_port)
+    settings, stop = start_service(args)
     service = PoolBuilderService(settings, args.state_dir or settings.cache_dir / "pool-builder", segments=args.segments,
                                  pool_cap=args.pool_cap, refit_every_s=args.refit_every)
     service.run(stop)
