@@ -46,8 +46,7 @@ def ancestor_matrix(parents: list[int]) -> torch.Tensor:
     Position 0 is the pending token (the root); draft node i sits at position i + 1."""
     n = len(parents) + 1
     anc = torch.zeros((n, n), dtype=torch.bool)
-    anc[:, 0] = True
-    anc[0, 0] = True
+    anc[:, 0] = True  # everyone sees the root
     for i, parent in enumerate(parents, start=1):
         anc[i] = anc[parent + 1]
         anc[i, i] = True
