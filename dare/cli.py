@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -157,7 +158,11 @@ def cmd_consume(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dare.demo import run_demo
 
-    return run_demo(settings_from(args), limit=args.limit, json_path=args.json)
+    settings = settings_from(args)
+    if args.log_level is None and "DARE_LOG_LEVEL" not in os.environ:  # progress lines talk; services log to files
+        configure_logging(settings.log_format, "warning")
+    return run_demo(settings, limit=args.limit, workers=args.workers, ratings=args.ratings, json_path=args.json,
+                    records_path=args.records, timeout_s=args.timeout, broker_port=args.broker_port)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -316,8 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the pipeline end to end on the embedded broker (or --bootstrap-servers)")
     add_kafka_flags(p)
     add_model_flags(p)
-    p.add_argument("--limit", type=int, default=3, help="number of prompts")
+    p.add_argument("--limit", type=int, default=3, help="seed/DARE prompt pairs (2 x N prompts in all)")
+    p.add_argument("--workers", type=int, default=1, help="generator worker processes (CPU threads are split among them)")
+    p.add_argument("--ratings", type=int, help="replay only the first N of MovieLens-100k's 100,000 ratings")
     p.add_argument("--json", type=Path, help="write the summary here")
+    p.add_argument("--records", type=Path, help="knowledge records as JSONL (default ./demo-knowledge.jsonl)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take before the demo gives up")
+    p.add_argument("--broker-port", type=int, help="embedded broker port (default: a free one)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -326,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `dare consume ... | head` ends quietly, like any Unix tool
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    if args.command in ("worker", "pool-builder"):
+        from dare.demo import die_with_parent
+
+        die_with_parent()
     try:
         settings = load_settings(log_format=args.log_format, log_level=args.log_level)
     except Exception as exc:
@@ -339,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a clear one-line error for the known failure kinds
         from dare.data import DataError
+        from dare.demo import DemoError
         from dare.model import ModelLoadError
         from infra.broker import BrokerError
         from infra.kafka import BrokerUnavailable
@@ -349,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from schemas import SchemaError
 
-        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, ValidationError, WorkloadError, SchemaError)):
+        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, DemoError, ValidationError, WorkloadError, SchemaError)):
             print(f"dare {args.command}: {exc}", file=sys.stderr)
             return 1
         raise

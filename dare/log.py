@@ -45,3 +45,5 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
     logging.basicConfig(level=logging.WARNING, stream=stream, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.INFO)
+    # "Task ... ran for 0.3s": kafka-python's own event-loop timing, not actionable by a user.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR if level != "debug" else logging.INFO)

@@ -97,8 +97,11 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from dare.settings import default_cache_dir
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars clutter service logs and the demo
 
     start = time.perf_counter()
     torch_device = resolve_device(device)

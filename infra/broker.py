@@ -7,6 +7,7 @@ its own process id (its own process group, so nothing is left behind).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -17,6 +18,24 @@ from pathlib import Path
 import structlog
 
 log = structlog.get_logger("broker")
+
+
+def _linux_prctl():  # type: ignore[no-untyped-def]
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _linux_prctl()
+
+
+def _exit_with_parent() -> None:
+    """Runs in the forked child before exec: SIGTERM when the process that started it dies, even
+    by SIGKILL (Linux PR_SET_PDEATHSIG), so a killed demo or test run leaves no broker behind.
+    prctl is resolved before the fork; the child only calls it."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 class BrokerError(RuntimeError):
@@ -73,10 +92,11 @@ class EmbeddedBroker:
         if self.port is None:
             self.port = free_port(self.host)
         elif port_in_use(self.port, self.host):
-            raise BrokerError(f"port {self.port} on {self.host} is already in use: pick another with --port")
+            raise BrokerError(f"port {self.port} on {self.host} is already in use: pick another port")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_exit_with_parent,  # noqa: PLW1509 (only a prctl call; start the broker before client threads)
         )
         if self.log_path:
             out.close()  # the child holds its own descriptor

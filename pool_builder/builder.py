@@ -63,6 +63,7 @@ class PoolBuilder:
         self.pending_count = 0
         self.clock = 0  # counts knowledge texts added: their recency
         self.users_at_refit = 0
+        self.fresh_users: set[str] = set()  # users with ratings but no segment yet
         self.counters = Counters()
 
     # ------------------------------------------------------------------ events
@@ -93,6 +94,7 @@ class PoolBuilder:
             for waiting in self.pending.pop(event.item_id, []):
                 self.pending_count -= 1
                 self.users.add(waiting.user_id, vector, waiting.rating)
+                self.fresh_users.add(waiting.user_id)
         return out
 
     def add_user_event(self, event: UserEvent) -> None:
@@ -107,6 +109,8 @@ class PoolBuilder:
                 self.pending_count += 1
             return
         self.users.add(event.user_id, vector, event.rating)
+        if event.user_id not in self.user_segment:
+            self.fresh_users.add(event.user_id)
 
     def add_knowledge(self, record: KnowledgeRecord) -> list[PoolUpdate]:
         """Put a knowledge record into its entity's segment pool (evicting the weakest text)."""
@@ -161,6 +165,19 @@ class PoolBuilder:
         updates = self._reassign_pools()
         self.counters.last_refit_s = time.perf_counter() - start
         return changed, updates
+
+    def assign_new_users(self) -> list[SegmentAssignment]:
+        """Users first seen since the last re-fit join their nearest segment at once."""
+        new = [u for u in self.fresh_users if u not in self.user_segment and u in self.users.index]
+        if self.centroids is None or not new:
+            return []
+        self.fresh_users.clear()
+        labels = assign(np.stack([self._user_vector(u) for u in new]), self.centroids)  # type: ignore[misc]
+        out = []
+        for uid, label in zip(new, labels):
+            self.user_segment[uid] = segment_name("user", int(label))
+            out.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=self.user_segment[uid], version=self.counters.refits))
+        return out
 
     def _user_vector(self, user_id: str) -> np.ndarray | None:
         row = self.users.index.get(user_id)

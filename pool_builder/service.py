@@ -117,6 +117,7 @@ class PoolBuilderService:
         out += builder.add_items(items)  # items first: ratings of this batch may need them
         for event in users:
             builder.add_user_event(event)
+        out += builder.assign_new_users()
         for record in knowledge:
             out += builder.add_knowledge(record)
         EVENTS.labels("item").inc(len(items))

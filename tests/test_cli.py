@@ -1,7 +1,3 @@
-import json
-
-import pytest
-
 from dare.cli import main
 
 
@@ -26,17 +22,3 @@ def test_bad_environment_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("DARE_MAX_NEW_TOKENS", "lots")
     assert main(["generate", "--prompt", "hi"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
-
-
-@pytest.mark.integration
-def test_demo_end_to_end(kafka_settings, model_cache, lm, monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("DARE_CACHE_DIR", str(model_cache))
-    out = tmp_path / "summary.json"
-    argv = ["demo", "--limit", "2", "--max-new-tokens", "8", "--json", str(out)]
-    argv += ["--bootstrap-servers", kafka_settings.bootstrap_servers, "--topic-prefix", kafka_settings.topic_prefix]
-    assert main(argv) == 0
-    summary = json.loads(out.read_text())
-    assert summary["prompts"] == 4 and summary["knowledge_records"] == 4
-    assert set(summary["modes"]) == {"ar", "relaxed"} and summary["speedup_vs_ar"] > 0
-    assert summary["lost"] == 0 and summary["dead_lettered"] == 0
-    assert "| prompts |" in capsys.readouterr().out

@@ -78,6 +78,15 @@ def test_refit_keeps_segment_ids_stable(fed):
     assert len(changed) < 0.1 * len(before)  # same data: (almost) nobody moves
 
 
+def test_users_arriving_after_a_refit_join_their_nearest_segment(fed, ml):
+    fed.refit()
+    item = next(iter(fed.item_vectors))
+    fed.add_user_event(UserEvent(event_id="late-1", user_id="late", item_id=item, rating=5.0, timestamp=1))
+    [assignment] = fed.assign_new_users()
+    assert assignment.entity_id == "late" and fed.user_segment["late"] == assignment.segment
+    assert fed.assign_new_users() == []  # once only
+
+
 def test_ratings_for_unknown_items_wait_for_the_item():
     builder = PoolBuilder(HashEncoder(), segments=2)
     builder.add_user_event(UserEvent(event_id="e1", user_id="u", item_id="99", rating=5.0, timestamp=1))
