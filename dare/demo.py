@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import ExitStack
@@ -46,6 +47,12 @@ class DemoError(RuntimeError):
 
 
 PARENT_ENV = "_DARE_PARENT_PID"
+INTERRUPTED = threading.Event()
+
+
+def interrupt(signum: int, _frame: object) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
 
 
 def die_with_parent() -> None:
@@ -91,6 +98,9 @@ class Processes:
         print(f"started {name} (pid {self.children[name].pid}), log {log_path}", flush=True)
 
     def check(self) -> None:
+        """Raise if the demo was interrupted, or if a service died."""
+        if INTERRUPTED.is_set():  # the KeyboardInterrupt may have been swallowed inside a client library
+            raise KeyboardInterrupt
         for name, process in self.children.items():
             if process.poll() is not None:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
@@ -330,7 +340,8 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
     run_id = f"demo{int(time.time())}"
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
     embedded = not settings.bootstrap_servers
-    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM unwinds like Ctrl-C
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}  # both unwind like Ctrl-C
+    INTERRUPTED.clear()
     try:
         with ExitStack() as stack:
             if embedded:
@@ -352,6 +363,7 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
             processes.start("pool-builder", "pool-builder", "--segments", "4", "--refit-every", "5",
                             "--state-dir", str(log_dir / "pool-builder-state"))
             users = demo.replay_events()
+            processes.check()
             for n in range(1, workers + 1):
                 processes.start(f"worker-{n}", "worker", threads=threads)
             pairs = demo.pick_users(demo.wait_for_segments(users, processes))
@@ -365,12 +377,14 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
             print(f"phase 2: {len(targets)} prompts ({DARE_MODE}) for users in the seeds' segments", flush=True)
             demo.wait_for_answers(tail, targets, seeds | targets, DARE_MODE, processes)
             demo.results.add(topics, tail.poll(timeout_ms=1000))  # duplicates that arrive late
+            processes.check()
     except KeyboardInterrupt:
         print("\ninterrupted: stopped the processes the demo started" + (" and the broker" if embedded else ""),
               file=sys.stderr, flush=True)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     request_ids = seeds | targets
     mine = [r for r in demo.results.knowledge if r.request_id in request_ids]

@@ -31,6 +31,7 @@ def client_config(settings: Settings, role: str) -> dict[str, Any]:
         "bootstrap_servers": settings.bootstrap_servers.split(","),
         "client_id": f"{settings.client_id}-{role}",
         "security_protocol": settings.security_protocol,
+        "reconnect_backoff_max_ms": 5000,  # a broker that comes back is found within 5 s
     }
     if settings.sasl_mechanism:
         config["sasl_mechanism"] = settings.sasl_mechanism
@@ -51,6 +52,18 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
 def make_producer(settings: Settings, role: str, **overrides: Any) -> KafkaProducer:
     config = client_config(settings, role) | {"acks": "all", "linger_ms": 5, "retries": 5} | overrides
     return KafkaProducer(**config)
+
+
+def close_producer(producer: KafkaProducer, timeout_s: float = 5.0) -> None:
+    """Close, delivering what is pending within `timeout_s`; kafka-python's close() raises while
+    records are still pending (a broker that is away), so then force its sender thread to stop."""
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaError as exc:
+        log.warning("producer closed with undelivered records", error=repr(exc))
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
 
 
 def make_consumer(settings: Settings, role: str, group_id: str | None, topics: list[str], **overrides: Any) -> KafkaConsumer:

@@ -95,3 +95,46 @@ def test_a_worker_joins_and_one_leaves_mid_backlog(kafka_settings, model_cache, 
     counts = answered(kafka_settings)
     assert set(ids) <= set(counts), f"lost: {sorted(set(ids) - set(counts))}"
     print(f"\n[faults] join + leave: {len(ids)} prompts, {sum(counts.values()) - len(counts)} duplicates")
+
+
+def test_worker_rides_out_a_broker_outage_mid_decode(model_cache, lm):
+    """The broker goes away while a prompt decodes and comes back (empty: Tansu keeps topics in
+    memory): the worker retries delivery with backoff, delivers, and serves new prompts."""
+    import threading
+
+    from dare.settings import Settings
+    from infra.broker import EmbeddedBroker, free_port
+    from workers.service import Worker
+
+    port = free_port()
+    broker = EmbeddedBroker(port=port).start()
+    settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="outage.", max_new_tokens=120, cache_dir=model_cache)
+    topics = Topics(settings.topic_prefix)
+    ml = load_movielens()
+
+    def send(request_id, item):
+        ensure_topics(settings, topics.all())
+        producer = make_producer(settings, "test")
+        producer.send(topics.prompts, key=b"k", value=encode(prompt_request(ml, "item", item, request_id=request_id, mode="ar")))
+        producer.flush()
+        producer.close()
+
+    worker, stop = Worker(settings, lm), threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"max_prompts": 2}, daemon=True)
+    try:
+        send("before", "1")
+        thread.start()
+        assert wait_for(lambda: worker.in_hand == "before", 120), "the worker never started decoding"
+        broker.stop()  # mid-decode: the knowledge record has nowhere to go
+        time.sleep(4)
+        broker = EmbeddedBroker(port=port).start()
+        ensure_topics(settings, topics.all())  # an operator recreating the topics on the fresh broker
+        assert wait_for(lambda: "before" in answered(settings), 120), "not delivered after the broker came back"
+        send("after", "2")
+        thread.join(180)
+        assert not thread.is_alive() and worker.stats.prompts == 2
+        assert set(answered(settings)) == {"before", "after"}
+    finally:
+        stop.set()
+        thread.join(30) if thread.is_alive() else None
+        broker.stop()

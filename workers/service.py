@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from dare.model import LoadedModel, chat_input_ids
 from dare.settings import Settings
-from infra.kafka import ensure_topics, make_consumer, make_producer
+from infra.kafka import close_producer, ensure_topics, make_consumer, make_producer
 from schemas import DeadLetter, DecodeStats, KnowledgeRecord, PromptRequest, SchemaError, Topics, decode, encode
 from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
@@ -40,6 +40,14 @@ DEAD = Counter("dare_worker_dead_letters_total", "Prompts sent to the dead-lette
 ACCEPTED = Gauge("dare_worker_mean_accepted", "Tokens per forward pass of the last prompt")
 TOKENS_PER_S = Gauge("dare_worker_tokens_per_second", "Decode speed of the last prompt")
 READY = Gauge("dare_worker_ready", "1 once the worker has its pools and has joined the group")
+
+
+DELIVERY_ATTEMPT_S = 10.0  # one produce attempt: send + broker acknowledgement
+STOP_GRACE_S = 10.0  # once stopping, how long an undeliverable record is retried before giving up
+
+
+class Undelivered(RuntimeError):
+    """A record could not be delivered before shutdown: its prompt stays uncommitted."""
 
 
 class PromptRejected(ValueError):
@@ -87,6 +95,8 @@ class Worker:
         self.pools = LivePools(self.dare)
         self.follower: PoolFollower | None = None
         self.ready = threading.Event()  # set once pools are loaded and partitions assigned
+        self.in_hand: str | None = None  # request id being decoded
+        self.stop = threading.Event()
 
     def answer(self, request: PromptRequest) -> KnowledgeRecord:
         """Decode one prompt into its knowledge record (pure of Kafka)."""
@@ -127,13 +137,16 @@ class Worker:
         )
 
     def run(self, stop: threading.Event, max_prompts: int | None = None, idle_timeout_s: float | None = None) -> WorkerStats:
-        """Consume until `stop` is set, `max_prompts` were answered, or nothing arrived for `idle_timeout_s`."""
+        """Consume until `stop` is set, `max_prompts` were answered, or nothing arrived for `idle_timeout_s`.
+        If the broker goes away, delivery is retried with backoff until it is back (or, once stopping,
+        for STOP_GRACE_S; the prompt then stays uncommitted and is answered again later)."""
+        self.stop = stop
         ensure_topics(self.settings, [self.topics.prompts, self.topics.knowledge, self.topics.dead_letter,
                                       self.topics.pools, self.topics.assignments])
         self.follower = PoolFollower(self.settings, self.pools)
         applied = self.follower.poll(timeout_ms=500)
         log.info("pools loaded", updates=applied, segments=len(self.pools.pools), assignments=len(self.pools.assignments))
-        producer = make_producer(self.settings, "worker")
+        self.producer = self._new_producer()
         # One prompt per poll keeps the time between polls to one decode (no rebalance storms).
         consumer = make_consumer(self.settings, "worker", GROUP_ID, [self.topics.prompts], max_poll_records=1)
         last_message = time.monotonic()
@@ -156,7 +169,10 @@ class Worker:
                 last_message = time.monotonic()
                 for records in batch.values():
                     for record in records:
-                        self._handle(record, producer)
+                        try:
+                            self._handle(record)
+                        except Undelivered:
+                            return self.stats
                         try:
                             consumer.commit({TopicPartition(record.topic, record.partition): OffsetAndMetadata(record.offset + 1, "", -1)})
                         except (CommitFailedError, KafkaError) as exc:  # revoked mid-decode: the new owner repeats it
@@ -164,20 +180,24 @@ class Worker:
         finally:
             self.ready.clear()
             READY.set(0)
-            producer.close(timeout=10)
-            consumer.close()
+            close_producer(self.producer)
+            consumer.close(autocommit=False)
             self.follower.close()
             log.info("worker stopped", worker=self.worker_id, prompts=self.stats.prompts, dead_lettered=self.stats.dead_lettered)
         return self.stats
 
-    def _handle(self, record: ConsumerRecord, producer) -> None:  # type: ignore[no-untyped-def]
+    def _handle(self, record: ConsumerRecord) -> None:
         with structlog.contextvars.bound_contextvars(topic=record.topic, partition=record.partition, offset=record.offset):
             try:
                 request = decode(PromptRequest, record.value)
                 with structlog.contextvars.bound_contextvars(request_id=request.request_id):
                     start = time.perf_counter()
-                    knowledge = self.answer(request)
-                    producer.send(self.topics.knowledge, key=request.entity_id.encode(), value=encode(knowledge)).get(timeout=30)
+                    self.in_hand = request.request_id
+                    try:
+                        knowledge = self.answer(request)
+                    finally:
+                        self.in_hand = None
+                    self._deliver(self.topics.knowledge, request.entity_id.encode(), encode(knowledge))
                     self.stats.prompts += 1
                     self.stats.tokens += knowledge.token_count
                     self.stats.decode_s += time.perf_counter() - start
@@ -188,7 +208,37 @@ class Worker:
                     log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
             except (SchemaError, PromptRejected) as exc:
                 letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")
-                producer.send(self.topics.dead_letter, key=record.key, value=encode(letter)).get(timeout=30)
+                self._deliver(self.topics.dead_letter, record.key, encode(letter))
                 self.stats.dead_lettered += 1
                 DEAD.labels(exc.error_type).inc()
                 log.warning("prompt dead-lettered", reason=exc.reason, error_type=exc.error_type)
+
+    def _new_producer(self):  # type: ignore[no-untyped-def]
+        return make_producer(self.settings, "worker", max_block_ms=int(DELIVERY_ATTEMPT_S * 1000))
+
+    def _deliver(self, topic: str, key: bytes | None, value: bytes) -> None:
+        """Produce and wait for the broker's acknowledgement, retrying with backoff while it is away.
+        Each retry uses a fresh producer: an idempotent producer whose id the broker forgot (a
+        restarted broker) never recovers by itself."""
+        delay, attempt, stopping_since = 0.5, 0, None
+        while True:
+            attempt += 1
+            try:
+                if attempt > 1:
+                    close_producer(self.producer, timeout_s=0)
+                    self.producer = self._new_producer()
+                self.producer.send(topic, key=key, value=value).get(timeout=DELIVERY_ATTEMPT_S)
+                if attempt > 1:
+                    log.info("broker reachable again: delivered", topic=topic, attempts=attempt)
+                return
+            except KafkaError as exc:
+                if self.stop.is_set():
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > STOP_GRACE_S:
+                        log.error("stopping with an undelivered record; its prompt stays uncommitted and will be answered again",
+                                  topic=topic, attempts=attempt)
+                        raise Undelivered(topic) from exc
+                log.warning("delivery failed; is the broker down? retrying", topic=topic, attempt=attempt, retry_in_s=delay,
+                            error=repr(exc))
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10.0)
