@@ -215,7 +215,7 @@ def cmd_pool_builder(args: argparse.Namespace) -> int:
 
     settings, stop = start_service(args)
     service = PoolBuilderService(settings, args.state_dir or settings.cache_dir / "pool-builder", segments=args.segments,
-                                 pool_cap=args.pool_cap, refit_every_s=args.refit_every)
+                                 pool_cap=args.pool_cap, neighbourhood=args.neighbourhood, refit_every_s=args.refit_every)
     service.run(stop)
     return 0
 
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_kafka_flags(p)
     p.add_argument("--segments", type=int, default=8, help="user segments (k-means k)")
     p.add_argument("--pool-cap", type=int, default=64, help="texts per segment pool")
+    p.add_argument("--neighbourhood", type=float, default=1.5,
+                   help="users nearest each centroid whose knowledge enters its pool, x the mean segment size (0: members only)")
     p.add_argument("--refit-every", type=float, default=30.0, help="seconds between k-means re-fits while users grow")
     p.add_argument("--state-dir", type=Path, help="snapshot directory (default: DARE_CACHE_DIR/pool-builder)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")

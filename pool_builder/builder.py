@@ -5,8 +5,12 @@
   items not seen yet wait (bounded) until the item arrives.
 - User segments: FAISS k-means, re-fitted when asked (on a schedule, or after enough new
   users), with ids kept stable by matching new centroids to old ones.
+- Neighbourhoods: at each re-fit a FAISS inner-product index over all user vectors gives every
+  segment the users nearest its centroid (`neighbourhood` x the mean segment size). A user's
+  knowledge enters the pool of its own segment and of every segment whose neighbourhood holds it,
+  so users near a border feed both sides.
 - Pools: per segment, at most `pool_cap` texts, ranked by the author's similarity to the
-  segment centroid plus recency; a knowledge record enters its entity's segment pool at once.
+  segment centroid plus recency; a knowledge record enters its pools at once.
 Every change is returned as messages for the caller to publish.
 """
 
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pool_builder.embeddings import UserVectors, item_text
-from pool_builder.segments import assign, fit_centroids, match_to_previous, segment_name
+from pool_builder.segments import assign, fit_centroids, match_to_previous, nearest_users, segment_name
 from schemas import ItemEvent, KnowledgeRecord, PoolText, PoolUpdate, SegmentAssignment, UserEvent
 from schemas.messages import MAX_POOL_TEXTS_PER_MESSAGE
 
@@ -32,6 +36,7 @@ class Counters:
     item_events: int = 0
     knowledge: int = 0
     duplicates: int = 0
+    empty_texts: int = 0
     unknown_items: int = 0
     refits: int = 0
     last_refit_s: float = 0.0
@@ -44,11 +49,13 @@ class SegmentPool:
 
 
 class PoolBuilder:
-    def __init__(self, encoder, segments: int = 8, pool_cap: int = 64, snapshot_every: int = 50,  # type: ignore[no-untyped-def]
-                 dedup_window: int = 200_000, pending_cap: int = 100_000) -> None:
+    def __init__(self, encoder, segments: int = 8, pool_cap: int = 64, neighbourhood: float = 1.5,  # type: ignore[no-untyped-def]
+                 snapshot_every: int = 50, dedup_window: int = 200_000, pending_cap: int = 100_000) -> None:
         self.encoder = encoder
         self.k = segments
         self.pool_cap = pool_cap
+        self.neighbourhood = neighbourhood  # x the mean segment size; 0: members only
+        self.neighbours: dict[str, set[str]] = {}  # segment → users nearest its centroid
         self.snapshot_every = snapshot_every
         self.dedup_window = dedup_window
         self.pending_cap = pending_cap
@@ -113,20 +120,35 @@ class PoolBuilder:
             self.fresh_users.add(event.user_id)
 
     def add_knowledge(self, record: KnowledgeRecord) -> list[PoolUpdate]:
-        """Put a knowledge record into its entity's segment pool (evicting the weakest text)."""
-        if self._duplicate(f"k:{record.request_id}") or not record.text.strip():
+        """Put a knowledge record into its pools (evicting the weakest text of each)."""
+        if self._duplicate(f"k:{record.request_id}"):
+            return []
+        if not record.text.strip():
+            self.counters.empty_texts += 1
             return []
         self.counters.knowledge += 1
-        segment = self.segment_of(record.entity_kind, record.entity_id) or record.segment
-        if segment is None:
-            return []
-        pool = self.pools[segment]
-        text_id = f"{record.entity_kind}-{record.entity_id}"
-        removed = [text_id] if text_id in pool.texts else []
         self.clock += 1
-        pool.texts[text_id] = (record.entity_id if record.entity_kind == "user" else "", record.text, self.clock)
+        text_id = f"{record.entity_kind}-{record.entity_id}"
+        entry = (record.entity_id if record.entity_kind == "user" else "", record.text, self.clock)
+        out: list[PoolUpdate] = []
+        for segment in self.segments_for(record.entity_kind, record.entity_id, record.segment):
+            out += self._insert(segment, text_id, entry)
+        return out
+
+    def segments_for(self, entity_kind: str, entity_id: str, fallback: str | None = None) -> list[str]:
+        """The pools an entity's knowledge enters: its segment's, and (users) every neighbourhood it is in."""
+        own = self.segment_of(entity_kind, entity_id) or fallback
+        segments = [own] if own else []
+        if entity_kind == "user":
+            segments += sorted(s for s, users in self.neighbours.items() if entity_id in users and s != own)
+        return segments
+
+    def _insert(self, segment: str, text_id: str, entry: tuple[str, str, int]) -> list[PoolUpdate]:
+        pool = self.pools[segment]
+        removed = [text_id] if text_id in pool.texts else []
+        pool.texts[text_id] = entry
         pool.texts.move_to_end(text_id)
-        added = [PoolText(text_id=text_id, text=record.text)]
+        added = [PoolText(text_id=text_id, text=entry[1])]
         while len(pool.texts) > self.pool_cap:
             weakest = min(pool.texts, key=lambda t: self._score(segment, pool.texts[t]))
             del pool.texts[weakest]
@@ -160,11 +182,20 @@ class PoolBuilder:
             if self.user_segment.get(uid) != segment:
                 self.user_segment[uid] = segment
                 changed.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=segment, version=self.counters.refits + 1))
+        self.neighbours = self._neighbourhoods(ids, matrix)
         self.users_at_refit = len(ids)
         self.counters.refits += 1
         updates = self._reassign_pools()
         self.counters.last_refit_s = time.perf_counter() - start
         return changed, updates
+
+    def _neighbourhoods(self, ids: list[str], matrix: np.ndarray) -> dict[str, set[str]]:
+        """Per segment, the users nearest its centroid (FAISS inner product on unit vectors)."""
+        size = min(len(ids), int(self.neighbourhood * len(ids) / self.k))
+        if size <= 0:
+            return {}
+        _, nearest = nearest_users(matrix, self.centroids, size)  # type: ignore[arg-type]
+        return {segment_name("user", s): {ids[i] for i in row if i >= 0} for s, row in enumerate(nearest)}
 
     def assign_new_users(self) -> list[SegmentAssignment]:
         """Users first seen since the last re-fit join their nearest segment at once."""
@@ -197,13 +228,13 @@ class PoolBuilder:
         return similarity + RECENCY_WEIGHT * recency
 
     def _reassign_pools(self) -> list[PoolUpdate]:
-        """After a re-fit, user texts follow their authors to their new segments; snapshot every user pool."""
-        entries = [(tid, e) for s, p in self.pools.items() if s.startswith("u") for tid, e in p.texts.items()]
+        """After a re-fit, user texts follow their authors to their new segments and neighbourhoods;
+        every user pool is re-ranked to its cap and snapshotted."""
+        entries = {tid: e for s, p in self.pools.items() if s.startswith("u") for tid, e in p.texts.items()}
         for segment in [s for s in self.pools if s.startswith("u")]:
             self.pools[segment].texts.clear()
-        for text_id, entry in sorted(entries, key=lambda te: te[1][2]):
-            segment = self.user_segment.get(entry[0])
-            if segment:
+        for text_id, entry in sorted(entries.items(), key=lambda te: te[1][2]):
+            for segment in self.segments_for("user", entry[0]):
                 self.pools[segment].texts[text_id] = entry
         updates = []
         for segment in sorted(s for s in self.pools if s.startswith("u")):

@@ -28,6 +28,13 @@ def assign(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return nearest[:, 0]
 
 
+def nearest_users(vectors: np.ndarray, centroids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each centroid, the `k` most similar vectors (inner product): (similarities, row indices)."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index.search(np.ascontiguousarray(centroids, dtype=np.float32), k)
+
+
 def match_to_previous(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """Reorder `new` centroids so that row i is the one most like old row i (stable ids)."""
     if old is None or len(old) != len(new):

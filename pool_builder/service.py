@@ -37,10 +37,11 @@ SEGMENTS = Gauge("dare_pool_builder_segments", "Segments with a pool")
 POOL_TEXTS = Gauge("dare_pool_builder_pool_texts", "Texts in a segment's pool", ["segment"])
 REFIT = Histogram("dare_pool_builder_refit_seconds", "k-means re-fit time")
 LAG = Gauge("dare_pool_builder_lag", "Input messages not yet consumed")
+SKIPPED = Gauge("dare_pool_builder_skipped", "Inputs applied as no-ops since start, by reason", ["reason"])
 
 
 class PoolBuilderService:
-    def __init__(self, settings: Settings, state_dir: Path, segments: int = 8, pool_cap: int = 64,
+    def __init__(self, settings: Settings, state_dir: Path, segments: int = 8, pool_cap: int = 64, neighbourhood: float = 1.5,
                  refit_every_s: float = 30.0, checkpoint_every_s: float = 5.0, encoder=None) -> None:  # type: ignore[no-untyped-def]
         from pool_builder.embeddings import TextEncoder
 
@@ -54,7 +55,7 @@ class PoolBuilderService:
             self.builder = PoolBuilder.loads(self.state_path.read_bytes(), self.encoder)
             log.info("state restored", path=str(self.state_path), users=len(self.builder.user_segment), pools=len(self.builder.pools))
         else:
-            self.builder = PoolBuilder(self.encoder, segments=segments, pool_cap=pool_cap)
+            self.builder = PoolBuilder(self.encoder, segments=segments, pool_cap=pool_cap, neighbourhood=neighbourhood)
         self.ready = threading.Event()
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> PoolBuilder:
@@ -139,6 +140,10 @@ class PoolBuilderService:
             else:
                 self.producer.send(self.topics.assignments, key=message.entity_id.encode(), value=encode(message))
         SEGMENTS.set(len(self.builder.pools))
+        counters = self.builder.counters
+        for reason, value in (("duplicate", counters.duplicates), ("empty_text", counters.empty_texts),
+                              ("unknown_item", counters.unknown_items)):
+            SKIPPED.labels(reason).set(value)
         for segment, pool in self.builder.pools.items():
             POOL_TEXTS.labels(segment).set(len(pool.texts))
 

@@ -55,16 +55,44 @@ def test_every_user_gets_one_of_k_segments(fed):
     assert set(fed.user_segment) == set(fed.users.index)
 
 
-def test_knowledge_lands_in_its_authors_segment_pool_within_the_cap(fed):
+def test_knowledge_lands_in_its_authors_pools_within_the_cap(fed):
     users = sorted(fed.user_segment, key=int)[:30]
     for uid in users:
         updates = fed.add_knowledge(knowledge(uid, f"user {uid} likes things"))
-        assert all(u.segment == fed.user_segment[uid] for u in updates)
+        # its own segment's pool, then its neighbourhoods' (none if it ranks below every full pool's texts)
+        assert {u.segment for u in updates} <= set(fed.segments_for("user", uid))
     assert all(len(pool.texts) <= 4 for pool in fed.pools.values())
     newest = users[-1]
     assert f"user-{newest}" in fed.pools[fed.user_segment[newest]].texts  # the newest text survives eviction
     assert fed.add_knowledge(knowledge(users[0], "again", request_id=f"r-user-{users[0]}")) == []  # duplicate request
     assert fed.counters.duplicates >= 1
+
+
+def test_neighbourhoods_come_from_faiss_and_feed_neighbouring_pools(ml):
+    builder = PoolBuilder(HashEncoder(), segments=4, pool_cap=1000, neighbourhood=1.5)
+    builder.add_items(list(item_events(ml)))
+    for event in user_events(ml, limit=30_000):
+        builder.add_user_event(event)
+    builder.refit()
+    members = {s: {u for u, seg in builder.user_segment.items() if seg == s} for s in set(builder.user_segment.values())}
+    size = int(1.5 * len(builder.user_segment) / 4)
+    assert all(len(users) == size for users in builder.neighbours.values())
+    border = sorted(u for s, users in builder.neighbours.items() for u in users - members[s])
+    assert border, "a neighbourhood of 1.5x the mean segment size reaches past some segment's members"
+    uid = border[0]
+    updates = builder.add_knowledge(knowledge(uid, "a user near a border"))
+    assert {u.segment for u in updates} == set(builder.segments_for("user", uid)) and len(updates) >= 2
+    assert builder.segments_for("user", uid)[0] == builder.user_segment[uid]  # its own segment first
+    lonely = PoolBuilder(HashEncoder(), segments=4, neighbourhood=0)
+    lonely.__dict__.update({k: v for k, v in builder.__dict__.items() if k not in ("neighbourhood", "neighbours")})
+    assert lonely.segments_for("user", uid) == [builder.user_segment[uid]]  # members only
+
+
+def test_empty_texts_are_counted_and_skipped(fed):
+    uid = sorted(fed.user_segment, key=int)[0]
+    before = fed.counters.empty_texts
+    assert fed.add_knowledge(knowledge(uid, "   \n", request_id="blank-1")) == []
+    assert fed.counters.empty_texts == before + 1
 
 
 def test_item_knowledge_goes_to_the_genre_pool(fed, ml):

@@ -4,6 +4,7 @@ import base64
 import threading
 
 import pytest
+from prometheus_client import REGISTRY
 
 from dare.data import load_movielens, prompt_request
 from infra.kafka import consume_all, ensure_topics, make_producer
@@ -73,3 +74,5 @@ def test_worker_decodes_with_dare_using_pools_from_the_topic(kafka_settings, lm)
     assert strict.stats.mean_accepted > 2  # the pool text was drafted and accepted
     assert records["dare-2"].mode == "relaxed" and records["dare-2"].token_count > 0
     assert "item-1" in worker.pools.pools["g-Animation"].texts  # its own output joined the local pool
+    assert REGISTRY.get_sample_value("dare_worker_consumer_lag") == 0  # the backlog is done
+    assert REGISTRY.get_sample_value("dare_worker_speedup_estimate") > 1  # drafts from the pool were accepted

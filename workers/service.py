@@ -39,6 +39,8 @@ TOKENS = Counter("dare_worker_tokens_total", "Tokens generated", ["mode"])
 DEAD = Counter("dare_worker_dead_letters_total", "Prompts sent to the dead-letter topic", ["error_type"])
 ACCEPTED = Gauge("dare_worker_mean_accepted", "Tokens per forward pass of the last prompt")
 TOKENS_PER_S = Gauge("dare_worker_tokens_per_second", "Decode speed of the last prompt")
+SPEEDUP = Gauge("dare_worker_speedup_estimate", "Last prompt's tokens/s against greedy's, from the device cost curve")
+LAG = Gauge("dare_worker_consumer_lag", "Prompts waiting in this worker's partitions (high watermark - position)")
 READY = Gauge("dare_worker_ready", "1 once the worker has its pools and has joined the group")
 
 
@@ -79,6 +81,16 @@ def dead_letter(record: ConsumerRecord, reason: str, error_type: str, service: s
         value_b64=base64.b64encode(record.value or b"").decode(),
         service=service,
     )
+
+
+def consumer_lag(consumer) -> int:  # type: ignore[no-untyped-def]
+    """Records behind in the assigned partitions, from the high watermarks of recent fetches (no extra request)."""
+    lag = 0
+    for tp in consumer.assignment():
+        high = consumer.highwater(tp)
+        if high is not None:
+            lag += max(0, high - consumer.position(tp))
+    return lag
 
 
 class Worker:
@@ -177,6 +189,7 @@ class Worker:
                             consumer.commit({TopicPartition(record.topic, record.partition): OffsetAndMetadata(record.offset + 1, "", -1)})
                         except (CommitFailedError, KafkaError) as exc:  # revoked mid-decode: the new owner repeats it
                             log.warning("commit failed; the prompt may be answered twice", error=repr(exc))
+                        LAG.set(consumer_lag(consumer))
         finally:
             self.ready.clear()
             READY.set(0)
@@ -204,7 +217,9 @@ class Worker:
                     PROMPTS.labels(knowledge.mode).inc()
                     TOKENS.labels(knowledge.mode).inc(knowledge.token_count)
                     ACCEPTED.set(knowledge.stats.mean_accepted)
-                    TOKENS_PER_S.set(knowledge.token_count / knowledge.stats.wall_s if knowledge.stats.wall_s else 0.0)
+                    tokens_per_s = knowledge.token_count / knowledge.stats.wall_s if knowledge.stats.wall_s else 0.0
+                    TOKENS_PER_S.set(tokens_per_s)
+                    SPEEDUP.set(tokens_per_s * self.dare.cost.cost(1))  # greedy: one token per one-token forward
                     log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
             except (SchemaError, PromptRejected) as exc:
                 letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")
