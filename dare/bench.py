@@ -80,7 +80,7 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
     cost = load_or_measure(lm.model, lm.model_id, lm.device, cache_dir)
     dare = Dare(lm.model, tokenizer, cost, draft)
     segment_pools = {segment: dare.pool(texts) for segment, texts in pool_texts.items()}
-    all_texts = [t for texts in pool_texts.values() for t in texts]
+    all_texts = list(dict.fromkeys(t for texts in pool_texts.values() for t in texts))  # pools may share texts
     global_pool = dare.pool(all_texts)
     rng = random.Random(seed)
     random_pools = {s: dare.pool(rng.sample(all_texts, len(texts))) for s, texts in pool_texts.items()}
