@@ -1,0 +1,87 @@
+"""Batched DARE on a tiny random float64 Llama: every row's strict output is its own greedy output,
+whatever the batch does around it (rows of different lengths, finishing at different steps,
+joining and leaving mid-run)."""
+
+import random
+
+import torch
+
+from workers.engine.accept import Acceptance
+from workers.engine.batch import BatchDecoder
+from workers.engine.budget import Budget, CostModel
+from workers.engine.draft import DraftConfig, RetrievalDrafter
+from workers.engine.pool import Pool
+
+from tests.test_engine import EOS, VOCAB, greedy, tiny  # noqa: F401 (the fixture)
+
+
+def pools_with_answers(model, prompts, rng):
+    """A pool holding noisy copies of the rows' true continuations: long, partly right drafts."""
+    pool = Pool(depth=8)
+    for i, prompt in enumerate(prompts):
+        truth = greedy(model, prompt, 30, eos=False)
+        noisy = [t if rng.random() > 0.15 else rng.randrange(2, VOCAB) for t in truth]
+        pool.add(f"t{i}", prompt[-3:] + noisy)
+    return pool
+
+
+def join(decoder, key, prompt, pool, n, mode="strict"):
+    drafter = RetrievalDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt)
+    decoder.add(key, prompt, drafter, Budget(CostModel.flat()), Acceptance(mode), n)
+
+
+def run_to_end(decoder, joining=()):
+    """Step until empty; `joining` holds (step, key, prompt, pool, n) rows that join at that step."""
+    results, step = {}, 0
+    pending = list(joining)
+    while len(decoder) or pending:
+        for item in [j for j in pending if j[0] <= step]:
+            join(decoder, *item[1:])
+            pending.remove(item)
+        for finished in decoder.step():
+            results[finished.key] = finished
+        step += 1
+    return results
+
+
+def test_strict_batched_rows_equal_their_own_greedy_decoding(tiny):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 30))] for _ in range(9)]
+    lengths = [rng.randrange(5, 40) for _ in prompts]
+    pool = pools_with_answers(tiny, prompts, rng)
+    decoder = BatchDecoder(tiny, {EOS})
+    for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+        join(decoder, i, prompt, pool, n)
+    results = run_to_end(decoder)
+    assert sorted(results) == list(range(len(prompts)))
+    for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+        assert results[i].token_ids == greedy(tiny, prompt, n), f"row {i}"
+    assert sum(sum(r.stats.accepted) for r in results.values()) > 1.5 * sum(r.stats.steps for r in results.values())
+    assert len({r.stats.steps for r in results.values()}) > 1  # rows finished at different steps
+
+
+def test_rows_joining_and_leaving_mid_run_change_no_other_row(tiny):
+    rng = random.Random(11)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 25))] for _ in range(8)]
+    pool = pools_with_answers(tiny, prompts, rng)
+    decoder = BatchDecoder(tiny, {EOS})
+    join(decoder, 0, prompts[0], pool, 40)
+    join(decoder, 1, prompts[1], pool, 6)  # leaves early
+    joining = [(step, i, prompts[i], pool, rng.randrange(8, 35)) for step, i in zip((1, 2, 2, 4, 7, 9), range(2, 8))]
+    results = run_to_end(decoder, joining)
+    wanted = {0: 40, 1: 6} | {i: n for _, i, _, _, n in joining}
+    for i, n in wanted.items():
+        assert results[i].token_ids == greedy(tiny, prompts[i], n), f"row {i}"
+
+
+def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(12)] for _ in range(4)]
+    pools = [pools_with_answers(tiny, [p], rng) for p in prompts]
+    decoder = BatchDecoder(tiny, {EOS})
+    for i, prompt in enumerate(prompts):
+        join(decoder, i, prompt, pools[i], 25, mode="relaxed")
+    results = run_to_end(decoder)
+    assert all(0 < len(results[i].token_ids) <= 25 for i in range(4))
+    assert all(r.stats.mean_accepted > 1.0 for r in results.values())
+    assert torch.is_tensor(decoder.valid) and decoder.valid.shape[0] == 0  # everyone left
