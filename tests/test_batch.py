@@ -85,3 +85,17 @@ def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):
     assert all(0 < len(results[i].token_ids) <= 25 for i in range(4))
     assert all(r.stats.mean_accepted > 1.0 for r in results.values())
     assert torch.is_tensor(decoder.valid) and decoder.valid.shape[0] == 0  # everyone left
+
+
+def test_the_batch_budget_gives_draft_tokens_to_the_rows_likely_to_accept_them():
+    from workers.engine.budget import allocate
+
+    scores = [[0.9, 0.8, 0.7, 0.6], [0.1, 0.05, 0.01], [0.5, 0.5]]
+    flat = CostModel({1: 1.0, 512: 1.0})
+    assert allocate(scores, [1.0, 1.0, 1.0], flat) == [4, 3, 2]  # free verification: send everything
+    steep = CostModel({1: 1.0, 2: 2.0, 64: 64.0})
+    assert allocate(scores, [1.0, 1.0, 1.0], steep) == [0, 0, 0]  # each token costs a step: send nothing
+    cpu_like = CostModel({1: 1.0, 4: 1.1, 8: 1.3, 16: 2.0, 64: 4.0})
+    sizes = allocate(scores, [1.0, 1.0, 1.0], cpu_like)
+    assert sizes[0] >= sizes[2] >= sizes[1] and sizes[1] < 3  # the confident row first, the unlikely one last
+    assert allocate(scores, [1.0, 0.0, 1.0], flat) == [4, 0, 2]  # a row whose drafts never pass gets none

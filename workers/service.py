@@ -39,7 +39,8 @@ TOKENS = Counter("dare_worker_tokens_total", "Tokens generated", ["mode"])
 DEAD = Counter("dare_worker_dead_letters_total", "Prompts sent to the dead-letter topic", ["error_type"])
 ACCEPTED = Gauge("dare_worker_mean_accepted", "Tokens per forward pass of the last prompt")
 TOKENS_PER_S = Gauge("dare_worker_tokens_per_second", "Decode speed of the last prompt")
-SPEEDUP = Gauge("dare_worker_speedup_estimate", "Last prompt's tokens/s against greedy's, from the device cost curve")
+SPEEDUP = Gauge("dare_worker_speedup_estimate",
+                "Last prompt's speedup over greedy from the cost curve: tokens per step x cost(1) / mean cost of its verify steps")
 LAG = Gauge("dare_worker_consumer_lag", "Prompts waiting in this worker's partitions (high watermark - position)")
 READY = Gauge("dare_worker_ready", "1 once the worker has its pools and has joined the group")
 
@@ -126,10 +127,14 @@ class Worker:
         if mode == "ar":
             gen = greedy_generate(self.lm, input_ids, max_new)
             token_ids, text = gen.token_ids, gen.text
+            SPEEDUP.set(1.0)
             stats = DecodeStats(steps=gen.steps, new_tokens=len(token_ids), mean_accepted=1.0 if token_ids else 0.0,
                                 wall_s=gen.wall_s, forward_s=gen.wall_s)
         else:
             out = self.dare.generate(input_ids, self.pools.sources(segment), mode, max_new)
+            cost = self.dare.cost
+            verify_s = sum(cost.cost(1 + n) for n in out.stats.drafted)
+            SPEEDUP.set(sum(out.stats.accepted) * cost.cost(1) / verify_s if verify_s else 1.0)  # load-independent
             token_ids, text, s = out.token_ids, out.text, out.stats
             stats = DecodeStats(steps=s.steps, new_tokens=len(token_ids), mean_accepted=s.mean_accepted, wall_s=s.wall_s,
                                 retrieval_s=s.retrieval_s, forward_s=s.forward_s + s.prefill_s)
@@ -219,7 +224,6 @@ class Worker:
                     ACCEPTED.set(knowledge.stats.mean_accepted)
                     tokens_per_s = knowledge.token_count / knowledge.stats.wall_s if knowledge.stats.wall_s else 0.0
                     TOKENS_PER_S.set(tokens_per_s)
-                    SPEEDUP.set(tokens_per_s * self.dare.cost.cost(1))  # greedy: one token per one-token forward
                     log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
             except (SchemaError, PromptRejected) as exc:
                 letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")

@@ -5,7 +5,8 @@ cache slots that hold its tokens (`valid`); the 4D mask shows a row its own vali
 tree's ancestors, and position ids count only its own tokens, so padding and holes change nothing
 a row computes (up to floating-point summation order). Per step:
 
-    each row drafts its tree from its own pools and picks a draft size (its own budget)
+    each row drafts its tree from its own pools; the batch's draft tokens go to the rows whose
+    nodes are most likely accepted, as many as the device's cost curve says pay (`allocate`)
     one forward over [pending, *tree] per row, right-padded to the longest
     each row accepts its path (strict or relaxed); the accepted keys/values are gathered to
     the front of the new slots, the rest become holes; columns no row uses are dropped
@@ -23,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget
+from workers.engine.budget import Budget, allocate
 from workers.engine.decode import DecodeStats
 from workers.engine.draft import RetrievalDrafter
 from workers.engine.verify import ancestor_matrix, forward, new_cache
@@ -122,10 +123,10 @@ class BatchDecoder:
             return []
         assert self.cache is not None
         t0 = time.perf_counter()
-        trees = []
-        for row in self.rows:
-            candidates = row.drafter.get_candidates(row.context)
-            trees.append(candidates.prefix(row.budget.choose(candidates.scores)))
+        candidates = [row.drafter.get_candidates(row.context) for row in self.rows]
+        sizes = allocate([c.scores[: r.budget.max_tokens] for c, r in zip(candidates, self.rows)],
+                         [r.budget.calibration for r in self.rows], self.rows[0].budget.cost)
+        trees = [c.prefix(n) for c, n in zip(candidates, sizes)]
         t1 = time.perf_counter()
         ids, positions, mask = self._inputs(trees)
         past = self.valid.shape[1]

@@ -10,6 +10,7 @@ so the whole tree is worth sending.
 
 from __future__ import annotations
 
+import heapq
 import json
 import statistics
 import time
@@ -113,3 +114,26 @@ class Budget:
             return
         ratio = min(3.0, (accepted + 0.1) / (predicted + 0.1))
         self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio
+
+
+def allocate(scores: list[list[float]], calibrations: list[float], cost: CostModel, max_total: int = 512) -> list[int]:
+    """Draft sizes for a batch: the split of draft tokens among rows that maximises the batch's
+    expected tokens per second, (rows + sum of calibrated scores taken) / cost(rows + tokens taken).
+    Nodes are taken best-first across rows, each row's in its own order (so each row sends a
+    prefix of its tree): rows whose drafts are likely accepted get the tokens."""
+    rows = len(scores)
+    heap = [(-calibrations[b] * s[0], b, 0) for b, s in enumerate(scores) if s]
+    heapq.heapify(heap)
+    counts, expected, taken = [0] * rows, float(rows), 0
+    best_rate, best = rows / cost.cost(rows), [0] * rows
+    while heap and taken < max_total:
+        gain, b, i = heapq.heappop(heap)
+        counts[b] += 1
+        expected -= gain
+        taken += 1
+        rate = expected / cost.cost(rows + taken)
+        if rate > best_rate:
+            best_rate, best = rate, counts.copy()
+        if i + 1 < len(scores[b]):
+            heapq.heappush(heap, (-calibrations[b] * scores[b][i + 1], b, i + 1))
+    return best
