@@ -178,10 +178,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = prompts[: args.limit] if args.limit else prompts
     lm = load_lm(settings)
     check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
-    print(f"bench: {len(prompts)} prompts x {len(methods)} methods, {settings.max_new_tokens} new tokens, "
-          f"pools from {pool_path}", file=sys.stderr, flush=True)
-    report = run_bench(lm, prompts, pool, methods, settings.max_new_tokens, settings.cache_dir)
-    print(format_table(report))
+    if args.batch:
+        from dare.batch_bench import format_batch_table, run_batch_bench
+
+        print(f"bench: {len(prompts)} prompts, batched ar (sweep) vs batched DARE at batch {args.batch}, "
+              f"{settings.max_new_tokens} new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
+        report = run_batch_bench(lm, prompts, pool, args.batch, settings.max_new_tokens, settings.cache_dir)
+        print(format_batch_table(report))
+    else:
+        print(f"bench: {len(prompts)} prompts x {len(methods)} methods, {settings.max_new_tokens} new tokens, "
+              f"pools from {pool_path}", file=sys.stderr, flush=True)
+        report = run_bench(lm, prompts, pool, methods, settings.max_new_tokens, settings.cache_dir)
+        print(format_table(report))
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -309,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     p.add_argument("--limit", type=int, help="first N prompts only")
+    p.add_argument("--batch", type=int, help="batched: ar at batch 1..16 (sweep) vs dare-strict/relaxed at batch B")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.set_defaults(func=cmd_bench)
 

@@ -93,3 +93,23 @@ def test_bench_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
     pool = write(tmp_path, "pool.jsonl", [{"segment": "s1", "text": "hello"}])
     assert main(["bench", "--prompts", str(prompts), "--pool", str(pool)]) == 1
     assert "p.jsonl:1: unknown segment 'zz'" in capsys.readouterr().err
+
+
+def test_batched_bench_strict_rows_match_greedy_on_smollm(lm, model_cache):
+    from dare.batch_bench import format_batch_table, run_batch_bench
+
+    prompts = [
+        BenchPrompt("toy", "s1", "Introduce the movie Toy Story (1995) in two sentences."),
+        BenchPrompt("heat", "s2", "Introduce the movie Heat (1995) in two sentences."),
+        BenchPrompt("fargo", "s2", "Introduce the movie Fargo (1996) in one sentence."),
+    ]
+    pools = {
+        "s1": ["Toy Story is a 1995 American computer-animated comedy film directed by John Lasseter."],
+        "s2": ["Heat is a 1995 American crime film written and directed by Michael Mann."],
+    }
+    report = run_batch_bench(lm, prompts, pools, batch=2, max_new=20, cache_dir=model_cache, ar_sizes=(1, 2))
+    runs = {(r["method"], r["batch"]): r for r in report["runs"]}
+    assert set(runs) == {("ar", 1), ("ar", 2), ("dare-strict", 2), ("dare-relaxed", 2)}
+    assert runs[("dare-strict", 2)]["equal_to_greedy"] == 3  # batched, rows joining as others finish: still greedy
+    assert all(r["tokens_per_s"] > 0 for r in report["runs"]) and runs[("dare-relaxed", 2)]["mean_accepted"] >= 1.0
+    assert "| dare-relaxed | 2 |" in format_batch_table(report)

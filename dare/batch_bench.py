@@ -1,0 +1,95 @@
+"""`dare bench --batch B`: batched `ar` (transformers `generate`, left padding, a sweep of batch
+sizes) against batched `dare-strict` and `dare-relaxed` (the engine's BatchDecoder at batch B,
+rows joining as others finish), all over the same prompts, in one run.
+
+Every figure is the backlog's tokens over its wall time, prefill included: the throughput an
+offline knowledge job sees. `ar` at batch 1 is also the reference for exactness: each
+`dare-strict` output is compared with it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+
+import torch
+
+from dare.model import LoadedModel, chat_input_ids
+from dare.workload import BenchPrompt
+from workers.engine.accept import Acceptance
+from workers.engine.batch import BatchDecoder
+from workers.engine.budget import Budget, load_or_measure
+from workers.engine.decode import Dare
+from workers.engine.draft import RetrievalDrafter
+from workers.greedy import greedy_generate_batch
+
+AR_SIZES = (1, 2, 4, 8, 16)
+
+
+def run_ar(lm: LoadedModel, inputs: list[list[int]], batch: int, max_new: int) -> dict:
+    start, outputs = time.perf_counter(), []
+    for i in range(0, len(inputs), batch):
+        outputs += [g.token_ids for g in greedy_generate_batch(lm, inputs[i : i + batch], max_new)]
+    wall = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    return {"method": "ar", "batch": batch, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "mean_accepted": 1.0, "outputs": outputs}
+
+
+def run_dare(lm: LoadedModel, dare: Dare, prompts: list[BenchPrompt], inputs: list[list[int]], pools: dict, global_pool,  # type: ignore[no-untyped-def]
+             mode: str, batch: int, max_new: int) -> dict:
+    decoder = BatchDecoder(lm.model, dare.eos_token_ids)
+    waiting = deque(range(len(inputs)))
+    results = {}
+    start = time.perf_counter()
+    while waiting or len(decoder):
+        while waiting and len(decoder) < batch:  # continuous batching: the batch stays full
+            i = waiting.popleft()
+            sources = [(pools[prompts[i].segment], 1.0), (global_pool, 1.0)]
+            drafter = RetrievalDrafter(sources, dare.draft, prompt=inputs[i], self_weight=dare.self_weight)
+            decoder.add(i, inputs[i], drafter, Budget(dare.cost, max_tokens=dare.draft.max_nodes),
+                        Acceptance(mode, dare.top_k, dare.min_prob), max_new)
+        for finished in decoder.step():
+            results[finished.key] = finished
+    wall = time.perf_counter() - start
+    outputs = [results[i].token_ids for i in range(len(inputs))]
+    tokens = sum(len(o) for o in outputs)
+    steps = sum(r.stats.steps for r in results.values())
+    return {"method": f"dare-{mode}", "batch": batch, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "mean_accepted": sum(sum(r.stats.accepted) for r in results.values()) / steps if steps else 0.0,
+            "outputs": outputs}
+
+
+def run_batch_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str, list[str]], batch: int,
+                    max_new: int, cache_dir, ar_sizes: tuple[int, ...] = AR_SIZES) -> dict:  # type: ignore[no-untyped-def]
+    dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm.model, lm.model_id, lm.device, cache_dir))
+    pools = {segment: dare.pool(texts) for segment, texts in pool_texts.items()}
+    global_pool = dare.pool(list(dict.fromkeys(t for texts in pool_texts.values() for t in texts)))
+    inputs = [chat_input_ids(lm.tokenizer, p.prompt) for p in prompts]
+    greedy_generate_batch(lm, inputs[:1], 2)  # warm-up
+    runs = []
+    for size in sorted({1, *(s for s in ar_sizes if s <= len(inputs))}):
+        runs.append(run_ar(lm, inputs, size, max_new))
+        print(f"  ar batch {size}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    for mode in ("strict", "relaxed"):
+        runs.append(run_dare(lm, dare, prompts, inputs, pools, global_pool, mode, batch, max_new))
+        print(f"  dare-{mode} batch {batch}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    reference = runs[0]["outputs"]  # ar at batch 1: plain greedy
+    best_ar = max((r for r in runs if r["method"] == "ar"), key=lambda r: r["tokens_per_s"])
+    for r in runs:
+        r["vs_best_ar"] = r["tokens_per_s"] / best_ar["tokens_per_s"]
+        r["equal_to_greedy"] = sum(a == b for a, b in zip(r["outputs"], reference))
+    return {"model": lm.model_id, "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')})",
+            "prompts": len(prompts), "max_new_tokens": max_new, "batch": batch, "best_ar_batch": best_ar["batch"], "runs": runs}
+
+
+def format_batch_table(report: dict) -> str:
+    lines = [f"model {report['model']} on {report['device']}, {report['prompts']} prompts, {report['max_new_tokens']} new "
+             f"tokens; tokens/s over the whole backlog, prefill included",
+             "| method | batch | tokens/s | vs best ar | mean accepted | outputs equal to greedy | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in report["runs"]:
+        lines.append(f"| {r['method']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['vs_best_ar']:.2f}x | {r['mean_accepted']:.2f} "
+                     f"| {r['equal_to_greedy']}/{report['prompts']} | {r['wall_s']:.1f} |")
+    return "\n".join(lines)
