@@ -85,8 +85,8 @@ def run_batch_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dic
 
 
 def format_batch_table(report: dict) -> str:
-    lines = [f"model {report['model']} on {report['device']}, {report['prompts']} prompts, {report['max_new_tokens']} new "
-             f"tokens; tokens/s over the whole backlog, prefill included",
+    lines = [(f"model {report['model']} on {report['device']}, {report['prompts']} prompts, {report['max_new_tokens']} new "
+              "tokens; tokens/s over the whole backlog, prefill included"),
              "| method | batch | tokens/s | vs best ar | mean accepted | outputs equal to greedy | wall s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["runs"]:

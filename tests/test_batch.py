@@ -4,15 +4,20 @@ joining and leaving mid-run)."""
 
 import random
 
+import pytest
 import torch
 
+from tests.test_engine import EOS, VOCAB, greedy, tiny_llama
 from workers.engine.accept import Acceptance
 from workers.engine.batch import BatchDecoder
 from workers.engine.budget import Budget, CostModel
 from workers.engine.draft import DraftConfig, RetrievalDrafter
 from workers.engine.pool import Pool
 
-from tests.test_engine import EOS, VOCAB, greedy, tiny  # noqa: F401 (the fixture)
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
 
 
 def pools_with_answers(model, prompts, rng):

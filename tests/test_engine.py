@@ -27,8 +27,7 @@ class IdsTokenizer:
         return [int(w[1:]) for w in text.split()]
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_llama():
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -38,6 +37,11 @@ def tiny():
     model.lm_head.weight.data *= 8  # peaked distributions, like a trained model's
     model.generation_config.eos_token_id = EOS
     return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
 
 
 def greedy(model, prompt, n, eos=True):
