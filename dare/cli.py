@@ -136,7 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.service import Worker
 
     settings, stop = start_service(args)
-    Worker(settings, load_lm(settings), mode=args.mode).run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
+    Worker(settings, load_lm(settings), mode=args.mode, batch=args.batch).run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 
 
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kafka_flags(p)
     add_model_flags(p)
     p.add_argument("--mode", choices=["ar", "strict", "relaxed"], default="ar")
+    p.add_argument("--batch", type=int, default=1, help="decode up to B prompts together (continuous batching; default 1)")
     p.add_argument("--max-prompts", type=int, help="exit after this many prompts")
     p.add_argument("--idle-exit", type=float, help="exit after S seconds without a prompt (default: run until stopped)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (incl. dare_worker_ready) on this port")

@@ -222,7 +222,6 @@ class Progress:
 class Demo:
     settings: Settings
     limit: int
-    workers: int
     ratings: int | None
     timeout_s: float
     topics: Topics = field(init=False)
@@ -349,7 +348,7 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
                 settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
                 print(f"embedded broker at {broker.bootstrap_servers} (removed when the demo ends)", flush=True)
             wait_for_broker(settings, timeout_s=30)
-            demo = Demo(settings, limit, workers, ratings, timeout_s)
+            demo = Demo(settings, limit, ratings, timeout_s)
             topics = demo.topics
             ensure_topics(settings, topics.all())
             log_dir = settings.cache_dir / "demo" / run_id

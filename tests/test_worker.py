@@ -76,3 +76,29 @@ def test_worker_decodes_with_dare_using_pools_from_the_topic(kafka_settings, lm)
     assert "item-1" in worker.pools.pools["g-Animation"].texts  # its own output joined the local pool
     assert REGISTRY.get_sample_value("dare_worker_consumer_lag") == 0  # the backlog is done
     assert REGISTRY.get_sample_value("dare_worker_speedup_estimate") > 1  # drafts from the pool were accepted
+
+
+def test_batched_worker_answers_everything_greedy_rows_exact_and_commits_it_all(kafka_settings, lm):
+    settings = kafka_settings.model_copy(update={"max_new_tokens": 16})
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.all())
+    ml = load_movielens()
+    requests = [prompt_request(ml, "item", str(i), request_id=f"b{i}", mode=("ar", "strict", "relaxed")[i % 3],
+                               max_new_tokens=8 + 2 * i) for i in range(1, 8)]
+    producer = make_producer(settings, "test")
+    for n, request in enumerate(requests):
+        producer.send(topics.prompts, key=b"k", value=encode(request))  # one partition: commits must wait for the oldest
+        if n == 3:
+            producer.send(topics.prompts, key=b"k", value=b"{broken")
+    producer.flush()
+
+    stats = Worker(settings, lm, batch=3).run(threading.Event(), max_prompts=8, idle_timeout_s=60)
+    assert (stats.prompts, stats.dead_lettered) == (7, 1)
+    records = {k.request_id: k for k in (decode(KnowledgeRecord, r.value) for r in consume_all(settings, topics.knowledge, timeout_s=5))}
+    assert set(records) == {r.request_id for r in requests}
+    for request in requests:
+        if request.mode in ("ar", "strict"):  # greedy rows, decoded inside a batch, equal plain greedy
+            greedy = greedy_generate(lm, chat_input_ids(lm.tokenizer, request.prompt), request.max_new_tokens)
+            assert records[request.request_id].text == greedy.text, request.request_id
+    again = Worker(settings, lm, batch=3).run(threading.Event(), idle_timeout_s=4)
+    assert (again.prompts, again.dead_lettered) == (0, 0)  # every offset was committed

@@ -25,8 +25,12 @@ from dare.model import LoadedModel, chat_input_ids
 from dare.settings import Settings
 from infra.kafka import close_producer, ensure_topics, make_consumer, make_producer
 from schemas import DeadLetter, DecodeStats, KnowledgeRecord, PromptRequest, SchemaError, Topics, decode, encode
-from workers.engine.budget import load_or_measure
+from workers.engine.accept import Acceptance
+from workers.engine.batch import BatchDecoder
+from workers.engine.budget import Budget, load_or_measure
 from workers.engine.decode import Dare
+from workers.engine.decode import DecodeStats as EngineStats
+from workers.engine.draft import RetrievalDrafter
 from workers.greedy import greedy_generate
 from workers.pools import LivePools, PoolFollower
 
@@ -94,9 +98,49 @@ def consumer_lag(consumer) -> int:  # type: ignore[no-untyped-def]
     return lag
 
 
+def commit(consumer, offsets: dict[TopicPartition, int]) -> None:  # type: ignore[no-untyped-def]
+    """Commit `offsets` (the next offset to read, per partition); a revoked partition's commit fails
+    and the new owner answers those prompts again (countable duplicates, never a loss)."""
+    if not offsets:
+        return
+    try:
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
+    except (CommitFailedError, KafkaError) as exc:
+        log.warning("commit failed; prompts may be answered twice", error=repr(exc))
+    LAG.set(consumer_lag(consumer))
+
+
+class OffsetTracker:
+    """Per partition: offsets fetched and not yet answered; what may be committed."""
+
+    def __init__(self) -> None:
+        self.open: dict[TopicPartition, set[int]] = {}
+        self.next: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def polled(self, record: ConsumerRecord) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        self.open.setdefault(tp, set()).add(record.offset)
+        self.next[tp] = max(self.next.get(tp, 0), record.offset + 1)
+
+    def done(self, record: ConsumerRecord) -> None:
+        self.open[TopicPartition(record.topic, record.partition)].discard(record.offset)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Up to the oldest offset still open (or everything fetched), where that moved forward."""
+        out = {}
+        for tp, next_offset in self.next.items():
+            upto = min(self.open[tp]) if self.open[tp] else next_offset
+            if upto > self.committed.get(tp, -1):
+                out[tp] = self.committed[tp] = upto
+        return out
+
+
 class Worker:
-    def __init__(self, settings: Settings, lm: LoadedModel, mode: str = "ar", worker_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, lm: LoadedModel, mode: str = "ar", worker_id: str | None = None,
+                 batch: int = 1) -> None:
         self.settings = settings
+        self.batch = batch
         self.lm = lm
         self.mode = mode
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -111,8 +155,8 @@ class Worker:
         self.in_hand: str | None = None  # request id being decoded
         self.stop = threading.Event()
 
-    def answer(self, request: PromptRequest) -> KnowledgeRecord:
-        """Decode one prompt into its knowledge record (pure of Kafka)."""
+    def prepare(self, request: PromptRequest) -> tuple[list[int], int, str, str | None]:
+        """Input ids, token limit, mode and segment of a request; rejects what cannot be served."""
         max_new = request.max_new_tokens or self.settings.max_new_tokens
         input_ids = chat_input_ids(self.lm.tokenizer, request.prompt)
         if len(input_ids) + max_new > self.context_limit:
@@ -120,24 +164,32 @@ class Worker:
                 f"prompt of {len(input_ids)} tokens + {max_new} new tokens exceeds the model's context of {self.context_limit}",
                 "too_long",
             )
-        mode = request.mode or self.mode
         if self.follower is not None:
             self.follower.poll()  # pools as fresh as the topic
         segment = self.pools.segment_of(request.entity_kind, request.entity_id, request.segment)
+        return input_ids, max_new, request.mode or self.mode, segment
+
+    def answer(self, request: PromptRequest) -> KnowledgeRecord:
+        """Decode one prompt into its knowledge record (pure of Kafka)."""
+        input_ids, max_new, mode, segment = self.prepare(request)
         if mode == "ar":
             gen = greedy_generate(self.lm, input_ids, max_new)
-            token_ids, text = gen.token_ids, gen.text
-            SPEEDUP.set(1.0)
-            stats = DecodeStats(steps=gen.steps, new_tokens=len(token_ids), mean_accepted=1.0 if token_ids else 0.0,
+            stats = DecodeStats(steps=gen.steps, new_tokens=len(gen.token_ids), mean_accepted=1.0 if gen.token_ids else 0.0,
                                 wall_s=gen.wall_s, forward_s=gen.wall_s)
-        else:
-            out = self.dare.generate(input_ids, self.pools.sources(segment), mode, max_new)
-            cost = self.dare.cost
-            verify_s = sum(cost.cost(1 + n) for n in out.stats.drafted)
-            SPEEDUP.set(sum(out.stats.accepted) * cost.cost(1) / verify_s if verify_s else 1.0)  # load-independent
-            token_ids, text, s = out.token_ids, out.text, out.stats
-            stats = DecodeStats(steps=s.steps, new_tokens=len(token_ids), mean_accepted=s.mean_accepted, wall_s=s.wall_s,
-                                retrieval_s=s.retrieval_s, forward_s=s.forward_s + s.prefill_s)
+            return self.record(request, segment, mode, gen.token_ids, stats)
+        out = self.dare.generate(input_ids, self.pools.sources(segment), mode, max_new)
+        return self.record(request, segment, mode, out.token_ids, self.engine_stats(out.stats))
+
+    def engine_stats(self, s: EngineStats) -> DecodeStats:
+        cost = self.dare.cost
+        verify_s = sum(cost.cost(1 + n) for n in s.drafted)
+        SPEEDUP.set(sum(s.accepted) * cost.cost(1) / verify_s if verify_s else 1.0)  # from the cost curve: load-independent
+        return DecodeStats(steps=s.steps, new_tokens=s.new_tokens, mean_accepted=s.mean_accepted, wall_s=s.wall_s,
+                           retrieval_s=s.retrieval_s, forward_s=s.forward_s + s.prefill_s)
+
+    def record(self, request: PromptRequest, segment: str | None, mode: str, token_ids: list[int], stats: DecodeStats
+               ) -> KnowledgeRecord:
+        text = self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
         if text.strip():  # the paper's code: a generated text drafts for the next request at once
             self.pools.add_text(segment, f"{request.entity_kind}-{request.entity_id}", text)
         return KnowledgeRecord(
@@ -147,7 +199,7 @@ class Worker:
             segment=segment,
             text=text,
             token_count=len(token_ids),
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]
             model=self.lm.model_id,
             stats=stats,
             worker=self.worker_id,
@@ -164,37 +216,15 @@ class Worker:
         applied = self.follower.poll(timeout_ms=500)
         log.info("pools loaded", updates=applied, segments=len(self.pools.pools), assignments=len(self.pools.assignments))
         self.producer = self._new_producer()
-        # One prompt per poll keeps the time between polls to one decode (no rebalance storms).
+        # One prompt per poll (batched: as many as the batch has room for) keeps the time between
+        # polls to one decode, or one batch step: no rebalance storms.
         consumer = make_consumer(self.settings, "worker", GROUP_ID, [self.topics.prompts], max_poll_records=1)
-        last_message = time.monotonic()
-        log.info("worker started", worker=self.worker_id, mode=self.mode, topic=self.topics.prompts)
+        self._last_message = time.monotonic()
+        log.info("worker started", worker=self.worker_id, mode=self.mode, batch=self.batch, topic=self.topics.prompts)
         try:
-            while not stop.is_set():
-                if max_prompts is not None and self.stats.prompts + self.stats.dead_lettered >= max_prompts:
-                    break
-                batch = consumer.poll(timeout_ms=500)
-                if not consumer.assignment():  # joining or rebalancing: not idle
-                    last_message = time.monotonic()
-                elif not self.ready.is_set():
-                    self.ready.set()
-                    READY.set(1)
-                    log.info("worker ready", partitions=len(consumer.assignment()))
-                if not batch:
-                    if idle_timeout_s is not None and time.monotonic() - last_message > idle_timeout_s:
-                        break
-                    continue
-                last_message = time.monotonic()
-                for records in batch.values():
-                    for record in records:
-                        try:
-                            self._handle(record)
-                        except Undelivered:
-                            return self.stats
-                        try:
-                            consumer.commit({TopicPartition(record.topic, record.partition): OffsetAndMetadata(record.offset + 1, "", -1)})
-                        except (CommitFailedError, KafkaError) as exc:  # revoked mid-decode: the new owner repeats it
-                            log.warning("commit failed; the prompt may be answered twice", error=repr(exc))
-                        LAG.set(consumer_lag(consumer))
+            (self._run_batched if self.batch > 1 else self._run_single)(consumer, stop, max_prompts, idle_timeout_s)
+        except Undelivered:
+            pass  # logged; the uncommitted prompts are answered again after a restart
         finally:
             self.ready.clear()
             READY.set(0)
@@ -204,33 +234,98 @@ class Worker:
             log.info("worker stopped", worker=self.worker_id, prompts=self.stats.prompts, dead_lettered=self.stats.dead_lettered)
         return self.stats
 
+    def _poll(self, consumer, timeout_ms: int, max_records: int) -> list[ConsumerRecord]:  # type: ignore[no-untyped-def]
+        batch = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        if not consumer.assignment():  # joining or rebalancing: not idle
+            self._last_message = time.monotonic()
+        elif not self.ready.is_set():
+            self.ready.set()
+            READY.set(1)
+            log.info("worker ready", partitions=len(consumer.assignment()))
+        records = [r for rs in batch.values() for r in rs]
+        if records:
+            self._last_message = time.monotonic()
+        return records
+
+    def _finished(self, max_prompts: int | None, idle_timeout_s: float | None) -> bool:
+        if max_prompts is not None and self.stats.prompts + self.stats.dead_lettered >= max_prompts:
+            return True
+        return idle_timeout_s is not None and time.monotonic() - self._last_message > idle_timeout_s
+
+    def _run_single(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
+        while not stop.is_set() and not self._finished(max_prompts, idle_timeout_s):
+            for record in self._poll(consumer, 500, 1):
+                self._handle(record)
+                commit(consumer, {TopicPartition(record.topic, record.partition): record.offset + 1})
+
+    def _run_batched(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
+        """Continuous batching: fetched prompts join the batch while others decode; a partition's
+        offset is committed up to its oldest prompt still in flight, once the records before it
+        were acknowledged."""
+        decoder = BatchDecoder(self.lm.model, self.dare.eos_token_ids)
+        inflight: dict[tuple[str, int, int], tuple[ConsumerRecord, PromptRequest, str, str | None]] = {}
+        offsets = OffsetTracker()
+        while not stop.is_set() and not (not len(decoder) and self._finished(max_prompts, idle_timeout_s)):
+            room = self.batch - len(decoder)
+            if max_prompts is not None:
+                room = min(room, max_prompts - self.stats.prompts - self.stats.dead_lettered - len(decoder))
+            for record in self._poll(consumer, 0 if len(decoder) else 500, room) if room > 0 else []:
+                offsets.polled(record)
+                try:
+                    request = decode(PromptRequest, record.value)
+                    input_ids, max_new, mode, segment = self.prepare(request)
+                except (SchemaError, PromptRejected) as exc:
+                    self._dead_letter(record, exc)
+                    offsets.done(record)
+                    continue
+                key = (record.topic, record.partition, record.offset)
+                greedy = mode == "ar"  # a row that never drafts: greedy decoding inside the batch
+                drafter = RetrievalDrafter([] if greedy else self.pools.sources(segment), self.dare.draft,
+                                           prompt=None if greedy else input_ids, self_weight=self.dare.self_weight)
+                decoder.add(key, input_ids, drafter, Budget(self.dare.cost, max_tokens=self.dare.draft.max_nodes),
+                            Acceptance("strict" if greedy else mode, self.dare.top_k, self.dare.min_prob), max_new)
+                inflight[key] = (record, request, mode, segment)
+            for finished in decoder.step():
+                record, request, mode, segment = inflight.pop(finished.key)  # type: ignore[index]
+                with structlog.contextvars.bound_contextvars(request_id=request.request_id, partition=record.partition,
+                                                             offset=record.offset):
+                    knowledge = self.record(request, segment, mode, finished.token_ids, self.engine_stats(finished.stats))
+                    self._publish(knowledge)
+                offsets.done(record)
+            commit(consumer, offsets.committable())
+            LAG.set(consumer_lag(consumer))
+
     def _handle(self, record: ConsumerRecord) -> None:
         with structlog.contextvars.bound_contextvars(topic=record.topic, partition=record.partition, offset=record.offset):
             try:
                 request = decode(PromptRequest, record.value)
                 with structlog.contextvars.bound_contextvars(request_id=request.request_id):
-                    start = time.perf_counter()
                     self.in_hand = request.request_id
                     try:
                         knowledge = self.answer(request)
                     finally:
                         self.in_hand = None
-                    self._deliver(self.topics.knowledge, request.entity_id.encode(), encode(knowledge))
-                    self.stats.prompts += 1
-                    self.stats.tokens += knowledge.token_count
-                    self.stats.decode_s += time.perf_counter() - start
-                    PROMPTS.labels(knowledge.mode).inc()
-                    TOKENS.labels(knowledge.mode).inc(knowledge.token_count)
-                    ACCEPTED.set(knowledge.stats.mean_accepted)
-                    tokens_per_s = knowledge.token_count / knowledge.stats.wall_s if knowledge.stats.wall_s else 0.0
-                    TOKENS_PER_S.set(tokens_per_s)
-                    log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
+                    self._publish(knowledge)
             except (SchemaError, PromptRejected) as exc:
-                letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")
-                self._deliver(self.topics.dead_letter, record.key, encode(letter))
-                self.stats.dead_lettered += 1
-                DEAD.labels(exc.error_type).inc()
-                log.warning("prompt dead-lettered", reason=exc.reason, error_type=exc.error_type)
+                self._dead_letter(record, exc)
+
+    def _publish(self, knowledge: KnowledgeRecord) -> None:
+        self._deliver(self.topics.knowledge, knowledge.entity_id.encode(), encode(knowledge))
+        self.stats.prompts += 1
+        self.stats.tokens += knowledge.token_count
+        self.stats.decode_s += knowledge.stats.wall_s
+        PROMPTS.labels(knowledge.mode).inc()
+        TOKENS.labels(knowledge.mode).inc(knowledge.token_count)
+        ACCEPTED.set(knowledge.stats.mean_accepted)
+        TOKENS_PER_S.set(knowledge.token_count / knowledge.stats.wall_s if knowledge.stats.wall_s else 0.0)
+        log.info("knowledge published", tokens=knowledge.token_count, wall_s=round(knowledge.stats.wall_s, 2))
+
+    def _dead_letter(self, record: ConsumerRecord, exc: SchemaError | PromptRejected) -> None:
+        letter = dead_letter(record, exc.reason, exc.error_type, f"worker:{self.worker_id}")
+        self._deliver(self.topics.dead_letter, record.key, encode(letter))
+        self.stats.dead_lettered += 1
+        DEAD.labels(exc.error_type).inc()
+        log.warning("prompt dead-lettered", reason=exc.reason, error_type=exc.error_type)
 
     def _new_producer(self):  # type: ignore[no-untyped-def]
         return make_producer(self.settings, "worker", max_block_ms=int(DELIVERY_ATTEMPT_S * 1000))
