@@ -1,7 +1,7 @@
 """Worker figures: what the Kafka path costs per prompt, and how a backlog scales from one worker
 to two (one torch thread each on this 2-core machine).
 
-    .venv/bin/python bench/worker_bench.py [--prompts 24] [--mode relaxed] [--max-new-tokens 64]
+    .venv/bin/python -P bench/worker_bench.py [--prompts 24] [--mode relaxed] [--max-new-tokens 64] [--batch B]
 
 Set-up, the same for every run: the default bench workload's held-out prompts (`bench/workload.json`)
 and its pools (`bench/pool.jsonl`) published to the pools topic as the pool builder would, so every
@@ -76,12 +76,12 @@ def ready(port: int) -> bool:
     return any(line.startswith("dare_worker_ready ") and float(line.split()[1]) == 1.0 for line in text.splitlines())
 
 
-def run_workers(settings: Settings, count: int, backlog: list[PromptRequest]) -> list[KnowledgeRecord]:
+def run_workers(settings: Settings, count: int, backlog: list[PromptRequest], batch: int = 1) -> list[KnowledgeRecord]:
     env = os.environ | {"DARE_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DARE_TOPIC_PREFIX": settings.topic_prefix,
                         "DARE_THREADS": "1", "DARE_LOG_FORMAT": "json", "DARE_LOG_LEVEL": "warning"}
     ports = [free_port() for _ in range(count)]
     procs = [subprocess.Popen([sys.executable, "-P", "-m", "dare.cli", "worker", "--device", "cpu", "--metrics-port", str(port),
-                               "--max-prompts", str(len(backlog))], env=env, stdout=subprocess.DEVNULL,
+                               "--max-prompts", str(len(backlog)), "--batch", str(batch)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True) for port in ports]
     try:
         deadline = time.monotonic() + 300
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--mode", default="relaxed")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=0, help="also run one worker with --batch B")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from dare.cli import load_lm
@@ -127,10 +128,10 @@ def main() -> None:
         servers = os.environ.get("DARE_BOOTSTRAP_SERVERS") or stack.enter_context(EmbeddedBroker()).bootstrap_servers
         base = Settings(bootstrap_servers=servers, threads=1, max_new_tokens=args.max_new_tokens)
         runs = {}
-        for count in (1, 2):
-            settings = base.model_copy(update={"topic_prefix": f"wb{count}-{int(time.time())}."})
+        for count, batch in ((1, 1), (2, 1), *([(1, args.batch)] if args.batch > 1 else [])):
+            settings = base.model_copy(update={"topic_prefix": f"wb{count}x{batch}-{int(time.time())}."})
             publish_pools(settings)
-            runs[count] = run_workers(settings, count, backlog)
+            runs[count if batch == 1 else f"batch{batch}"] = run_workers(settings, count, backlog, batch)
 
     # The bare engine: the same answer() a worker runs, same pools, same order, no Kafka.
     one = sorted(runs[1], key=lambda r: r.created_at)
@@ -162,6 +163,10 @@ def main() -> None:
     print(f"| one worker vs bare engine | {100 * (one_s - sum(bare)) / sum(bare):+.1f}% | |")
     print(f"| two workers, same backlog | {two_s:.1f} s: {one_s / two_s:.2f}x one worker (prompts per worker: "
           f"{sorted(split.values())}) | >= 1.7x |")
+    if args.batch > 1:
+        batched = runs[f"batch{args.batch}"]
+        print(f"| one worker, --batch {args.batch} (continuous batching, one torch thread) | {span(batched):.1f} s: "
+              f"{one_s / span(batched):.2f}x one worker at batch 1 | |")
 
 
 if __name__ == "__main__":
