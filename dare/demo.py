@@ -358,6 +358,8 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
             tail = Tail(settings, [topics.knowledge, topics.dead_letter])
             stack.callback(tail.close)
 
+            print("preparing the model (the first run converts the packaged GGUF and measures this machine's "
+                  "verify-cost curve, ~45 s once)", flush=True)
             prepare_model(settings, threads)
             processes.start("pool-builder", "pool-builder", "--segments", "4", "--refit-every", "5",
                             "--state-dir", str(log_dir / "pool-builder-state"))
