@@ -17,11 +17,9 @@ import torch
 
 from dare.model import LoadedModel, chat_input_ids
 from dare.workload import BenchPrompt
-from workers.engine.accept import Acceptance
 from workers.engine.batch import BatchDecoder
-from workers.engine.budget import Budget, load_or_measure
+from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
-from workers.engine.draft import RetrievalDrafter
 from workers.greedy import greedy_generate_batch
 
 AR_SIZES = (1, 2, 4, 8, 16)
@@ -47,9 +45,7 @@ def run_dare(lm: LoadedModel, dare: Dare, prompts: list[BenchPrompt], inputs: li
         while waiting and len(decoder) < batch:  # continuous batching: the batch stays full
             i = waiting.popleft()
             sources = [(pools[prompts[i].segment], 1.0), (global_pool, 1.0)]
-            drafter = RetrievalDrafter(sources, dare.draft, prompt=inputs[i], self_weight=dare.self_weight)
-            decoder.add(i, inputs[i], drafter, Budget(dare.cost, max_tokens=dare.draft.max_nodes),
-                        Acceptance(mode, dare.top_k, dare.min_prob), max_new)
+            decoder.add(i, inputs[i], *dare.request(inputs[i], sources, mode), max_new)
         for finished in decoder.step():
             results[finished.key] = finished
     wall = time.perf_counter() - start

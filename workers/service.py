@@ -25,12 +25,10 @@ from dare.model import LoadedModel, chat_input_ids
 from dare.settings import Settings
 from infra.kafka import close_producer, ensure_topics, make_consumer, make_producer
 from schemas import DeadLetter, DecodeStats, KnowledgeRecord, PromptRequest, SchemaError, Topics, decode, encode
-from workers.engine.accept import Acceptance
 from workers.engine.batch import BatchDecoder
-from workers.engine.budget import Budget, load_or_measure
+from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
 from workers.engine.decode import DecodeStats as EngineStats
-from workers.engine.draft import RetrievalDrafter
 from workers.greedy import greedy_generate
 from workers.pools import LivePools, PoolFollower
 
@@ -279,11 +277,7 @@ class Worker:
                     offsets.done(record)
                     continue
                 key = (record.topic, record.partition, record.offset)
-                greedy = mode == "ar"  # a row that never drafts: greedy decoding inside the batch
-                drafter = RetrievalDrafter([] if greedy else self.pools.sources(segment), self.dare.draft,
-                                           prompt=None if greedy else input_ids, self_weight=self.dare.self_weight)
-                decoder.add(key, input_ids, drafter, Budget(self.dare.cost, max_tokens=self.dare.draft.max_nodes),
-                            Acceptance("strict" if greedy else mode, self.dare.top_k, self.dare.min_prob), max_new)
+                decoder.add(key, input_ids, *self.dare.request(input_ids, self.pools.sources(segment), mode), max_new)
                 inflight[key] = (record, request, mode, segment)
             for finished in decoder.step():
                 record, request, mode, segment = inflight.pop(finished.key)  # type: ignore[index]

@@ -145,12 +145,11 @@ class BatchDecoder:
             row.stats.retrieval_s += (t1 - t0) / len(self.rows)
             row.stats.forward_s += t2 - t1
             row.stats.bookkeeping_s += (t3 - t2) / len(self.rows)
-        finished = [Finished(r.key, r.out, r.stats) for r in self.rows if r.done]
-        for f in finished:
-            f.stats.new_tokens = len(f.token_ids)
+        finished = []
         for row in self.rows:
             if row.done:
-                row.stats.wall_s = time.perf_counter() - row.started
+                row.stats.new_tokens, row.stats.wall_s = len(row.out), time.perf_counter() - row.started
+                finished.append(Finished(row.key, row.out, row.stats))
         if finished:
             self._keep_rows([i for i, r in enumerate(self.rows) if not r.done])
         return finished

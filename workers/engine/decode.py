@@ -150,11 +150,18 @@ class Dare:
     def add_text(self, pool: Pool, text_id: str, text: str) -> None:
         pool.add(text_id, self.assistant_prefix + self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
 
+    def request(self, input_ids: Sequence[int], pools: Sequence[tuple[Pool, float]], mode: str, use_self: bool = True
+                ) -> tuple[RetrievalDrafter, Budget, Acceptance]:
+        """What one request decodes with (alone or in a batch): its drafter, budget and acceptance rule.
+        Mode `ar` drafts nothing: greedy decoding through the same loop."""
+        if mode == "ar":
+            pools, use_self, mode = [], False, "strict"
+        drafter = RetrievalDrafter(pools, self.draft, prompt=input_ids if use_self else None, self_weight=self.self_weight)
+        return drafter, Budget(self.cost, max_tokens=self.draft.max_nodes), Acceptance(mode, self.top_k, self.min_prob)
+
     def generate(self, input_ids: Sequence[int], pools: Sequence[tuple[Pool, float]], mode: str, max_new_tokens: int,
                  use_self: bool = True, stop_strings: Sequence[str] = ()) -> Output:
-        drafter = RetrievalDrafter(pools, self.draft, prompt=input_ids if use_self else None, self_weight=self.self_weight)
-        budget = Budget(self.cost, max_tokens=self.draft.max_nodes)
-        rule = Acceptance(mode, self.top_k, self.min_prob)
+        drafter, budget, rule = self.request(input_ids, pools, mode, use_self)
         return speculative_generate(self.model, self.tokenizer, input_ids, drafter, budget, rule, max_new_tokens,
                                     self.eos_token_ids, stop_strings)
 
