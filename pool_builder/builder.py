@@ -281,7 +281,7 @@ class PoolBuilder:
 
     @classmethod
     def loads(cls, data: bytes, encoder) -> "PoolBuilder":  # type: ignore[no-untyped-def]
-        builder = cls.__new__(cls)
+        builder = cls(encoder)  # defaults for fields an older snapshot lacks
         builder.__dict__.update(pickle.loads(data))
         builder.encoder = encoder
         return builder

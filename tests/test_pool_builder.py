@@ -129,6 +129,18 @@ def test_state_round_trip(fed):
     assert {s: list(p.texts) for s, p in restored.pools.items()} == {s: list(p.texts) for s, p in fed.pools.items()}
 
 
+def test_a_snapshot_from_before_neighbourhoods_still_loads(fed):
+    import pickle
+
+    state = pickle.loads(fed.dumps())
+    for newer in ("neighbours", "neighbourhood", "fresh_users"):
+        del state[newer]
+    restored = PoolBuilder.loads(pickle.dumps(state), HashEncoder())
+    uid = next(iter(restored.user_segment))
+    assert restored.segments_for("user", uid) == [restored.user_segment[uid]]
+    assert restored.assign_new_users() == []
+
+
 def test_snapshots_are_chunked_below_the_message_limit():
     builder = PoolBuilder(HashEncoder(), segments=2, pool_cap=500)
     builder.item_segment["1"] = "g-Drama"
