@@ -105,7 +105,6 @@ def commit(consumer, offsets: dict[TopicPartition, int]) -> None:  # type: ignor
         consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()})
     except (CommitFailedError, KafkaError) as exc:
         log.warning("commit failed; prompts may be answered twice", error=repr(exc))
-    LAG.set(consumer_lag(consumer))
 
 
 class OffsetTracker:
@@ -255,6 +254,7 @@ class Worker:
             for record in self._poll(consumer, 500, 1):
                 self._handle(record)
                 commit(consumer, {TopicPartition(record.topic, record.partition): record.offset + 1})
+                LAG.set(consumer_lag(consumer))
 
     def _run_batched(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
         """Continuous batching: fetched prompts join the batch while others decode; a partition's
