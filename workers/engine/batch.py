@@ -1,17 +1,18 @@
 """Batched DARE: several requests verified in one forward pass, joining and leaving at any step.
 
-One KV cache holds every row, padded to a common length. Each row owns a boolean map of the
-cache slots that hold its tokens (`valid`); the 4D mask shows a row its own valid slots plus its
-tree's ancestors, and position ids count only its own tokens, so padding and holes change nothing
-a row computes (up to floating-point summation order). Per step:
+The rows share one preallocated KV cache (`SlotCache`): row r keeps its tokens in columns
+[0, length_r), in order, with no holes. Per step:
 
     each row drafts its tree from its own pools; the batch's draft tokens go to the rows whose
     nodes are most likely accepted, as many as the device's cost curve says pay (`allocate`)
-    one forward over [pending, *tree] per row, right-padded to the longest
-    each row accepts its path (strict or relaxed); the accepted keys/values are gathered to
-    the front of the new slots, the rest become holes; columns no row uses are dropped
+    one forward over [pending, *tree] per row, right-padded to the longest; row r's tokens are
+    written at columns [length_r, length_r + width), and the 4D mask shows each token its own
+    row's context and its tree ancestors; position ids count only the row's own tokens
+    each row accepts its path (strict or relaxed); the accepted columns move to the front of
+    the tree's columns and the row's length grows by them; the rest is overwritten next step
 
-A row that joins is prefilled on its own and merged in (its slots padded); a finished row leaves.
+A row that joins is prefilled into a free row of the cache; a finished row leaves and the last
+row moves into its place, so the batch's rows stay contiguous.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from workers.engine.accept import Acceptance, accept
 from workers.engine.budget import Budget, allocate
 from workers.engine.decode import DecodeStats
 from workers.engine.draft import RetrievalDrafter
-from workers.engine.verify import ancestor_matrix, forward, new_cache
+from workers.engine.slots import SlotCache
+from workers.engine.verify import ancestor_matrix, forward
 
 
 @dataclass
@@ -60,8 +61,7 @@ class BatchDecoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
-        self.valid = torch.zeros((0, 0), dtype=torch.bool)  # rows x cache slots
+        self.cache = SlotCache(model)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -71,48 +71,28 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, key: Hashable, input_ids: Sequence[int], drafter: RetrievalDrafter, budget: Budget, rule: Acceptance,
             max_new_tokens: int) -> None:
-        """Prefill a request on its own and merge it into the batch."""
-        if len(input_ids) < 2:
-            raise ValueError("batched decoding needs a prompt of at least 2 tokens (one is cached at join)")
+        """Prefill a request into the next free row of the cache."""
+        if not input_ids:
+            raise ValueError("empty prompt: nothing to continue")
         row = Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens)
-        cache = new_cache(self.model)
-        forward(self.model, cache, torch.tensor([list(input_ids[:-1])], device=self.device),
-                torch.arange(row.length, device=self.device)[None])
+        b = len(self.rows)
+        self.cache.reserve(b + 1, len(input_ids) + max_new_tokens + budget.max_tokens + 1)
+        if row.length:
+            n = row.length
+            self.cache.prepare(b, torch.arange(n)[None], n)
+            causal = torch.ones((n, n), dtype=torch.bool).tril()
+            forward(self.model, self.cache, torch.tensor([list(input_ids[:-1])], device=self.device),
+                    torch.arange(n, device=self.device)[None], self._additive(causal[None]), logits_to_keep=1)
         row.stats.prefill_s = time.perf_counter() - row.started
-        valid = torch.ones((1, row.length), dtype=torch.bool)
-        if self.cache is None or not self.rows:
-            self.cache, self.valid = cache, valid
-        else:
-            self._merge(cache, valid)
         self.rows.append(row)
 
-    def _merge(self, cache: DynamicCache, valid: torch.Tensor) -> None:
-        assert self.cache is not None
-        width = max(self.valid.shape[1], valid.shape[1])
-        self.valid = torch.cat([_pad_cols(self.valid, width), _pad_cols(valid, width)])
-        for mine, new in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_seq(mine.keys, width), _pad_seq(new.keys, width)])
-            mine.values = torch.cat([_pad_seq(mine.values, width), _pad_seq(new.values, width)])
-
-    def _keep_rows(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long)
+    def _leave(self, finished: list[int]) -> None:
+        """Finished rows leave; the last rows move into their places."""
+        keep = [i for i in range(len(self.rows)) if i not in set(finished)]
+        moves = [(old, new) for new, old in enumerate(keep) if old != new]
+        width = max((self.rows[old].length for old, _ in moves), default=0)
+        self.cache.move_rows([old for old, _ in moves], [new for _, new in moves], width)
         self.rows = [self.rows[i] for i in keep]
-        self.valid = self.valid[index]
-        if self.cache is not None:
-            for layer in self.cache.layers:
-                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
-                layer.values = layer.values.index_select(0, index.to(layer.values.device))
-        self._drop_unused_columns()
-
-    def _drop_unused_columns(self) -> None:
-        used = self.valid.any(0)
-        if bool(used.all()) or self.cache is None:
-            return
-        cols = used.nonzero()[:, 0]
-        self.valid = self.valid[:, cols]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(2, cols.to(layer.keys.device))
-            layer.values = layer.values.index_select(2, cols.to(layer.values.device))
 
     # ------------------------------------------------------------------ one step
 
@@ -121,7 +101,6 @@ class BatchDecoder:
         """Verify one draft tree per row in one forward; returns the rows that finished."""
         if not self.rows:
             return []
-        assert self.cache is not None
         t0 = time.perf_counter()
         candidates = [row.drafter.get_candidates(row.context) for row in self.rows]
         sizes = allocate([c.scores[: r.budget.max_tokens] for c, r in zip(candidates, self.rows)],
@@ -129,17 +108,16 @@ class BatchDecoder:
         trees = [c.prefix(n) for c, n in zip(candidates, sizes)]
         t1 = time.perf_counter()
         ids, positions, mask = self._inputs(trees)
-        past = self.valid.shape[1]
         logits = forward(self.model, self.cache, ids, positions, mask)
         t2 = time.perf_counter()
-        kept = []
+        paths = []
         for b, (row, tree) in enumerate(zip(self.rows, trees)):
             path, bonus = accept(logits[b, : len(tree) + 1], tree, row.rule)
-            kept.append([0, *path])
+            paths.append([0, *path])
             row.budget.observe(sum(tree.scores), len(path))
             self._emit(row, [tree.tokens[p - 1] for p in path] + [bonus], len(tree))
             row.pending = bonus
-        self._keep_paths(past, kept)
+        self._keep_paths(paths)
         t3 = time.perf_counter()
         for row in self.rows:  # the shared forward's time is every row's time
             row.stats.retrieval_s += (t1 - t0) / len(self.rows)
@@ -151,26 +129,33 @@ class BatchDecoder:
                 row.stats.new_tokens, row.stats.wall_s = len(row.out), time.perf_counter() - row.started
                 finished.append(Finished(row.key, row.out, row.stats))
         if finished:
-            self._keep_rows([i for i, r in enumerate(self.rows) if not r.done])
+            self._leave([i for i, r in enumerate(self.rows) if r.done])
         return finished
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
-        batch, past = len(self.rows), self.valid.shape[1]
-        width = max(len(t) for t in trees) + 1
+        """Input ids, position ids and the additive 4D mask for one step; tells the cache where each row writes."""
+        batch, width = len(self.rows), max(len(t) for t in trees) + 1
+        lengths = torch.tensor([row.length for row in self.rows])
+        columns = lengths[:, None] + torch.arange(width)[None]
+        span = int(lengths.max()) + width
         ids = torch.zeros((batch, width), dtype=torch.long)
-        positions = torch.zeros((batch, width), dtype=torch.long)
-        visible = torch.zeros((batch, width, past + width), dtype=torch.bool)
+        positions = lengths[:, None].repeat(1, width)
+        visible = (torch.arange(span)[None, None, :] < lengths[:, None, None]).repeat(1, width, 1)  # own context
         for b, (row, tree) in enumerate(zip(self.rows, trees)):
             n = len(tree) + 1
             ids[b, :n] = torch.tensor([row.pending, *tree.tokens])
-            positions[b, :n] = torch.tensor([row.length, *(row.length + d for d in tree.depths)])
-            positions[b, n:] = row.length
-            visible[b, :n, :past] = self.valid[b]
-            visible[b, :n, past : past + n] = ancestor_matrix(tree.parents)
-            visible[b, n:, past + n :] = torch.eye(width - n, dtype=torch.bool)  # padding sees itself only
-        mask = torch.zeros((batch, 1, width, past + width), dtype=self.dtype)
-        mask.masked_fill_(~visible[:, None], torch.finfo(self.dtype).min)
-        return ids.to(self.device), positions.to(self.device), mask.to(self.device)
+            positions[b, 1:n] += torch.tensor(tree.depths, dtype=torch.long)
+            tree_part = torch.eye(width, dtype=torch.bool)  # padding sees itself only
+            tree_part[:n, :n] = ancestor_matrix(tree.parents)
+            visible[b, :, row.length : row.length + width] = tree_part
+        self.cache.prepare(0, columns, span)
+        return ids.to(self.device), positions.to(self.device), self._additive(visible)
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """A (batch, 1, queries, keys) additive mask from a boolean `visible` (batch, queries, keys)."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return mask[:, None].to(self.device)
 
     def _emit(self, row: Row, new: list[int], drafted: int) -> None:
         row.stats.steps += 1
@@ -186,28 +171,15 @@ class BatchDecoder:
         row.context.extend(new)
         row.drafter.update(new)
 
-    def _keep_paths(self, past: int, kept: list[list[int]]) -> None:
-        """Each row's accepted tree positions move to the front of the new slots; the rest are holes."""
-        assert self.cache is not None
-        width = max(len(k) for k in kept)
-        index = torch.full((len(kept), width), past, dtype=torch.long)
-        valid = torch.zeros((len(kept), width), dtype=torch.bool)
-        for b, path in enumerate(kept):
-            index[b, : len(path)] = torch.tensor([past + p for p in path])
-            valid[b, : len(path)] = True
-            self.rows[b].length += len(path)
-        for layer in self.cache.layers:
-            gather = index.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = torch.cat([layer.keys[:, :, :past], layer.keys.gather(2, gather)], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :past], layer.values.gather(2, gather)], dim=2)
-        self.valid = torch.cat([self.valid, valid], dim=1)
-
-
-def _pad_cols(valid: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.cat([valid, torch.zeros((valid.shape[0], width - valid.shape[1]), dtype=torch.bool)], dim=1)
-
-
-def _pad_seq(t: torch.Tensor, width: int) -> torch.Tensor:
-    if t.shape[2] == width:
-        return t
-    return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], width - t.shape[2], t.shape[3])], dim=2)
+    def _keep_paths(self, paths: list[list[int]]) -> None:
+        """Each row's accepted tree positions (0 = the pending token) move to the front of its tree's
+        columns; its length grows by them."""
+        moves = [(b, self.rows[b].length, path) for b, path in enumerate(paths) if path != list(range(len(path)))]
+        if moves:
+            longest = max(len(path) for _, _, path in moves)
+            rows = torch.tensor([b for b, _, _ in moves])
+            source = torch.tensor([[start + p for p in path] + [start] * (longest - len(path)) for _, start, path in moves])
+            target = torch.tensor([[start + i for i in range(len(path))] + [start] * (longest - len(path)) for _, start, path in moves])
+            self.cache.move_columns(rows, source, target)
+        for row, path in zip(self.rows, paths):
+            row.length += len(path)

@@ -10,7 +10,6 @@ so the whole tree is worth sending.
 
 from __future__ import annotations
 
-import heapq
 import json
 import statistics
 import time
@@ -116,24 +115,17 @@ class Budget:
         self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio
 
 
-def allocate(scores: list[list[float]], calibrations: list[float], cost: CostModel, max_total: int = 512) -> list[int]:
-    """Draft sizes for a batch: the split of draft tokens among rows that maximises the batch's
-    expected tokens per second, (rows + sum of calibrated scores taken) / cost(rows + tokens taken).
-    Nodes are taken best-first across rows, each row's in its own order (so each row sends a
-    prefix of its tree): rows whose drafts are likely accepted get the tokens."""
+def allocate(scores: list[list[float]], calibrations: list[float], cost: CostModel) -> list[int]:
+    """Draft sizes for a batch verified in one padded forward, whose cost is set by its widest row:
+    cost(rows x width). The width maximises the batch's expected tokens per second,
+    (rows + each row's calibrated scores up to the width) / cost(rows x width); every row whose
+    drafts can pass fills it (padding costs the same), a row whose drafts never pass sends none."""
     rows = len(scores)
-    heap = [(-calibrations[b] * s[0], b, 0) for b, s in enumerate(scores) if s]
-    heapq.heapify(heap)
-    counts, expected, taken = [0] * rows, float(rows), 0
-    best_rate, best = rows / cost.cost(rows), [0] * rows
-    while heap and taken < max_total:
-        gain, b, i = heapq.heappop(heap)
-        counts[b] += 1
-        expected -= gain
-        taken += 1
-        rate = expected / cost.cost(rows + taken)
+    best_rate, best_width = rows / cost.cost(rows), 0
+    expected = float(rows)
+    for width in range(1, max((len(s) for s in scores), default=0) + 1):
+        expected += sum(c * s[width - 1] for s, c in zip(scores, calibrations) if len(s) >= width)
+        rate = expected / cost.cost(rows * (width + 1))
         if rate > best_rate:
-            best_rate, best = rate, counts.copy()
-        if i + 1 < len(scores[b]):
-            heapq.heappush(heap, (-calibrations[b] * scores[b][i + 1], b, i + 1))
-    return best
+            best_rate, best_width = rate, width
+    return [min(best_width, len(s)) if c > 0 else 0 for s, c in zip(scores, calibrations)]

@@ -11,8 +11,9 @@ import inspect
 from functools import lru_cache
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
+from workers.engine.attention import grouped
 from workers.engine.draft import DraftTree
 
 
@@ -33,11 +34,13 @@ def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length()
 
 
-def forward(model: torch.nn.Module, cache: DynamicCache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits for `input_ids` (batch, n), appending their keys/values to `cache`."""
-    kwargs = {cache_argument(type(model)): cache}
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
+def forward(model: torch.nn.Module, cache: Cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    """Logits for `input_ids` (batch, n) (the last `logits_to_keep` only, if set), appending their
+    keys/values to `cache`."""
+    kwargs = {cache_argument(type(model)): cache, "logits_to_keep": logits_to_keep}
+    with grouped(model):
+        out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
     return out.logits
 
 
