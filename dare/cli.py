@@ -165,6 +165,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     records_path=args.records, timeout_s=args.timeout, broker_port=args.broker_port)
 
 
+def batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 16 or 8,16,24, got {text!r}")
+    return sizes
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dare.bench import check_prompt_lengths, format_table, parse_methods, run_bench, write_json
     from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
@@ -181,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch:
         from dare.batch_bench import format_batch_table, run_batch_bench
 
-        print(f"bench: {len(prompts)} prompts, batched ar (sweep) vs batched DARE at batch {args.batch}, "
+        print(f"bench: {len(prompts)} prompts, batched ar (sweep) vs batched DARE at batch {','.join(map(str, args.batch))}, "
               f"{settings.max_new_tokens} new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
         report = run_batch_bench(lm, prompts, pool, args.batch, settings.max_new_tokens, settings.cache_dir)
         print(format_batch_table(report))
@@ -318,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     p.add_argument("--limit", type=int, help="first N prompts only")
-    p.add_argument("--batch", type=int, help="batched: ar at batch 1..16 (sweep) vs dare-strict/relaxed at batch B")
+    p.add_argument("--batch", type=batch_sizes, metavar="B[,B...]",
+                   help="batched: ar at batch 1..32 (sweep) vs dare-ar/strict/relaxed at each batch size B")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.set_defaults(func=cmd_bench)
 

@@ -55,8 +55,10 @@ class Finished:
 
 
 class BatchDecoder:
-    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int]) -> None:
+    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1) -> None:
+        """`rows`: how many rows to make room for at once (the batch size); more grow the cache."""
         self.model = model
+        self.room = rows
         self.eos = eos_token_ids
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -76,7 +78,7 @@ class BatchDecoder:
             raise ValueError("empty prompt: nothing to continue")
         row = Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens)
         b = len(self.rows)
-        self.cache.reserve(b + 1, len(input_ids) + max_new_tokens + budget.max_tokens + 1)
+        self.cache.reserve(max(b + 1, self.room), len(input_ids) + max_new_tokens + budget.max_tokens + 1)
         if row.length:
             n = row.length
             self.cache.prepare(b, torch.arange(n)[None], n)
@@ -86,13 +88,16 @@ class BatchDecoder:
         row.stats.prefill_s = time.perf_counter() - row.started
         self.rows.append(row)
 
-    def _leave(self, finished: list[int]) -> None:
-        """Finished rows leave; the last rows move into their places."""
-        keep = [i for i in range(len(self.rows)) if i not in set(finished)]
-        moves = [(old, new) for new, old in enumerate(keep) if old != new]
-        width = max((self.rows[old].length for old, _ in moves), default=0)
-        self.cache.move_rows([old for old, _ in moves], [new for _, new in moves], width)
-        self.rows = [self.rows[i] for i in keep]
+    def _leave(self, finished: set[int]) -> None:
+        """Finished rows leave; rows from the end move into their places (at most one move per leaver)."""
+        n = len(self.rows) - len(finished)
+        holes = sorted(i for i in finished if i < n)
+        movers = sorted(i for i in range(n, len(self.rows)) if i not in finished)
+        width = max((self.rows[i].length for i in movers), default=0)
+        self.cache.move_rows(movers, holes, width)
+        for hole, mover in zip(holes, movers):
+            self.rows[hole] = self.rows[mover]
+        self.rows = self.rows[:n]
 
     # ------------------------------------------------------------------ one step
 
@@ -129,7 +134,7 @@ class BatchDecoder:
                 row.stats.new_tokens, row.stats.wall_s = len(row.out), time.perf_counter() - row.started
                 finished.append(Finished(row.key, row.out, row.stats))
         if finished:
-            self._leave([i for i, r in enumerate(self.rows) if r.done])
+            self._leave({i for i, r in enumerate(self.rows) if r.done})
         return finished
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
