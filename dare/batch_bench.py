@@ -40,7 +40,7 @@ def run_ar(lm: LoadedModel, inputs: list[list[int]], batch: int, max_new: int) -
 
 def run_dare(lm: LoadedModel, dare: Dare, prompts: list[BenchPrompt], inputs: list[list[int]], pools: dict, global_pool,  # type: ignore[no-untyped-def]
              mode: str, batch: int, max_new: int) -> dict:
-    decoder = BatchDecoder(lm.model, dare.eos_token_ids, rows=batch)
+    decoder = BatchDecoder(lm.model, dare.eos_token_ids, rows=batch, prefix=dare.prompt_prefix)
     waiting = deque(range(len(inputs)))
     results = {}
     start = time.perf_counter()

@@ -65,6 +65,22 @@ def test_strict_batched_rows_equal_their_own_greedy_decoding(tiny):
     assert len({r.stats.steps for r in results.values()}) > 1  # rows finished at different steps
 
 
+def test_rows_starting_with_the_shared_prefix_decode_as_if_prefilled_whole(tiny):
+    rng = random.Random(5)
+    prefix = [rng.randrange(2, VOCAB) for _ in range(6)]
+    tails = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(7)]
+    prompts = [prefix + t for t in tails[:5]] + [prefix[:4] + tails[5], prefix + tails[6][:0], [prefix[0], 3]]
+    pool = pools_with_answers(tiny, prompts, rng)
+    decoder = BatchDecoder(tiny, {EOS}, rows=3, prefix=prefix)
+    for i in (0, 5, 7):
+        join(decoder, i, prompts[i], pool, 20)
+    joining = [(step, i, prompts[i], pool, 20) for step, i in zip((1, 1, 3, 3, 6), (1, 2, 3, 4, 6))]  # some after the prefix is cached
+    results = run_to_end(decoder, joining)
+    assert decoder.prefix_kv is not None
+    for i, prompt in enumerate(prompts):
+        assert results[i].token_ids == greedy(tiny, prompt, 20), f"row {i}"
+
+
 def test_rows_joining_and_leaving_mid_run_change_no_other_row(tiny):
     rng = random.Random(11)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 25))] for _ in range(8)]
@@ -92,7 +108,7 @@ def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):
     assert len(decoder) == 0 and decoder.cache.data.shape[2] >= 4  # everyone left; the cache kept its rows
 
 
-def test_the_batch_budget_gives_draft_tokens_to_the_rows_likely_to_accept_them():
+def test_the_batch_budget_picks_a_width_the_cost_curve_pays_for():
     from workers.engine.budget import allocate
 
     scores = [[0.9, 0.8, 0.7, 0.6], [0.1, 0.05, 0.01], [0.5, 0.5]]
@@ -100,7 +116,9 @@ def test_the_batch_budget_gives_draft_tokens_to_the_rows_likely_to_accept_them()
     assert allocate(scores, [1.0, 1.0, 1.0], flat) == [4, 3, 2]  # free verification: send everything
     steep = CostModel({1: 1.0, 2: 2.0, 64: 64.0})
     assert allocate(scores, [1.0, 1.0, 1.0], steep) == [0, 0, 0]  # each token costs a step: send nothing
-    cpu_like = CostModel({1: 1.0, 4: 1.1, 8: 1.3, 16: 2.0, 64: 4.0})
-    sizes = allocate(scores, [1.0, 1.0, 1.0], cpu_like)
-    assert sizes[0] >= sizes[2] >= sizes[1] and sizes[1] < 3  # the confident row first, the unlikely one last
-    assert allocate(scores, [1.0, 0.0, 1.0], flat) == [4, 0, 2]  # a row whose drafts never pass gets none
+    cpu_like = CostModel({1: 1.0, 3: 1.1, 6: 1.4, 12: 2.5, 24: 5.0, 64: 13.0})  # by total tokens (rows x width)
+    likely, unlikely = [[0.9**i for i in range(1, 9)]] * 3, [[0.5**i for i in range(1, 9)]] * 3
+    confident = allocate(likely, [1.0] * 3, cpu_like)
+    assert len(set(confident)) == 1 and 0 < allocate(unlikely, [1.0] * 3, cpu_like)[0] < confident[0] < 8  # likely drafts buy a wider tree
+    assert allocate(likely, [0.2] * 3, cpu_like)[0] < confident[0]  # rows whose drafts failed lately: narrower
+    assert allocate(scores, [1.0, 0.0, 1.0], flat) == [4, 0, 2]  # a row whose drafts never pass sends none

@@ -260,7 +260,7 @@ class Worker:
         """Continuous batching: fetched prompts join the batch while others decode; a partition's
         offset is committed up to its oldest prompt still in flight, once the records before it
         were acknowledged."""
-        decoder = BatchDecoder(self.lm.model, self.dare.eos_token_ids, rows=self.batch)
+        decoder = BatchDecoder(self.lm.model, self.dare.eos_token_ids, rows=self.batch, prefix=self.dare.prompt_prefix)
         inflight: dict[tuple[str, int, int], tuple[ConsumerRecord, PromptRequest, str, str | None]] = {}
         offsets = OffsetTracker()
         while not stop.is_set() and not (not len(decoder) and self._finished(max_prompts, idle_timeout_s)):

@@ -11,8 +11,9 @@ The rows share one preallocated KV cache (`SlotCache`): row r keeps its tokens i
     each row accepts its path (strict or relaxed); the accepted columns move to the front of
     the tree's columns and the row's length grows by them; the rest is overwritten next step
 
-A row that joins is prefilled into a free row of the cache; a finished row leaves and the last
-row moves into its place, so the batch's rows stay contiguous.
+Rows that join are prefilled into free rows of the cache at the next step, rows of similar length
+together; the chat template's head, which every prompt starts with, is computed once and copied. A
+finished row leaves and a row from the end moves into its place, so the batch's rows stay contiguous.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from workers.engine.decode import DecodeStats
 from workers.engine.draft import RetrievalDrafter
 from workers.engine.slots import SlotCache
 from workers.engine.verify import ancestor_matrix, forward
+
+PREFILL_GROUP = 8  # rows prefilled in one forward at most
+PREFILL_PADDING = 1.15  # a row joins a prefill group if it is at most this much longer than the group's mean
 
 
 @dataclass
@@ -55,38 +59,79 @@ class Finished:
 
 
 class BatchDecoder:
-    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1) -> None:
-        """`rows`: how many rows to make room for at once (the batch size); more grow the cache."""
+    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1, prefix: Sequence[int] = ()) -> None:
+        """`rows`: how many rows to make room for at once (the batch size); more grow the cache.
+        `prefix`: tokens most prompts start with (the chat template's head): computed once, copied
+        into each such row instead of prefilled again."""
         self.model = model
         self.room = rows
         self.eos = eos_token_ids
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.rows: list[Row] = []
+        self.joining: list[Row] = []
         self.cache = SlotCache(model)
+        self.prefix = list(prefix)
+        self.prefix_kv: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.joining)
 
     # ------------------------------------------------------------------ joining and leaving
 
-    @torch.inference_mode()
     def add(self, key: Hashable, input_ids: Sequence[int], drafter: RetrievalDrafter, budget: Budget, rule: Acceptance,
             max_new_tokens: int) -> None:
-        """Prefill a request into the next free row of the cache."""
+        """Queue a request; it is prefilled (with the others queued) at the start of the next step."""
         if not input_ids:
             raise ValueError("empty prompt: nothing to continue")
-        row = Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens)
-        b = len(self.rows)
-        self.cache.reserve(max(b + 1, self.room), len(input_ids) + max_new_tokens + budget.max_tokens + 1)
-        if row.length:
-            n = row.length
-            self.cache.prepare(b, torch.arange(n)[None], n)
-            causal = torch.ones((n, n), dtype=torch.bool).tril()
-            forward(self.model, self.cache, torch.tensor([list(input_ids[:-1])], device=self.device),
-                    torch.arange(n, device=self.device)[None], self._additive(causal[None]), logits_to_keep=1)
-        row.stats.prefill_s = time.perf_counter() - row.started
-        self.rows.append(row)
+        self.joining.append(Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens))
+
+    def _prefill(self) -> None:
+        """Prefill the queued rows into the next free rows of the cache: all but each prompt's last
+        token (the first pending token). Rows of similar length share a forward (right-padded);
+        rows starting with the shared prefix get its keys/values copied and prefill the rest."""
+        joining = sorted(self.joining, key=lambda r: (self._shared(r), r.length))
+        self.joining = []
+        need = max(len(r.context) + r.max_new_tokens + r.budget.max_tokens + 1 for r in joining)
+        self.cache.reserve(max(len(self.rows) + len(joining), self.room), need)
+        while joining:
+            group = [joining.pop(0)]
+            while (joining and len(group) < PREFILL_GROUP and self._shared(joining[0]) == self._shared(group[0])
+                   and joining[0].length <= PREFILL_PADDING * sum(r.length for r in group) / len(group)):
+                group.append(joining.pop(0))
+            self._prefill_group(group)
+
+    def _shared(self, row: Row) -> int:
+        """How many of the row's tokens come from the shared prefix."""
+        p = len(self.prefix)
+        return p if p and row.length > p and row.context[:p] == self.prefix else 0
+
+    def _prefill_group(self, group: list[Row]) -> None:
+        start, first = time.perf_counter(), len(self.rows)
+        shared = self._shared(group[0])
+        if shared and self.prefix_kv is None:  # computed once, in the first such row
+            self._forward_prefill(first, [self.prefix], 0)
+            self.prefix_kv = self.cache.data[:, :, first, :, :shared].clone()
+        if shared:
+            self.cache.data[:, :, first : first + len(group), :, :shared] = self.prefix_kv[:, :, None]
+        rest = [r.context[shared : r.length] for r in group]
+        if any(rest):
+            self._forward_prefill(first, rest, shared)
+        for row in group:
+            row.stats.prefill_s = (time.perf_counter() - start) / len(group)
+        self.rows.extend(group)
+
+    def _forward_prefill(self, first: int, tokens: list[list[int]], offset: int) -> None:
+        """Rows [first, first + len(tokens)) take `tokens` at columns (and positions) offset.., seeing
+        columns [0, offset) and their own earlier tokens; shorter rows are right-padded."""
+        n = max(len(t) for t in tokens)
+        ids = torch.tensor([t + [0] * (n - len(t)) for t in tokens], device=self.device)
+        positions = torch.arange(offset, offset + n)[None].repeat(len(tokens), 1)
+        visible = torch.ones((n, offset + n), dtype=torch.bool)
+        visible[:, offset:] = torch.ones((n, n), dtype=torch.bool).tril()
+        self.cache.prepare(first, positions, offset + n)
+        forward(self.model, self.cache, ids, positions.to(self.device), self._additive(visible[None].expand(len(tokens), -1, -1)),
+                logits_to_keep=1)
 
     def _leave(self, finished: set[int]) -> None:
         """Finished rows leave; rows from the end move into their places (at most one move per leaver)."""
@@ -104,6 +149,8 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self) -> list[Finished]:
         """Verify one draft tree per row in one forward; returns the rows that finished."""
+        if self.joining:
+            self._prefill()
         if not self.rows:
             return []
         t0 = time.perf_counter()

@@ -5,7 +5,9 @@ The draft tree's scores estimate each node's chance of acceptance; recent steps 
 them. The budget takes the prefix of the tree (in score order) that maximises expected
 tokens per second: (1 + calibration * sum(scores[:n])) / cost(1 + n).
 On this CPU a 64-token verify costs ~4x a step, so trees stay small; on a GPU it costs ~1x,
-so the whole tree is worth sending.
+so the whole tree is worth sending. A batch verified in one padded forward costs
+cost(rows x width), the single-row curve read by total tokens (close to measured batch costs on
+this CPU): `allocate` picks the batch's width.
 """
 
 from __future__ import annotations

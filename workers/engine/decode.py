@@ -137,7 +137,7 @@ class Dare:
             eos = model.generation_config.eos_token_id  # type: ignore[union-attr]
             eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.eos_token_ids = eos_token_ids
-        self.assistant_prefix = assistant_prefix(tokenizer)
+        self.prompt_prefix, self.assistant_prefix = template_parts(tokenizer)  # every chat prompt starts with prompt_prefix
 
     def pool(self, texts: Sequence[str], max_nodes: int = 400_000) -> Pool:
         """A pool over generated texts, each preceded by the chat template's assistant header so that
@@ -166,15 +166,18 @@ class Dare:
                                     self.eos_token_ids, stop_strings)
 
 
-def assistant_prefix(tokenizer: object) -> list[int]:
-    """The chat template's tokens between a user message and the assistant's answer."""
+def template_parts(tokenizer: object) -> tuple[list[int], list[int]]:
+    """The chat template's tokens before a user message and between it and the assistant's answer
+    (both empty without a template)."""
     try:
         a = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
         b = tokenizer.apply_chat_template([{"role": "user", "content": "b"}], add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
     except Exception:
-        return []  # no chat template: pools hold bare texts
+        return [], []  # no chat template: pools hold bare texts
     a, b = list(a), list(b)
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return a[len(a) - n :]
+    head = tail = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    return a[:head], a[len(a) - tail :]
