@@ -165,6 +165,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     records_path=args.records, timeout_s=args.timeout, broker_port=args.broker_port)
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def batch_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(","))
@@ -189,11 +195,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lm = load_lm(settings)
     check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
     if args.batch:
-        from dare.batch_bench import format_batch_table, run_batch_bench
+        from dare.batch_bench import AR_SIZES, format_batch_table, run_batch_bench
 
         print(f"bench: {len(prompts)} prompts, batched ar (sweep) vs batched DARE at batch {','.join(map(str, args.batch))}, "
               f"{settings.max_new_tokens} new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
-        report = run_batch_bench(lm, prompts, pool, args.batch, settings.max_new_tokens, settings.cache_dir)
+        report = run_batch_bench(lm, prompts, pool, args.batch, settings.max_new_tokens, settings.cache_dir,
+                                 ar_sizes=args.ar_batch or AR_SIZES, repeat=args.repeat)
         print(format_batch_table(report))
     else:
         print(f"bench: {len(prompts)} prompts x {len(methods)} methods, {settings.max_new_tokens} new tokens, "
@@ -330,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N prompts only")
     p.add_argument("--batch", type=batch_sizes, metavar="B[,B...]",
                    help="batched: ar at batch 1..32 (sweep) vs dare-ar/strict/relaxed at each batch size B")
+    p.add_argument("--ar-batch", type=batch_sizes, metavar="B[,B...]",
+                   help="with --batch: the ar sweep's batch sizes (default 1,2,4,8,16,32; batch 1, the reference, always runs once)")
+    p.add_argument("--repeat", type=positive_int, default=1, metavar="N",
+                   help="with --batch: run every configuration N times, report medians")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.set_defaults(func=cmd_bench)
 

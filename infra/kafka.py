@@ -66,6 +66,12 @@ def close_producer(producer: KafkaProducer, timeout_s: float = 5.0) -> None:
             sender.force_close()
 
 
+def group_id(settings: Settings, service: str) -> str:
+    """A service's consumer group, named under the topic prefix: deployments that share a cluster
+    under different prefixes never share a group."""
+    return f"{settings.topic_prefix}{service}"
+
+
 def make_consumer(settings: Settings, role: str, group_id: str | None, topics: list[str], **overrides: Any) -> KafkaConsumer:
     """A consumer with manual commits and group timings that suit both Tansu and Kafka."""
     config = client_config(settings, role) | {

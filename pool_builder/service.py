@@ -22,14 +22,14 @@ from kafka import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from dare.settings import Settings
-from infra.kafka import ensure_topics, make_consumer, make_producer
+from infra.kafka import ensure_topics, group_id, make_consumer, make_producer
 from pool_builder.builder import PoolBuilder
 from schemas import ItemEvent, KnowledgeRecord, SchemaError, Topics, UserEvent, decode, encode
 from workers.service import dead_letter
 
 log = structlog.get_logger("pool_builder")
 
-GROUP_ID = "dare-pool-builder"
+GROUP = "pool-builder"  # consumer group: the topic prefix + this ("dare.pool-builder" by default)
 
 EVENTS = Counter("dare_pool_builder_events_total", "Events applied", ["kind"])
 DEAD = Counter("dare_pool_builder_dead_letters_total", "Messages sent to the dead-letter topic")
@@ -63,7 +63,7 @@ class PoolBuilderService:
         ensure_topics(self.settings, [topics.user_events, topics.item_events, topics.knowledge, topics.pools,
                                       topics.assignments, topics.dead_letter])
         producer = make_producer(self.settings, "pool-builder")
-        consumer = make_consumer(self.settings, "pool-builder", GROUP_ID, [topics.item_events, topics.user_events, topics.knowledge],
+        consumer = make_consumer(self.settings, "pool-builder", group_id(self.settings, GROUP), [topics.item_events, topics.user_events, topics.knowledge],
                                  max_poll_records=5000)
         self.producer = producer
         self._publish(self.builder.all_snapshots() + self.builder.all_assignments())

@@ -107,11 +107,12 @@ def test_batched_bench_strict_rows_match_greedy_on_smollm(lm, model_cache):
         "s1": ["Toy Story is a 1995 American computer-animated comedy film directed by John Lasseter."],
         "s2": ["Heat is a 1995 American crime film written and directed by Michael Mann."],
     }
-    report = run_batch_bench(lm, prompts, pools, sizes=(2, 3), max_new=20, cache_dir=model_cache, ar_sizes=(1, 2, 8))
+    report = run_batch_bench(lm, prompts, pools, sizes=(2, 3), max_new=20, cache_dir=model_cache, ar_sizes=(1, 2, 8), repeat=2)
     runs = {(r["method"], r["batch"]): r for r in report["runs"]}
     assert set(runs) == {("ar", 1), ("ar", 2), ("ar", 3), *((f"dare-{m}", b) for m in ("ar", "strict", "relaxed") for b in (2, 3))}
     for b in (2, 3):  # batched, rows joining as others finish: still greedy
         assert runs[("dare-strict", b)]["equal_to_greedy"] == runs[("dare-ar", b)]["equal_to_greedy"] == 3
+    assert len(runs[("ar", 1)]["samples"]) == 1 and all(len(r["samples"]) == 2 for k, r in runs.items() if k != ("ar", 1))
     assert report["best"]["ar"]["batch"] in (1, 2, 3) and set(report["best"]) == {"ar", "dare-ar", "dare-strict", "dare-relaxed"}
     assert all(r["tokens_per_s"] > 0 for r in report["runs"]) and runs[("dare-relaxed", 2)]["mean_accepted"] >= 1.0
     assert "| dare-relaxed | 2 |" in format_batch_table(report) and "best of each: ar " in format_batch_table(report)

@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from dare.model import LoadedModel, chat_input_ids
 from dare.settings import Settings
-from infra.kafka import close_producer, ensure_topics, make_consumer, make_producer
+from infra.kafka import close_producer, ensure_topics, group_id, make_consumer, make_producer
 from schemas import DeadLetter, DecodeStats, KnowledgeRecord, PromptRequest, SchemaError, Topics, decode, encode
 from workers.engine.batch import BatchDecoder
 from workers.engine.budget import load_or_measure
@@ -34,7 +34,7 @@ from workers.pools import LivePools, PoolFollower
 
 log = structlog.get_logger("worker")
 
-GROUP_ID = "dare-workers"
+GROUP = "workers"  # consumer group: the topic prefix + this ("dare.workers" by default)
 
 PROMPTS = Counter("dare_worker_prompts_total", "Prompts answered", ["mode"])
 TOKENS = Counter("dare_worker_tokens_total", "Tokens generated", ["mode"])
@@ -215,7 +215,7 @@ class Worker:
         self.producer = self._new_producer()
         # One prompt per poll (batched: as many as the batch has room for) keeps the time between
         # polls to one decode, or one batch step: no rebalance storms.
-        consumer = make_consumer(self.settings, "worker", GROUP_ID, [self.topics.prompts], max_poll_records=1)
+        consumer = make_consumer(self.settings, "worker", group_id(self.settings, GROUP), [self.topics.prompts], max_poll_records=1)
         self._last_message = time.monotonic()
         log.info("worker started", worker=self.worker_id, mode=self.mode, batch=self.batch, topic=self.topics.prompts)
         try:
