@@ -5,7 +5,6 @@ joining and leaving mid-run)."""
 import random
 
 import pytest
-import torch
 
 from tests.test_engine import EOS, VOCAB, greedy, tiny_llama
 from workers.engine.accept import Acceptance
