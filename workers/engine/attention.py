@@ -28,12 +28,12 @@ def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  **kwargs: object) -> tuple[torch.Tensor, None]:
     batch, heads, q, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    if attention_mask is None or q == 1 or heads == kv_heads or dropout:
+    if attention_mask is None or attention_mask.shape[1] != 1 or q == 1 or heads == kv_heads or dropout:  # stock SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)  # type: ignore[arg-type]
     group = heads // kv_heads
     query = query.reshape(batch, kv_heads, group * q, dim)
     mask = attention_mask[:, :, :, :keys]
-    mask = mask[:, :, None].expand(mask.shape[0], mask.shape[1], group, q, keys).reshape(mask.shape[0], mask.shape[1], group * q, keys)
+    mask = mask[:, :, None].expand(mask.shape[0], 1, group, q, keys).reshape(mask.shape[0], 1, group * q, keys)  # one mask, every head
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, q, dim).transpose(1, 2).contiguous(), None
 
