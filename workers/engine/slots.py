@@ -2,7 +2,7 @@
 
 Every layer's keys and values live in one tensor [layers, 2, rows, kv_heads, columns, head_dim].
 Row r holds its tokens in columns [0, length_r), in order, with no holes. A forward pass covers a
-contiguous range of rows; its tokens are written in place at per-row columns (`write`) and
+contiguous range of rows; its tokens are written in place at per-row columns (`prepare`) and
 attention reads the first `width` columns of those rows, with a 4D mask that hides each row's
 unused columns. Nothing is concatenated per step: the cost of a step does not grow with the
 cache, and keeping a row's accepted path moves only the few accepted columns.
