@@ -18,6 +18,7 @@ demo: install
 	$(BIN)/dare demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

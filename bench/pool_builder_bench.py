@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from dare.data import item_events, load_movielens, user_events
-from dare.replay import produce
-from dare.settings import Settings
 from infra.broker import EmbeddedBroker
-from infra.kafka import ensure_topics, make_consumer, make_producer
+from infra.kafka import ensure_topics, make_consumer, make_producer, produce
+from infra.settings import Settings
 from pool_builder.embeddings import TextEncoder
 from pool_builder.segments import assign, fit_centroids
 from pool_builder.service import PoolBuilderService

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from dare.bench import format_table, run_bench
 from dare.data import item_events, load_movielens, user_events
-from dare.settings import load_settings
 from dare.workload import POOL_PATH, BenchPrompt, default_prompts
+from infra.settings import load_settings
 from pool_builder.builder import PoolBuilder
 from pool_builder.embeddings import TextEncoder
 from schemas import DecodeStats, KnowledgeRecord
@@ -57,8 +57,8 @@ def main() -> None:
     lm = load_lm(settings)
     reports = {}
     for name, neighbourhood, methods in (
-        ("neighbourhoods (default, 1.5x)", 1.5, ["ar", "dare-relaxed", "dare-relaxed@segment", "dare-relaxed@global", "dare-relaxed@random"]),
-        ("members only", 0.0, ["ar", "dare-relaxed@segment", "dare-relaxed@random"]),
+        ("neighbourhoods (default, 1.5x)", 1.5, ["hf-generate", "dare-relaxed", "dare-relaxed@segment", "dare-relaxed@global", "dare-relaxed@random"]),
+        ("members only", 0.0, ["hf-generate", "dare-relaxed@segment", "dare-relaxed@random"]),
     ):
         builder = build(neighbourhood, encoder, args.segments, args.pool_cap)
         pools = {s: [e[1] for e in p.texts.values()] for s, p in builder.pools.items() if p.texts}

@@ -25,14 +25,16 @@ import sys
 import time
 import urllib.request
 from contextlib import ExitStack
+from itertools import pairwise
 from statistics import median
 
 import torch
 
-from dare.settings import Settings
 from dare.workload import POOL_PATH, default_prompts, read_pool
 from infra.broker import EmbeddedBroker, free_port
-from infra.kafka import consume_all, ensure_topics, make_producer
+from infra.kafka import ensure_topics, make_producer
+from infra.reader import read_topic
+from infra.settings import Settings
 from schemas import KnowledgeRecord, PoolText, PoolUpdate, PromptRequest, Topics, decode, encode
 
 PARTITIONS = 4
@@ -92,7 +94,7 @@ def run_workers(settings: Settings, count: int, backlog: list[PromptRequest], ba
         produce_backlog(settings, backlog)
         ids = {r.request_id for r in backlog}
         while True:
-            records = [decode(KnowledgeRecord, r.value) for r in consume_all(settings, Topics(settings.topic_prefix).knowledge, timeout_s=1)]
+            records = [decode(KnowledgeRecord, r.value) for r in read_topic(settings, Topics(settings.topic_prefix).knowledge, timeout_s=1)]
             if ids <= {r.request_id for r in records}:
                 return records
             assert time.monotonic() < deadline + 1800, "backlog not answered"
@@ -149,7 +151,7 @@ def main() -> None:
 
     decode_s = sum(r.stats.wall_s for r in one)
     one_s, two_s = span(runs[1]), span(runs[2])
-    gaps = [b.created_at - b.stats.wall_s - a.created_at for a, b in zip(one, one[1:])]
+    gaps = [b.created_at - b.stats.wall_s - a.created_at for a, b in pairwise(one)]
     split = {w: sum(1 for r in runs[2] if r.worker == w) for w in {r.worker for r in runs[2]}}
     print(f"{args.prompts} prompts (default workload, its pools on the pools topic), mode {args.mode}, "
           f"{args.max_new_tokens} new tokens, 1 torch thread per worker")

@@ -1,8 +1,9 @@
 """`dare bench`: every method on the same prompts, in one run, side by side.
 
-Methods: `ar` (transformers greedy generate), `pld` (transformers prompt lookup), `rest`
-(one global pool over all pool texts, strict, longest match dominates, no prompt lookup),
-`dare-strict`, `dare-relaxed`. Plain DARE drafts from the prompt's segment pool merged with the
+Methods: `hf-generate` (stock transformers greedy `generate`: what users would run instead, and the
+reference of every speedup), `pld` (transformers prompt lookup), `rest` (one global pool over all
+pool texts, strict, longest match dominates, no prompt lookup), `dare-ar` (this engine's own greedy
+decoding: no drafts), `dare-strict`, `dare-relaxed`. Plain DARE drafts from the prompt's segment pool merged with the
 global pool (and the request's own text); pool variants by suffix draft from one pool only:
 `@segment`, `@global` (all pool texts), `@random` (a random sample as large as the segment pool).
 Prompts run one after another and, within a prompt, every method in turn, so machine noise
@@ -20,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from dare.model import LoadedModel, chat_input_ids
 from dare.workload import BenchPrompt, WorkloadError
 from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
 from workers.engine.draft import DraftConfig
+from workers.engine.model import LoadedModel, chat_input_ids
 from workers.engine.pool import Pool
-from workers.greedy import greedy_generate
+from workers.engine.reference import hf_generate
 
-BASE_METHODS = ("ar", "pld", "rest", "dare-strict", "dare-relaxed")
+BASE_METHODS = ("hf-generate", "pld", "rest", "dare-ar", "dare-strict", "dare-relaxed")
+REFERENCE = "hf-generate"
 POOL_VARIANTS = ("segment", "global", "random")
 PLD_TOKENS = 10
 
@@ -48,11 +50,12 @@ def parse_methods(text: str) -> list[str]:
     for method in methods:
         base, _, variant = method.partition("@")
         if base not in BASE_METHODS:
-            raise WorkloadError(f"unknown method {method!r}: choose from {', '.join(BASE_METHODS)}")
-        if variant and (not base.startswith("dare") or variant not in POOL_VARIANTS):
-            raise WorkloadError(f"unknown pool variant in {method!r}: dare-*@{{{','.join(POOL_VARIANTS)}}}")
-    if "ar" not in methods:
-        methods.insert(0, "ar")  # every speedup is measured against it
+            renamed = " (`ar` was renamed: hf-generate is transformers generate, dare-ar the engine's greedy)" if base == "ar" else ""
+            raise WorkloadError(f"unknown method {method!r}: choose from {', '.join(BASE_METHODS)}{renamed}")
+        if variant and (base not in ("dare-strict", "dare-relaxed") or variant not in POOL_VARIANTS):
+            raise WorkloadError(f"unknown pool variant in {method!r}: dare-strict@ or dare-relaxed@{{{','.join(POOL_VARIANTS)}}}")
+    if REFERENCE not in methods:
+        methods.insert(0, REFERENCE)  # every speedup is measured against it
     return methods
 
 
@@ -69,7 +72,7 @@ class ForwardCounter:
 
 def run_hf(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, counter: ForwardCounter, pld: bool) -> dict:
     calls = counter.calls
-    gen = greedy_generate(lm, input_ids, max_new_tokens, **({"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}))
+    gen = hf_generate(lm, input_ids, max_new_tokens, **({"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}))
     steps = max(1, counter.calls - calls)  # the prefill yields the first token, like DARE's first step
     return {"token_ids": gen.token_ids, "steps": steps, "wall_s": gen.wall_s, "retrieval_s": 0.0, "forward_s": gen.wall_s}
 
@@ -105,14 +108,13 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
         outputs = {}
         for method in methods:
             base = method.partition("@")[0]
-            if base in ("ar", "pld"):
+            if base in (REFERENCE, "pld"):
                 r = run_hf(lm, input_ids, max_new_tokens, counter, pld=base == "pld")
             else:
-                mode = "relaxed" if base == "dare-relaxed" else "strict"
                 if base == "rest":
                     out = rest.generate(input_ids, [(global_pool, 1.0)], "strict", max_new_tokens, use_self=False)
                 else:
-                    out = dare.generate(input_ids, pools_for(method, prompt.segment), mode, max_new_tokens)
+                    out = dare.generate(input_ids, pools_for(method, prompt.segment), base.removeprefix("dare-"), max_new_tokens)
                 s = out.stats
                 r = {"token_ids": out.token_ids, "steps": s.steps, "wall_s": s.wall_s, "retrieval_s": s.retrieval_s,
                      "forward_s": s.forward_s + s.prefill_s}
@@ -125,21 +127,21 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
             t.per_prompt_tps.append(len(r["token_ids"]) / r["wall_s"] if r["wall_s"] else 0.0)
             outputs[method] = {"token_ids": r["token_ids"], "text": tokenizer.decode(r["token_ids"], skip_special_tokens=True),  # type: ignore[attr-defined]
                                "steps": r["steps"], "wall_s": round(r["wall_s"], 4)}
-        ar_tps = totals["ar"].per_prompt_tps[-1]
-        line = "  ".join(f"{m} {totals[m].per_prompt_tps[-1] / ar_tps:.2f}x" for m in methods if m != "ar")
-        print(f"[{n}/{len(prompts)}] {prompt.id} ({prompt.segment}): ar {ar_tps:.1f} tok/s  {line}", file=sys.stderr, flush=True)
+        ref_tps = totals[REFERENCE].per_prompt_tps[-1]
+        line = "  ".join(f"{m} {totals[m].per_prompt_tps[-1] / ref_tps:.2f}x" for m in methods if m != REFERENCE)
+        print(f"[{n}/{len(prompts)}] {prompt.id} ({prompt.segment}): {REFERENCE} {ref_tps:.1f} tok/s  {line}", file=sys.stderr, flush=True)
         results.append({"id": prompt.id, "segment": prompt.segment, "outputs": outputs})
     counter.handle.remove()
 
-    ar_total = totals["ar"]
-    ar_tps = ar_total.tokens / ar_total.wall_s
+    ref = totals[REFERENCE]
+    ref_tps = ref.tokens / ref.wall_s
     summary = {}
     for method, t in totals.items():
         tps = t.tokens / t.wall_s if t.wall_s else 0.0
         summary[method] = {
             "tokens_per_s": tps,
-            "speedup_vs_ar": tps / ar_tps if ar_tps else 0.0,
-            "median_speedup_vs_ar": statistics.median(a / b for a, b in zip(t.per_prompt_tps, ar_total.per_prompt_tps) if b),
+            "speedup": tps / ref_tps if ref_tps else 0.0,
+            "median_speedup": statistics.median(a / b for a, b in zip(t.per_prompt_tps, ref.per_prompt_tps) if b),
             "mean_accepted": t.tokens / t.steps if t.steps else 0.0,
             "retrieval_ms_per_step": 1000 * t.retrieval_s / t.steps if t.steps else 0.0,
             "overhead_share": max(0.0, (t.wall_s - t.forward_s) / t.wall_s) if t.wall_s else 0.0,
@@ -151,6 +153,7 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
         "model": lm.model_id,
         "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')})",
         "max_new_tokens": max_new_tokens,
+        "reference": REFERENCE,
         "cost_ms": {str(k): round(v * 1000, 2) for k, v in cost.seconds.items()},
         "pool_texts": {s: len(t) for s, t in pool_texts.items()},
         "methods": summary,
@@ -161,12 +164,12 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
 def format_table(report: dict) -> str:
     lines = [
         f"model {report['model']} on {report['device']}, {len(report['prompts'])} prompts, {report['max_new_tokens']} new tokens",
-        "| method | tokens/s | speedup vs ar | median per-prompt speedup | mean accepted | retrieval ms/step | overhead share | wall s |",
+        f"| method | tokens/s | speedup vs {REFERENCE} | median per-prompt speedup | mean accepted | retrieval ms/step | overhead share | wall s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, m in report["methods"].items():
         lines.append(
-            f"| {method} | {m['tokens_per_s']:.1f} | {m['speedup_vs_ar']:.2f}x | {m['median_speedup_vs_ar']:.2f}x | "
+            f"| {method} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {m['median_speedup']:.2f}x | "
             f"{m['mean_accepted']:.2f} | {m['retrieval_ms_per_step']:.2f} | {100 * m['overhead_share']:.1f}% | {m['wall_s']:.1f} |"
         )
     return "\n".join(lines)

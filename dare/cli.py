@@ -10,13 +10,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 import structlog
 
-from dare.log import configure_logging
-from dare.settings import Settings, load_settings, settings_markdown
+from infra.log import configure_logging
+from infra.settings import Settings, load_settings, settings_markdown
+from schemas import Mode
 
-DEFAULT_METHODS = "ar,pld,rest,dare-strict,dare-relaxed,dare-relaxed@segment,dare-relaxed@global,dare-relaxed@random"
+MODES = list(get_args(Mode))
+
+DEFAULT_METHODS = "hf-generate,pld,rest,dare-ar,dare-strict,dare-relaxed,dare-relaxed@segment,dare-relaxed@global,dare-relaxed@random"
 
 log = structlog.get_logger("cli")
 
@@ -43,13 +47,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def load_lm(settings: Settings):  # type: ignore[no-untyped-def]
-    import torch
+    from workers.engine.model import load_model
 
-    from dare.model import load_model
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    return load_model(settings.model, settings.device, settings.dtype, settings.cache_dir)
+    return load_model(settings.model, settings.device, settings.dtype, settings.cache_dir, settings.threads)
 
 
 def stop_event_on_signals() -> threading.Event:
@@ -100,8 +100,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dare.data import item_prompt, load_movielens, user_prompt
-    from dare.model import chat_input_ids
-    from workers.greedy import greedy_generate
+    from workers.engine.model import chat_input_ids
+    from workers.engine.reference import hf_generate
 
     settings = settings_from(args)
     if args.prompt:
@@ -111,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt = item_prompt(load_movielens(), args.item)
     lm = load_lm(settings)
-    gen = greedy_generate(lm, chat_input_ids(lm.tokenizer, prompt), settings.max_new_tokens)
+    gen = hf_generate(lm, chat_input_ids(lm.tokenizer, prompt), settings.max_new_tokens)
     print(gen.text)
     print(f"\n[{len(gen.token_ids)} tokens in {gen.wall_s:.2f}s: {gen.tokens_per_s:.1f} tokens/s, greedy, {lm.model_id}, {lm.device}]")
     return 0
@@ -141,12 +141,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
-    from infra.kafka import consume_all
+    from infra.reader import read_topic
     from schemas import Topics
 
     settings = settings_from(args)
     topic = getattr(Topics(settings.topic_prefix), args.topic.replace("-", "_"), None) or args.topic
-    for record in consume_all(settings, topic, max_messages=args.max, timeout_s=args.timeout):
+    for record in read_topic(settings, topic, max_messages=args.max, timeout_s=args.timeout):
         value = record.value.decode("utf-8", errors="replace") if record.value else ""
         if args.json:
             print(value, flush=True)
@@ -195,12 +195,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lm = load_lm(settings)
     check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
     if args.batch:
-        from dare.batch_bench import AR_SIZES, format_batch_table, run_batch_bench
+        from dare.batch_bench import HF_SIZES, format_batch_table, run_batch_bench
 
-        print(f"bench: {len(prompts)} prompts, batched ar (sweep) vs batched DARE at batch {','.join(map(str, args.batch))}, "
+        print(f"bench: {len(prompts)} prompts, batched hf-generate (sweep) vs batched DARE at batch {','.join(map(str, args.batch))}, "
               f"{settings.max_new_tokens} new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
         report = run_batch_bench(lm, prompts, pool, args.batch, settings.max_new_tokens, settings.cache_dir,
-                                 ar_sizes=args.ar_batch or AR_SIZES, repeat=args.repeat)
+                                 hf_sizes=args.hf_batch or HF_SIZES, repeat=args.repeat)
         print(format_batch_table(report))
     else:
         print(f"bench: {len(prompts)} prompts x {len(methods)} methods, {settings.max_new_tokens} new tokens, "
@@ -214,8 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from dare.replay import file_messages, movielens_messages, produce, topic_for
-    from infra.kafka import wait_for_broker
+    from dare.replay import file_messages, movielens_messages, topic_for
+    from infra.kafka import produce, wait_for_broker
 
     settings = settings_from(args)
     wait_for_broker(settings)
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="generator worker: prompts topic → knowledge topic")
     add_kafka_flags(p)
     add_model_flags(p)
-    p.add_argument("--mode", choices=["ar", "strict", "relaxed"], default="ar")
+    p.add_argument("--mode", choices=MODES, default="ar", help="ar: the engine's greedy decoding; strict, relaxed: DARE")
     p.add_argument("--batch", type=int, default=1, help="decode up to B prompts together (continuous batching; default 1)")
     p.add_argument("--max-prompts", type=int, help="exit after this many prompts")
     p.add_argument("--idle-exit", type=float, help="exit after S seconds without a prompt (default: run until stopped)")
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kafka_flags(p)
     p.add_argument("source", choices=["user-events", "item-events", "prompts", "file"])
     p.add_argument("--limit", type=int, help="first N only")
-    p.add_argument("--mode", choices=["ar", "strict", "relaxed"], help="prompts: decoding mode to ask for")
+    p.add_argument("--mode", choices=MODES, help="prompts: decoding mode to ask for")
     p.add_argument("--file", type=Path, help="file: JSONL, one message per line")
     p.add_argument("--type", help="file: message type (UserEvent, ItemEvent, PromptRequest, KnowledgeRecord, ...)")
     p.add_argument("--topic", help="override the destination topic")
@@ -329,16 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.set_defaults(func=cmd_pool_builder)
 
-    p = sub.add_parser("bench", help="ar, pld, rest and DARE on the same prompts, side by side")
+    p = sub.add_parser("bench", help="hf-generate, pld, rest and DARE on the same prompts, side by side")
     add_model_flags(p)
     p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
     p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     p.add_argument("--limit", type=int, help="first N prompts only")
     p.add_argument("--batch", type=batch_sizes, metavar="B[,B...]",
-                   help="batched: ar at batch 1..32 (sweep) vs dare-ar/strict/relaxed at each batch size B")
-    p.add_argument("--ar-batch", type=batch_sizes, metavar="B[,B...]",
-                   help="with --batch: the ar sweep's batch sizes (default 1,2,4,8,16,32; batch 1, the reference, always runs once)")
+                   help="batched: hf-generate at batch 1..32 (sweep) vs dare-ar/strict/relaxed at each batch size B")
+    p.add_argument("--hf-batch", "--ar-batch", dest="hf_batch", type=batch_sizes, metavar="B[,B...]",
+                   help="with --batch: the hf-generate sweep's batch sizes (default 1,2,4,8,16,32; batch 1, the reference, always runs once)")
     p.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                    help="with --batch: run every configuration N times, report medians")
     p.add_argument("--json", type=Path, help="write the full report here")
@@ -371,12 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     if args.command in ("worker", "pool-builder"):
-        from dare.demo import die_with_parent
+        from infra.process import die_with_parent
 
         die_with_parent()
     try:
         settings = load_settings(log_format=args.log_format, log_level=args.log_level)
-    except Exception as exc:
+    except ValueError as exc:  # pydantic's ValidationError
         print(f"dare: bad configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
@@ -385,20 +385,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a clear one-line error for the known failure kinds
-        from dare.data import DataError
-        from dare.demo import DemoError
-        from dare.model import ModelLoadError
-        from infra.broker import BrokerError
-        from infra.kafka import BrokerUnavailable
-
+    except Exception as exc:  # a clear one-line error for the known failure kinds, the rest re-raised
         from pydantic import ValidationError
 
+        from dare.data import DataError
+        from dare.demo import DemoError
         from dare.workload import WorkloadError
-
+        from infra.broker import BrokerError
+        from infra.kafka import BrokerUnavailable
+        from pool_builder.checkpoint import CheckpointVersionError
         from schemas import SchemaError
+        from workers.engine.model import ModelLoadError
 
-        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, DemoError, ValidationError, WorkloadError, SchemaError)):
+        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, DemoError, ValidationError, WorkloadError, SchemaError,
+                            CheckpointVersionError)):
             print(f"dare {args.command}: {exc}", file=sys.stderr)
             return 1
         raise

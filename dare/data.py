@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 from schemas import ItemEvent, PromptRequest, UserEvent
 
@@ -76,7 +76,7 @@ def movielens_dir() -> Path:
     spec = importlib.util.find_spec("recbole")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("MovieLens-100k comes from the recbole package (run `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+    path = Path(next(iter(spec.submodule_search_locations))) / "dataset_example" / "ml-100k"
     if not (path / "ml-100k.inter").is_file():
         raise DataError(f"recbole is installed but {path / 'ml-100k.inter'} is missing")
     return path

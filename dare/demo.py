@@ -14,7 +14,6 @@ then a summary and the records as JSONL. Ctrl-C or SIGTERM stops every process i
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -27,16 +26,16 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka import TopicPartition
-
 from dare.data import item_events, load_movielens, prompt_request, user_events
-from dare.replay import produce
-from dare.settings import Settings
 from infra.broker import EmbeddedBroker
-from infra.kafka import ensure_topics, make_consumer, wait_for_broker
-from schemas import DeadLetter, KnowledgeRecord, PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
+from infra.kafka import ensure_topics, produce, wait_for_broker
+from infra.process import child_env
+from infra.reader import TopicReader
+from infra.settings import Settings
+from schemas import DeadLetter, KnowledgeRecord, Mode, PoolReplica, PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
 
-SEED_MODE, DARE_MODE = "ar", "relaxed"
+SEED_MODE: Mode = "ar"
+DARE_MODE: Mode = "relaxed"
 
 
 class DemoError(RuntimeError):
@@ -46,37 +45,12 @@ class DemoError(RuntimeError):
 # ---------------------------------------------------------------------------- child processes
 
 
-PARENT_ENV = "_DARE_PARENT_PID"
 INTERRUPTED = threading.Event()
 
 
 def interrupt(signum: int, _frame: object) -> None:
     INTERRUPTED.set()
     raise KeyboardInterrupt
-
-
-def die_with_parent() -> None:
-    """Called first thing in a service the demo started: on Linux it gets SIGTERM when the demo
-    dies, even by SIGKILL (PR_SET_PDEATHSIG), so nothing is orphaned."""
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the demo's own stop() still applies
-        return
-    if os.getppid() != int(parent):  # the demo died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """The demo's settings as DARE_* variables, so every process sees the same configuration."""
-    env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"DARE_{name.upper()}"] = str(value)
-    return env
 
 
 @dataclass
@@ -123,28 +97,6 @@ class Processes:
 
 
 # ---------------------------------------------------------------------------- reading topics
-
-
-class Tail:
-    """Reads topics from where they ended when the demo started (or from the beginning)."""
-
-    def __init__(self, settings: Settings, topics: list[str], from_beginning: bool = False) -> None:
-        self.consumer = make_consumer(settings, "demo", None, [])
-        parts = [TopicPartition(t, p) for t in topics for p in sorted(self.consumer.partitions_for_topic(t) or [])]
-        self.consumer.assign(parts)
-        if from_beginning:
-            self.consumer.seek_to_beginning()
-        else:
-            self.consumer.seek_to_end()
-            for tp in parts:  # resolve the end offsets now, before anything new is produced
-                self.consumer.position(tp)
-
-    def poll(self, timeout_ms: int = 200) -> list:  # type: ignore[type-arg]
-        batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=5000)
-        return [r for records in batch.values() for r in records]
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 @dataclass
@@ -242,7 +194,7 @@ class Demo:
 
     def wait_for_segments(self, users: set[str], processes: Processes) -> dict[str, str]:
         """Follow the assignments topic until every replayed user has a segment."""
-        tail = Tail(self.settings, [self.topics.assignments], from_beginning=True)
+        tail = TopicReader(self.settings, [self.topics.assignments], role="demo")
         segment_of: dict[str, str] = {}
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -281,7 +233,7 @@ class Demo:
         produce(self.settings, self.topics.prompts, requests)
         return {r.request_id for r in requests}
 
-    def wait_for_answers(self, tail: Tail, request_ids: set[str], all_ids: set[str], phase: str, processes: Processes) -> None:
+    def wait_for_answers(self, tail: TopicReader, request_ids: set[str], all_ids: set[str], phase: str, processes: Processes) -> None:
         deadline = time.monotonic() + self.timeout_s
         while True:
             self.results.add(self.topics, tail.poll())
@@ -304,16 +256,17 @@ class Demo:
 
     def wait_for_pools(self, texts: set[str], processes: Processes) -> None:
         """Until the pool builder has published every seed text (workers read the same topic)."""
-        tail = Tail(self.settings, [self.topics.pools], from_beginning=True)
+        tail = TopicReader(self.settings, [self.topics.pools], role="demo")
         deadline = time.monotonic() + self.timeout_s
-        published: set[str] = set()
+        replica, published = PoolReplica(), set()
         try:
             while not texts <= published:
                 processes.check()
                 if time.monotonic() > deadline:
                     raise DemoError(f"{len(texts - published)} seed texts did not reach a published pool in {self.timeout_s:.0f}s")
                 for record in tail.poll():
-                    published |= {t.text_id for t in decode(PoolUpdate, record.value).added}
+                    replica.apply(decode(PoolUpdate, record.value))
+                published = {text_id for pool in replica.pools.values() for text_id in pool}
         finally:
             tail.close()
         print(f"pools: the {len(texts)} seed texts are in their segments' pools", flush=True)
@@ -323,10 +276,10 @@ def prepare_model(settings: Settings, threads: int) -> None:
     """Convert the model and measure the cost curve once here, so the workers start from the cache."""
     import torch
 
-    from dare.cli import load_lm
     from workers.engine.budget import load_or_measure
+    from workers.engine.model import load_model
 
-    lm = load_lm(settings.model_copy(update={"threads": threads}))
+    lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir, threads)
     load_or_measure(lm.model, lm.model_id, lm.device, settings.cache_dir)
     del lm
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -355,7 +308,7 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
             log_dir.mkdir(parents=True, exist_ok=True)
             processes = Processes(settings, log_dir)
             stack.callback(processes.stop)
-            tail = Tail(settings, [topics.knowledge, topics.dead_letter])
+            tail = TopicReader(settings, [topics.knowledge, topics.dead_letter], from_beginning=False, role="demo")
             stack.callback(tail.close)
 
             print("preparing the model (the first run converts the packaged GGUF and measures this machine's "

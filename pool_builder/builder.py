@@ -11,12 +11,11 @@
   so users near a border feed both sides.
 - Pools: per segment, at most `pool_cap` texts, ranked by the author's similarity to the
   segment centroid plus recency; a knowledge record enters its pools at once.
-Every change is returned as messages for the caller to publish.
+Every change is returned as messages for the caller to publish; `checkpoint.py` saves and loads the state.
 """
 
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -271,17 +270,3 @@ class PoolBuilder:
         version = self.counters.refits
         return [SegmentAssignment(entity_kind="user", entity_id=u, segment=s, version=version) for u, s in self.user_segment.items()] + [
             SegmentAssignment(entity_kind="item", entity_id=i, segment=s, version=0) for i, s in self.item_segment.items()]
-
-    # ------------------------------------------------------------------ state
-
-    def dumps(self) -> bytes:
-        """Everything but the encoder (a snapshot is only ever read back by this service)."""
-        state = {k: v for k, v in self.__dict__.items() if k != "encoder"}
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-
-    @classmethod
-    def loads(cls, data: bytes, encoder) -> "PoolBuilder":  # type: ignore[no-untyped-def]
-        builder = cls(encoder)  # defaults for fields an older snapshot lacks
-        builder.__dict__.update(pickle.loads(data))
-        builder.encoder = encoder
-        return builder

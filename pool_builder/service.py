@@ -2,12 +2,14 @@
 
 Loop: poll user events, item events and knowledge records (one consumer group); apply them;
 publish pool updates (keyed by segment) and segment assignments (keyed by entity); every few
-seconds, and on shutdown, checkpoint: flush the producer, write the state snapshot atomically,
-then commit the input offsets. A crash replays at most the events since the last checkpoint,
-and event ids already applied are skipped (counted as duplicates).
+seconds, and on shutdown, checkpoint: flush the producer, write the state (`checkpoint.py`)
+atomically, then commit the input offsets. A crash replays at most the events since the last
+checkpoint, and event ids already applied are skipped (counted as duplicates).
 
-On start the service loads its snapshot and republishes every pool as a snapshot and every
-assignment, so a worker can rebuild all pools from the topic's tail without compaction.
+On start the service loads its checkpoint and republishes every pool as a snapshot and every
+assignment, so a worker can rebuild all pools from the topic's tail without compaction. Without
+a usable checkpoint (first start, or a damaged file, which is moved aside) it reads its input
+topics from the beginning and rebuilds the state from them.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import time
 from pathlib import Path
 
 import structlog
-from kafka import OffsetAndMetadata
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from dare.settings import Settings
-from infra.kafka import ensure_topics, group_id, make_consumer, make_producer
+from infra.delivery import commit, consumer_lag, dead_letter
+from infra.kafka import close_producer, ensure_topics, group_id, make_consumer, make_producer
+from infra.settings import Settings
+from pool_builder import checkpoint
 from pool_builder.builder import PoolBuilder
-from schemas import ItemEvent, KnowledgeRecord, SchemaError, Topics, UserEvent, decode, encode
-from workers.service import dead_letter
+from schemas import ItemEvent, KnowledgeRecord, PoolUpdate, SchemaError, Topics, UserEvent, decode, encode
 
 log = structlog.get_logger("pool_builder")
 
@@ -40,6 +43,21 @@ LAG = Gauge("dare_pool_builder_lag", "Input messages not yet consumed")
 SKIPPED = Gauge("dare_pool_builder_skipped", "Inputs applied as no-ops since start, by reason", ["reason"])
 
 
+class FromTheBeginning(ConsumerRebalanceListener):
+    """Seeks the first partitions assigned to the start of their topics: the state is rebuilt from scratch."""
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self.consumer, self.pending = consumer, True
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.pending and assigned:
+            self.consumer.seek_to_beginning(*assigned)
+            self.pending = False
+
+
 class PoolBuilderService:
     def __init__(self, settings: Settings, state_dir: Path, segments: int = 8, pool_cap: int = 64, neighbourhood: float = 1.5,
                  refit_every_s: float = 30.0, checkpoint_every_s: float = 5.0, encoder=None) -> None:  # type: ignore[no-untyped-def]
@@ -47,24 +65,43 @@ class PoolBuilderService:
 
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
-        self.state_path = state_dir / "pool_builder.state"
+        self.state_path = state_dir / "pool_builder.ckpt"
         self.refit_every_s = refit_every_s
         self.checkpoint_every_s = checkpoint_every_s
         self.encoder = encoder or TextEncoder()
-        if self.state_path.is_file():
-            self.builder = PoolBuilder.loads(self.state_path.read_bytes(), self.encoder)
-            log.info("state restored", path=str(self.state_path), users=len(self.builder.user_segment), pools=len(self.builder.pools))
-        else:
-            self.builder = PoolBuilder(self.encoder, segments=segments, pool_cap=pool_cap, neighbourhood=neighbourhood)
+        restored = self._restore()
+        self.rebuild = restored is None  # no state: rebuilt from the input topics' beginnings
+        self.builder = restored or PoolBuilder(self.encoder, segments=segments, pool_cap=pool_cap, neighbourhood=neighbourhood)
         self.ready = threading.Event()
+
+    def _restore(self) -> PoolBuilder | None:
+        """The state from the checkpoint; None without one, or when it is damaged (moved aside, logged)."""
+        if (old := self.state_path.parent / "pool_builder.state").is_file():
+            log.warning("a pickle state of an older version is ignored; the state is rebuilt from the topics", path=str(old))
+        if not self.state_path.is_file():
+            return None
+        try:
+            builder = checkpoint.load(self.state_path, self.encoder)
+        except checkpoint.CheckpointError as exc:
+            aside = self.state_path.with_name(self.state_path.name + ".damaged")
+            os.replace(self.state_path, aside)
+            log.error("checkpoint unreadable: moved aside, rebuilding the state from the topics", error=str(exc), moved_to=str(aside))
+            return None
+        log.info("state restored", path=str(self.state_path), users=len(builder.user_segment), pools=len(builder.pools))
+        return builder
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> PoolBuilder:
         topics = self.topics
         ensure_topics(self.settings, [topics.user_events, topics.item_events, topics.knowledge, topics.pools,
                                       topics.assignments, topics.dead_letter])
         producer = make_producer(self.settings, "pool-builder")
-        consumer = make_consumer(self.settings, "pool-builder", group_id(self.settings, GROUP), [topics.item_events, topics.user_events, topics.knowledge],
-                                 max_poll_records=5000)
+        consumer = make_consumer(self.settings, "pool-builder", group_id(self.settings, GROUP), [], max_poll_records=5000)
+        inputs = [topics.item_events, topics.user_events, topics.knowledge]
+        if self.rebuild:
+            log.info("no state yet: reading the input topics from the beginning", topics=inputs)
+            consumer.subscribe(inputs, listener=FromTheBeginning(consumer))
+        else:
+            consumer.subscribe(inputs)
         self.producer = producer
         self._publish(self.builder.all_snapshots() + self.builder.all_assignments())
         last_checkpoint = last_refit = last_message = time.monotonic()
@@ -94,8 +131,8 @@ class PoolBuilderService:
         finally:
             if dirty:
                 self._checkpoint(consumer)
-            producer.close(timeout=10)
-            consumer.close()
+            close_producer(producer, timeout_s=10)
+            consumer.close(autocommit=False)
             log.info("pool builder stopped", **vars(self.builder.counters))
         return self.builder
 
@@ -111,6 +148,7 @@ class PoolBuilderService:
                 else:
                     knowledge.append(decode(KnowledgeRecord, record.value))
             except SchemaError as exc:
+                # Delivered with the next checkpoint's flush, before the offsets that cover it are committed.
                 self.producer.send(topics.dead_letter, key=record.key,
                                    value=encode(dead_letter(record, exc.reason, exc.error_type, "pool-builder")))
                 DEAD.inc()
@@ -135,7 +173,7 @@ class PoolBuilderService:
 
     def _publish(self, messages: list) -> None:  # type: ignore[type-arg]
         for message in messages:
-            if message.__class__.__name__ == "PoolUpdate":
+            if isinstance(message, PoolUpdate):
                 self.producer.send(self.topics.pools, key=message.segment.encode(), value=encode(message))
             else:
                 self.producer.send(self.topics.assignments, key=message.entity_id.encode(), value=encode(message))
@@ -147,40 +185,10 @@ class PoolBuilderService:
         for segment, pool in self.builder.pools.items():
             POOL_TEXTS.labels(segment).set(len(pool.texts))
 
-    def _checkpoint(self, consumer) -> None:  # type: ignore[no-untyped-def]
+    def _checkpoint(self, consumer: KafkaConsumer) -> None:
         """Flush what we published, persist the state, then commit what it covers."""
         self.producer.flush(timeout=30)
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.state_path.with_suffix(".partial")
-        partial.write_bytes(self.builder.dumps())
-        os.replace(partial, self.state_path)
-        offsets = {tp: OffsetAndMetadata(consumer.position(tp), "", -1) for tp in consumer.assignment()}
-        if offsets:
-            consumer.commit(offsets)
-            try:
-                ends = consumer.end_offsets(list(offsets))
-                LAG.set(sum(max(0, ends[tp] - o.offset) for tp, o in offsets.items()))
-            except Exception:  # lag is a metric, never a reason to stop
-                pass
-        log.debug("checkpoint", offsets=len(offsets))
-
-
-def read_pools(settings: Settings, timeout_s: float = 5.0) -> dict[str, dict[str, str]]:
-    """Rebuild every pool from the pools topic (what a worker does at start): segment → text id → text."""
-    from infra.kafka import consume_all
-    from schemas import PoolUpdate, assemble_snapshot
-
-    pools: dict[str, dict[str, str]] = {}
-    staged: dict = {}  # type: ignore[type-arg]
-    for record in consume_all(settings, Topics(settings.topic_prefix).pools, timeout_s=timeout_s):
-        update = decode(PoolUpdate, record.value)
-        if update.kind == "snapshot":
-            chunks = assemble_snapshot(staged, update)
-            if chunks is not None:
-                pools[update.segment] = {t.text_id: t.text for c in chunks for t in c.added}
-        else:
-            pool = pools.setdefault(update.segment, {})
-            for text_id in update.removed:
-                pool.pop(text_id, None)
-            pool.update({t.text_id: t.text for t in update.added})
-    return pools
+        checkpoint.save(self.builder, self.state_path)
+        commit(consumer, {tp: consumer.position(tp) for tp in consumer.assignment()})
+        LAG.set(consumer_lag(consumer))
+        log.debug("checkpoint", path=str(self.state_path))

@@ -1,4 +1,4 @@
-"""Wire schemas: every message, its JSON codec, and topic names."""
+"""Wire schemas: every message, its JSON codec, topic names, and how pool updates apply."""
 
 from schemas.codec import SchemaError, decode, encode, export_json_schemas
 from schemas.messages import (
@@ -9,13 +9,14 @@ from schemas.messages import (
     ItemEvent,
     KnowledgeRecord,
     Message,
+    Mode,
     PoolText,
     PoolUpdate,
     PromptRequest,
     SegmentAssignment,
     UserEvent,
-    assemble_snapshot,
 )
+from schemas.pools import PoolChange, PoolReplica
 from schemas.topics import Topics
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "ItemEvent",
     "KnowledgeRecord",
     "Message",
+    "Mode",
+    "PoolChange",
+    "PoolReplica",
     "PoolText",
     "PoolUpdate",
     "PromptRequest",
@@ -33,7 +37,6 @@ __all__ = [
     "SegmentAssignment",
     "Topics",
     "UserEvent",
-    "assemble_snapshot",
     "decode",
     "encode",
     "export_json_schemas",

@@ -122,17 +122,6 @@ class PoolUpdate(Message):
     created_at: float = Field(default_factory=time.time)
 
 
-def assemble_snapshot(staged: dict[tuple[str, int], list[PoolUpdate]], update: PoolUpdate) -> list[PoolUpdate] | None:
-    """Collect a snapshot's chunks; returns them in order once all have arrived, else None."""
-    key = (update.segment, update.version)
-    chunks = staged.setdefault(key, [])
-    chunks.append(update)
-    if len({c.chunk for c in chunks}) < update.chunks:
-        return None
-    del staged[key]
-    return sorted({c.chunk: c for c in chunks}.values(), key=lambda c: c.chunk)
-
-
 class SegmentAssignment(Message):
     """Which segment an entity belongs to (pool builder → workers)."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dare.settings import Settings
+from infra.settings import Settings
 
 log = logging.getLogger("dare.tests")
 
@@ -27,7 +27,7 @@ def _docker_engine_answers() -> bool:
 
         docker.from_env().ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 (no docker package, no engine, no permission: all mean no)
         return False
 
 
@@ -70,7 +70,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lm(model_cache: Path):  # type: ignore[no-untyped-def]
     import torch
 
-    from dare.model import load_model
+    from workers.engine.model import load_model
 
     torch.manual_seed(0)
     return load_model(None, "cpu", "float32", model_cache)

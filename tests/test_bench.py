@@ -40,10 +40,14 @@ def test_unknown_segment_names_the_prompt_line():
         check_segments(prompts, {"s1": ["text"]}, "prompts.jsonl")
 
 
-def test_unknown_methods_are_rejected_and_ar_is_always_measured():
-    assert parse_methods("dare-relaxed@global") == ["ar", "dare-relaxed@global"]
+def test_unknown_methods_are_rejected_and_hf_generate_is_always_measured():
+    assert parse_methods("dare-relaxed@global") == ["hf-generate", "dare-relaxed@global"]
     with pytest.raises(WorkloadError, match="unknown method"):
-        parse_methods("ar,turbo")
+        parse_methods("hf-generate,turbo")
+    with pytest.raises(WorkloadError, match="`ar` was renamed"):
+        parse_methods("ar")
+    with pytest.raises(WorkloadError, match="pool variant"):
+        parse_methods("dare-ar@global")
     with pytest.raises(WorkloadError, match="pool variant"):
         parse_methods("rest@global")
 
@@ -74,15 +78,17 @@ def test_bench_runs_every_method_and_strict_matches_greedy_on_smollm(lm, model_c
         "s1": ["Toy Story is a 1995 American computer-animated comedy film directed by John Lasseter."],
         "s2": ["Heat is a 1995 American crime film written and directed by Michael Mann."],
     }
-    methods = parse_methods("ar,pld,rest,dare-strict,dare-relaxed,dare-strict@global,dare-relaxed@random")
+    methods = parse_methods("hf-generate,pld,rest,dare-ar,dare-strict,dare-relaxed,dare-strict@global,dare-relaxed@random")
     report = run_bench(lm, prompts, pools, methods, 24, model_cache)
     assert set(report["methods"]) == set(methods)
     for prompt in report["prompts"]:
         outputs = prompt["outputs"]
-        assert outputs["dare-strict"]["token_ids"] == outputs["ar"]["token_ids"]  # lossless
-        assert outputs["dare-strict@global"]["token_ids"] == outputs["ar"]["token_ids"]
-        assert outputs["rest"]["token_ids"] == outputs["ar"]["token_ids"]
-        assert outputs["dare-strict"]["steps"] <= outputs["ar"]["steps"]
+        greedy = outputs["hf-generate"]
+        assert outputs["dare-ar"]["token_ids"] == greedy["token_ids"]  # the engine's greedy is greedy
+        assert outputs["dare-strict"]["token_ids"] == greedy["token_ids"]  # lossless
+        assert outputs["dare-strict@global"]["token_ids"] == greedy["token_ids"]
+        assert outputs["rest"]["token_ids"] == greedy["token_ids"]
+        assert outputs["dare-strict"]["steps"] <= outputs["dare-ar"]["steps"]
     for m in report["methods"].values():
         assert m["tokens_per_s"] > 0 and m["mean_accepted"] >= 1.0
     assert "| dare-relaxed |" in format_table(report)
@@ -107,12 +113,15 @@ def test_batched_bench_strict_rows_match_greedy_on_smollm(lm, model_cache):
         "s1": ["Toy Story is a 1995 American computer-animated comedy film directed by John Lasseter."],
         "s2": ["Heat is a 1995 American crime film written and directed by Michael Mann."],
     }
-    report = run_batch_bench(lm, prompts, pools, sizes=(2, 3), max_new=20, cache_dir=model_cache, ar_sizes=(1, 2, 8), repeat=2)
+    report = run_batch_bench(lm, prompts, pools, sizes=(2, 3), max_new=20, cache_dir=model_cache, hf_sizes=(1, 2, 8), repeat=2)
     runs = {(r["method"], r["batch"]): r for r in report["runs"]}
-    assert set(runs) == {("ar", 1), ("ar", 2), ("ar", 3), *((f"dare-{m}", b) for m in ("ar", "strict", "relaxed") for b in (2, 3))}
+    assert set(runs) == {("hf-generate", 1), ("hf-generate", 2), ("hf-generate", 3),
+                         *((f"dare-{m}", b) for m in ("ar", "strict", "relaxed") for b in (2, 3))}
     for b in (2, 3):  # batched, rows joining as others finish: still greedy
         assert runs[("dare-strict", b)]["equal_to_greedy"] == runs[("dare-ar", b)]["equal_to_greedy"] == 3
-    assert len(runs[("ar", 1)]["samples"]) == 1 and all(len(r["samples"]) == 2 for k, r in runs.items() if k != ("ar", 1))
-    assert report["best"]["ar"]["batch"] in (1, 2, 3) and set(report["best"]) == {"ar", "dare-ar", "dare-strict", "dare-relaxed"}
+    assert len(runs[("hf-generate", 1)]["samples"]) == 1
+    assert all(len(r["samples"]) == 2 for k, r in runs.items() if k != ("hf-generate", 1))
+    assert report["best"]["hf-generate"]["batch"] in (1, 2, 3)
+    assert set(report["best"]) == {"hf-generate", "dare-ar", "dare-strict", "dare-relaxed"}
     assert all(r["tokens_per_s"] > 0 for r in report["runs"]) and runs[("dare-relaxed", 2)]["mean_accepted"] >= 1.0
-    assert "| dare-relaxed | 2 |" in format_batch_table(report) and "best of each: ar " in format_batch_table(report)
+    assert "| dare-relaxed | 2 |" in format_batch_table(report) and "best of each: hf-generate " in format_batch_table(report)

@@ -6,8 +6,9 @@ import time
 import pytest
 
 from infra.broker import BrokerError, EmbeddedBroker, port_in_use
-from infra.kafka import BrokerUnavailable, consume_all, ensure_topics, make_consumer, make_producer, wait_for_broker
-from dare.settings import Settings
+from infra.kafka import BrokerUnavailable, ensure_topics, make_consumer, make_producer, wait_for_broker
+from infra.reader import read_topic
+from infra.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ def test_produce_consume_with_keys_across_partitions(kafka_settings):
     for n in range(30):
         producer.send(topic, key=f"user-{n % 5}".encode(), value=f"v{n}".encode())
     producer.flush()
-    records = list(consume_all(kafka_settings, topic, max_messages=30, timeout_s=10))
+    records = list(read_topic(kafka_settings, topic, max_messages=30, timeout_s=10))
     assert sorted(r.value for r in records) == sorted(f"v{n}".encode() for n in range(30))
     assert len({r.partition for r in records}) > 1
     by_key: dict[bytes, set[int]] = {}

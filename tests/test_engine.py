@@ -292,7 +292,7 @@ def test_strict_equals_greedy_on_other_model_families(family):
     import transformers
 
     torch.manual_seed(1)
-    common = dict(vocab_size=VOCAB, eos_token_id=EOS, bos_token_id=0, pad_token_id=0)
+    common = {"vocab_size": VOCAB, "eos_token_id": EOS, "bos_token_id": 0, "pad_token_id": 0}
     if family == "gpt2":
         config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
         model = transformers.GPT2LMHeadModel(config)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dare.settings import Settings, settings_markdown
 from infra.kafka import client_config, redacted
+from infra.settings import Settings, settings_markdown
 
 COMPOSE = Path(__file__).resolve().parents[1] / "infra" / "kafka.yml"
 

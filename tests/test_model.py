@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from dare.model import ModelLoadError, chat_input_ids, load_model
-from workers.greedy import greedy_generate
+from workers.engine.model import ModelLoadError, chat_input_ids, load_model
+from workers.engine.reference import hf_generate
 
 
 def test_loads_from_the_packaged_gguf_then_from_the_cache(lm, model_cache):
@@ -17,8 +17,8 @@ def test_loads_from_the_packaged_gguf_then_from_the_cache(lm, model_cache):
 
 def test_greedy_output_is_deterministic(lm):
     ids = chat_input_ids(lm.tokenizer, "Introduce the movie Toy Story (1995) in one sentence.")
-    first = greedy_generate(lm, ids, 24)
-    second = greedy_generate(lm, ids, 24)
+    first = hf_generate(lm, ids, 24)
+    second = hf_generate(lm, ids, 24)
     assert first.token_ids == second.token_ids
     assert len(first.token_ids) > 0 and first.text.strip()
 

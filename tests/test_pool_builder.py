@@ -8,11 +8,24 @@ import numpy as np
 import pytest
 
 from dare.data import item_events, load_movielens, user_events
-from dare.replay import produce
-from infra.kafka import consume_all, make_producer
+from infra.kafka import make_producer, produce
+from infra.reader import read_topic
+from pool_builder import checkpoint
 from pool_builder.builder import PoolBuilder
-from pool_builder.service import PoolBuilderService, read_pools
-from schemas import DeadLetter, DecodeStats, ItemEvent, KnowledgeRecord, SegmentAssignment, Topics, UserEvent, decode, encode
+from pool_builder.service import PoolBuilderService
+from schemas import (
+    DeadLetter,
+    DecodeStats,
+    ItemEvent,
+    KnowledgeRecord,
+    PoolReplica,
+    PoolUpdate,
+    SegmentAssignment,
+    Topics,
+    UserEvent,
+    decode,
+    encode,
+)
 
 
 class HashEncoder:
@@ -89,7 +102,7 @@ def test_neighbourhoods_come_from_faiss_and_feed_neighbouring_pools(ml):
 
 
 def test_empty_texts_are_counted_and_skipped(fed):
-    uid = sorted(fed.user_segment, key=int)[0]
+    uid = min(fed.user_segment, key=int)
     before = fed.counters.empty_texts
     assert fed.add_knowledge(knowledge(uid, "   \n", request_id="blank-1")) == []
     assert fed.counters.empty_texts == before + 1
@@ -123,22 +136,74 @@ def test_ratings_for_unknown_items_wait_for_the_item():
     assert "u" in builder.users.index
 
 
-def test_state_round_trip(fed):
-    restored = PoolBuilder.loads(fed.dumps(), HashEncoder())
-    assert restored.user_segment == fed.user_segment
-    assert {s: list(p.texts) for s, p in restored.pools.items()} == {s: list(p.texts) for s, p in fed.pools.items()}
+def state_of(builder):
+    """Everything a checkpoint must keep, as plain comparable data."""
+    n = len(builder.users.index)
+    return {
+        "config": (builder.k, builder.pool_cap, builder.neighbourhood, builder.snapshot_every, builder.dedup_window),
+        "items": {i: v.tolist() for i, v in builder.item_vectors.items()}, "item_segment": builder.item_segment,
+        "users": list(builder.users.index), "sums": builder.users.sums[:n].tolist(), "counts": builder.users.counts[:n].tolist(),
+        "centroids": None if builder.centroids is None else builder.centroids.tolist(), "user_segment": builder.user_segment,
+        "neighbours": builder.neighbours, "pools": {s: (p.version, list(p.texts.items())) for s, p in builder.pools.items()},
+        "seen": list(builder.seen), "pending": {i: list(e) for i, e in builder.pending.items()}, "pending_count": builder.pending_count,
+        "clock": builder.clock, "users_at_refit": builder.users_at_refit, "fresh_users": builder.fresh_users,
+        "counters": builder.counters,
+    }
 
 
-def test_a_snapshot_from_before_neighbourhoods_still_loads(fed):
-    import pickle
+def test_checkpoint_round_trip_keeps_every_field(fed, tmp_path):
+    fed.refit()
+    fed.add_knowledge(knowledge(next(iter(fed.user_segment)), "kept across a restart", request_id="ckpt-1"))
+    fed.add_user_event(UserEvent(event_id="waits", user_id="u-new", item_id="no-such-item", rating=4.0, timestamp=1))
+    fed.fresh_users.add("u-fresh")
+    path = tmp_path / "pool_builder.ckpt"
+    checkpoint.save(fed, path)
+    restored = checkpoint.load(path, HashEncoder())
+    assert state_of(restored) == state_of(fed)
+    assert not path.with_name(path.name + ".partial").exists()
+    restored.add_user_event(UserEvent(event_id="more", user_id="u-later", item_id=next(iter(fed.item_vectors)), rating=5.0, timestamp=2))
+    assert "u-later" in restored.users.index  # the restored arrays grow
 
-    state = pickle.loads(fed.dumps())
-    for newer in ("neighbours", "neighbourhood", "fresh_users"):
-        del state[newer]
-    restored = PoolBuilder.loads(pickle.dumps(state), HashEncoder())
-    uid = next(iter(restored.user_segment))
-    assert restored.segments_for("user", uid) == [restored.user_segment[uid]]
-    assert restored.assign_new_users() == []
+
+def test_an_older_checkpoint_loads_with_defaults_a_newer_one_is_refused(fed, tmp_path):
+    import json
+    import zipfile
+
+    path = tmp_path / "pool_builder.ckpt"
+    checkpoint.save(fed, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    state = json.loads(members["state.json"])
+
+    def rewrite(target, new_state, drop=()):
+        with zipfile.ZipFile(target, "w") as archive:
+            for name, data in members.items():
+                if name not in drop:
+                    archive.writestr(name, json.dumps(new_state) if name == "state.json" else data)
+        return target
+
+    older = {k: v for k, v in state.items() if k not in ("neighbours", "fresh_users", "counters")}
+    restored = checkpoint.load(rewrite(tmp_path / "old.ckpt", older, drop=("centroids.npy",)), HashEncoder())
+    assert restored.neighbours == {} and restored.fresh_users == set() and restored.counters.refits == 0
+    assert restored.user_segment == fed.user_segment and restored.centroids is None
+    with pytest.raises(checkpoint.CheckpointVersionError, match="format 2, written by a newer pool builder"):
+        checkpoint.load(rewrite(tmp_path / "new.ckpt", state | {"format": 2}), HashEncoder())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no state"])
+def test_a_damaged_checkpoint_is_a_clear_error(fed, tmp_path, damage):
+    import zipfile
+
+    path = tmp_path / "pool_builder.ckpt"
+    checkpoint.save(fed, path)
+    data = path.read_bytes()
+    if damage == "no state":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("other.txt", "x")
+    else:
+        path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a zip" * 100, "empty": b""}[damage])
+    with pytest.raises(checkpoint.CheckpointError, match="pool_builder.ckpt"):
+        checkpoint.load(path, HashEncoder())
 
 
 def test_snapshots_are_chunked_below_the_message_limit():
@@ -174,19 +239,48 @@ def test_service_replay_knowledge_restart_and_dead_letters(kafka_settings, ml, t
     builder = run_service()
     print(f"\n[pool-builder] 100k ratings produced + consumed in {time.perf_counter() - start:.1f}s")
     assert builder.counters.user_events == 100_000
-    assignments = [decode(SegmentAssignment, r.value) for r in consume_all(settings, topics.assignments, timeout_s=5)]
+    assignments = [decode(SegmentAssignment, r.value) for r in read_topic(settings, topics.assignments, timeout_s=5)]
     user_segments = {a.entity_id: a.segment for a in assignments if a.entity_kind == "user"}
     assert len(user_segments) == 943 and len(set(user_segments.values())) == 6
 
-    letters = [decode(DeadLetter, r.value) for r in consume_all(settings, topics.dead_letter, timeout_s=3)]
+    letters = [decode(DeadLetter, r.value) for r in read_topic(settings, topics.dead_letter, timeout_s=3)]
     assert sorted(letter.error_type for letter in letters) == ["json", "schema"]
 
     uid = "42"
     producer.send(topics.knowledge, key=uid.encode(), value=encode(knowledge(uid, "Likes film noir and westerns.")))
     producer.flush()
-    builder = run_service()  # a restart: state from the snapshot, only the new record consumed
+    builder = run_service()  # a restart: state from the checkpoint, only the new record consumed
     assert builder.counters.user_events == 100_000
     pools = read_pools(settings)
     assert pools[user_segments[uid]][f"user-{uid}"] == "Likes film noir and westerns."
     assert builder.user_segment == user_segments  # segment ids kept across the restart
     assert all(len(texts) <= 8 for texts in pools.values())
+
+
+def read_pools(settings):
+    """Every pool as the pools topic describes it (what a worker rebuilds at start)."""
+    replica = PoolReplica()
+    for record in read_topic(settings, Topics(settings.topic_prefix).pools, timeout_s=5):
+        replica.apply(decode(PoolUpdate, record.value))
+    return replica.pools
+
+
+@pytest.mark.integration
+def test_a_damaged_checkpoint_is_moved_aside_and_the_state_rebuilt_from_the_topics(kafka_settings, ml, tmp_path):
+    settings = kafka_settings
+    topics = Topics(settings.topic_prefix)
+    produce(settings, topics.item_events, list(item_events(ml)))
+    produce(settings, topics.user_events, user_events(ml, limit=5_000))
+
+    def run_service():
+        service = PoolBuilderService(settings, tmp_path, segments=4, pool_cap=8, encoder=HashEncoder())
+        return service.run(threading.Event(), idle_exit_s=3.0)
+
+    first = run_service()
+    path = tmp_path / "pool_builder.ckpt"
+    path.write_bytes(path.read_bytes()[:100])  # a crash of the disk, not of the service: the rename was atomic
+    rebuilt = run_service()  # no crash loop: a clear log line, then the inputs again from the beginning
+    assert (tmp_path / "pool_builder.ckpt.damaged").is_file()
+    assert rebuilt.counters.user_events == first.counters.user_events == 5_000
+    assert rebuilt.user_segment.keys() == first.user_segment.keys()
+    assert checkpoint.load(path, HashEncoder()).counters.user_events == 5_000  # a good checkpoint again

@@ -131,13 +131,25 @@ def test_json_schema_export(tmp_path):
 
 
 def test_snapshot_chunks_assemble_once_all_arrived_in_any_order():
-    from schemas import assemble_snapshot
+    from schemas import PoolReplica
 
     chunks = [PoolUpdate(segment="s", version=3, kind="snapshot", added=[PoolText(text_id=f"t{i}", text="x")], chunk=i, chunks=3)
               for i in range(3)]
-    staged: dict = {}
-    assert assemble_snapshot(staged, chunks[2]) is None
-    assert assemble_snapshot(staged, chunks[0]) is None
-    assert assemble_snapshot(staged, chunks[0]) is None  # a redelivered chunk counts once
-    assert assemble_snapshot(staged, chunks[1]) == chunks
-    assert staged == {}
+    replica = PoolReplica()
+    assert replica.apply(chunks[2]) is None
+    assert replica.apply(chunks[0]) is None
+    assert replica.apply(chunks[0]) is None  # a redelivered chunk counts once
+    change = replica.apply(chunks[1])
+    assert change is not None and change.snapshot and [t.text_id for t in change.added] == ["t0", "t1", "t2"]
+    assert replica.staged == {} and replica.pools == {"s": {"t0": "x", "t1": "x", "t2": "x"}}
+
+
+def test_a_snapshot_replaces_the_pool_and_a_delta_removes_then_adds():
+    from schemas import PoolReplica
+
+    replica = PoolReplica()
+    replica.apply(PoolUpdate(segment="s", version=1, kind="delta", added=[PoolText(text_id="a", text="1"), PoolText(text_id="b", text="2")]))
+    change = replica.apply(PoolUpdate(segment="s", version=2, kind="delta", removed=["a"], added=[PoolText(text_id="a", text="3")]))
+    assert change is not None and not change.snapshot and replica.pools["s"] == {"a": "3", "b": "2"}
+    change = replica.apply(PoolUpdate(segment="s", version=3, kind="snapshot", added=[PoolText(text_id="c", text="4")]))
+    assert change is not None and sorted(change.removed) == ["a", "b"] and replica.pools["s"] == {"c": "4"}

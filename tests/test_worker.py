@@ -7,10 +7,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from dare.data import load_movielens, prompt_request
-from infra.kafka import consume_all, ensure_topics, make_producer
+from infra.kafka import ensure_topics, make_producer
+from infra.reader import read_topic
 from schemas import DeadLetter, KnowledgeRecord, PoolText, PoolUpdate, PromptRequest, SegmentAssignment, Topics, decode, encode
-from workers.greedy import greedy_generate
-from dare.model import chat_input_ids
+from workers.engine.model import chat_input_ids
+from workers.engine.reference import hf_generate
 from workers.service import Worker
 
 pytestmark = pytest.mark.integration
@@ -36,11 +37,11 @@ def test_worker_answers_good_prompts_and_dead_letters_bad_ones(kafka_settings, l
     stats = Worker(settings, lm).run(threading.Event(), max_prompts=7, idle_timeout_s=60)
     assert (stats.prompts, stats.dead_lettered) == (3, 4)
 
-    knowledge = [decode(KnowledgeRecord, r.value) for r in consume_all(settings, topics.knowledge, timeout_s=5)]
+    knowledge = [decode(KnowledgeRecord, r.value) for r in read_topic(settings, topics.knowledge, timeout_s=5)]
     assert sorted(k.request_id for k in knowledge) == ["r1", "r2", "r3"]
     assert all(k.token_count > 0 and k.mode == "ar" and k.model == lm.model_id for k in knowledge)
 
-    letters = [decode(DeadLetter, r.value) for r in consume_all(settings, topics.dead_letter, timeout_s=5)]
+    letters = [decode(DeadLetter, r.value) for r in read_topic(settings, topics.dead_letter, timeout_s=5)]
     assert [letter.error_type for letter in letters] == ["undecodable", "schema", "too_long", "schema"]
     assert "mode" in letters[3].reason
     assert base64.b64decode(letters[0].value_b64) == bad[0]  # the original bytes, kept
@@ -54,7 +55,7 @@ def test_worker_decodes_with_dare_using_pools_from_the_topic(kafka_settings, lm)
     ensure_topics(settings, topics.all())
     ml = load_movielens()
     request = prompt_request(ml, "item", "1", request_id="dare-1", mode="strict")
-    greedy = greedy_generate(lm, chat_input_ids(lm.tokenizer, request.prompt), 32)
+    greedy = hf_generate(lm, chat_input_ids(lm.tokenizer, request.prompt), 32)
     producer = make_producer(settings, "test")
     # The pool builder's output: a segment pool holding a text close to the answer, and the assignment.
     snapshot = PoolUpdate(segment="g-Animation", version=1, kind="snapshot", added=[PoolText(text_id="item-2", text=greedy.text)])
@@ -67,7 +68,7 @@ def test_worker_decodes_with_dare_using_pools_from_the_topic(kafka_settings, lm)
     worker = Worker(settings, lm)
     stats = worker.run(threading.Event(), max_prompts=2, idle_timeout_s=60)
     assert stats.prompts == 2
-    records = {k.request_id: k for k in (decode(KnowledgeRecord, r.value) for r in consume_all(settings, topics.knowledge, timeout_s=5))}
+    records = {k.request_id: k for k in (decode(KnowledgeRecord, r.value) for r in read_topic(settings, topics.knowledge, timeout_s=5))}
     strict = records["dare-1"]
     assert strict.segment == "g-Animation" and strict.mode == "strict"
     assert strict.text == greedy.text  # lossless through the whole worker path
@@ -94,11 +95,11 @@ def test_batched_worker_answers_everything_greedy_rows_exact_and_commits_it_all(
 
     stats = Worker(settings, lm, batch=3).run(threading.Event(), max_prompts=8, idle_timeout_s=60)
     assert (stats.prompts, stats.dead_lettered) == (7, 1)
-    records = {k.request_id: k for k in (decode(KnowledgeRecord, r.value) for r in consume_all(settings, topics.knowledge, timeout_s=5))}
+    records = {k.request_id: k for k in (decode(KnowledgeRecord, r.value) for r in read_topic(settings, topics.knowledge, timeout_s=5))}
     assert set(records) == {r.request_id for r in requests}
     for request in requests:
         if request.mode in ("ar", "strict"):  # greedy rows, decoded inside a batch, equal plain greedy
-            greedy = greedy_generate(lm, chat_input_ids(lm.tokenizer, request.prompt), request.max_new_tokens)
+            greedy = hf_generate(lm, chat_input_ids(lm.tokenizer, request.prompt), request.max_new_tokens)
             assert records[request.request_id].text == greedy.text, request.request_id
     again = Worker(settings, lm, batch=3).run(threading.Event(), idle_timeout_s=4)
     assert (again.prompts, again.dead_lettered) == (0, 0)  # every offset was committed

@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from dare.data import load_movielens, prompt_request
-from infra.kafka import consume_all, ensure_topics, make_producer
+from infra.kafka import ensure_topics, make_producer
+from infra.reader import read_topic
 from schemas import KnowledgeRecord, Topics, decode, encode
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,7 @@ def produce_backlog(settings):
 
 def answered(settings):
     return Counter(decode(KnowledgeRecord, r.value).request_id
-                   for r in consume_all(settings, Topics(settings.topic_prefix).knowledge, timeout_s=3))
+                   for r in read_topic(settings, Topics(settings.topic_prefix).knowledge, timeout_s=3))
 
 
 def wait_for(predicate, timeout_s):
@@ -102,8 +103,8 @@ def test_worker_rides_out_a_broker_outage_mid_decode(model_cache, lm):
     memory): the worker retries delivery with backoff, delivers, and serves new prompts."""
     import threading
 
-    from dare.settings import Settings
     from infra.broker import EmbeddedBroker, free_port
+    from infra.settings import Settings
     from workers.service import Worker
 
     port = free_port()
@@ -124,7 +125,7 @@ def test_worker_rides_out_a_broker_outage_mid_decode(model_cache, lm):
     try:
         send("before", "1")
         thread.start()
-        assert wait_for(lambda: worker.in_hand == "before", 120), "the worker never started decoding"
+        assert wait_for(lambda: "before" in worker.decoding(), 120), "the worker never started decoding"
         broker.stop()  # mid-decode: the knowledge record has nowhere to go
         time.sleep(4)
         broker = EmbeddedBroker(port=port).start()

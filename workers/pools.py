@@ -9,11 +9,9 @@ Memory is bounded by each pool's node cap (oldest texts evicted first).
 
 from __future__ import annotations
 
-from kafka import TopicPartition
-
-from dare.settings import Settings
-from infra.kafka import make_consumer
-from schemas import PoolUpdate, SchemaError, SegmentAssignment, Topics, assemble_snapshot, decode
+from infra.reader import TopicReader
+from infra.settings import Settings
+from schemas import PoolReplica, PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
 from workers.engine.decode import Dare
 from workers.engine.pool import Pool
 
@@ -25,7 +23,7 @@ class LivePools:
         self.pools: dict[str, Pool] = {}
         self.global_pool = dare.pool([], max_nodes=global_nodes)
         self.assignments: dict[str, str] = {}
-        self.staged: dict[tuple[str, int], list[PoolUpdate]] = {}
+        self.replica = PoolReplica()
         self.applied = 0
         self.rejected = 0
 
@@ -40,24 +38,16 @@ class LivePools:
         self.dare.add_text(self.global_pool, f"{segment}/{text_id}", text)
 
     def apply(self, update: PoolUpdate) -> None:
-        if update.kind == "delta":
-            pool = self._pool(update.segment)
-            for text_id in update.removed:
-                pool.remove(text_id)
-                self.global_pool.remove(f"{update.segment}/{text_id}")
-            for text in update.added:
-                self.add_text(update.segment, text.text_id, text.text)
-        else:
-            chunks = assemble_snapshot(self.staged, update)
-            if chunks is None:
-                return
-            old = self.pools.pop(update.segment, None)
-            if old is not None:
-                for text_id in list(old.texts):
-                    self.global_pool.remove(f"{update.segment}/{text_id}")
-            for chunk in chunks:
-                for text in chunk.added:
-                    self.add_text(update.segment, text.text_id, text.text)
+        change = self.replica.apply(update)
+        if change is None:
+            return
+        pool = self._pool(change.segment)
+        # A snapshot replaces the whole pool, texts this worker added itself included.
+        for text_id in list(pool.texts) if change.snapshot else change.removed:
+            pool.remove(text_id)
+            self.global_pool.remove(f"{change.segment}/{text_id}")
+        for text in change.added:
+            self.add_text(change.segment, text.text_id, text.text)
         self.applied += 1
 
     def assign(self, assignment: SegmentAssignment) -> None:
@@ -79,32 +69,26 @@ class PoolFollower:
 
     def __init__(self, settings: Settings, live: LivePools) -> None:
         self.live = live
-        topics = Topics(settings.topic_prefix)
-        self.consumer = make_consumer(settings, "worker-pools", None, [])
-        parts = []
-        for topic in (topics.pools, topics.assignments):
-            parts += [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_beginning()
+        self.topics = Topics(settings.topic_prefix)
+        self.reader = TopicReader(settings, [self.topics.pools, self.topics.assignments], role="worker-pools")
 
     def poll(self, timeout_ms: int = 0, max_rounds: int = 50) -> int:
         """Apply what has arrived; returns the number of messages applied."""
         n = 0
         for _ in range(max_rounds):
-            batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=2000)
-            if not batch:
+            records = self.reader.poll(timeout_ms=timeout_ms, max_records=2000)
+            if not records:
                 break
-            for records in batch.values():
-                for record in records:
-                    try:
-                        if record.topic.endswith("assignments"):
-                            self.live.assign(decode(SegmentAssignment, record.value))
-                        else:
-                            self.live.apply(decode(PoolUpdate, record.value))
-                        n += 1
-                    except SchemaError:
-                        self.live.rejected += 1  # the pool builder dead-letters its own inputs; skip, count
+            for record in records:
+                try:
+                    if record.topic == self.topics.assignments:
+                        self.live.assign(decode(SegmentAssignment, record.value))
+                    else:
+                        self.live.apply(decode(PoolUpdate, record.value))
+                    n += 1
+                except SchemaError:
+                    self.live.rejected += 1  # the pool builder dead-letters its own inputs; skip, count
         return n
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()

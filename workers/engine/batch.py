@@ -26,8 +26,8 @@ import torch
 
 from workers.engine.accept import Acceptance, accept
 from workers.engine.budget import Budget, allocate
-from workers.engine.decode import DecodeStats
-from workers.engine.draft import RetrievalDrafter
+from workers.engine.decode import Finished, RequestStats
+from workers.engine.draft import Drafter
 from workers.engine.slots import SlotCache
 from workers.engine.verify import ancestor_matrix, forward
 
@@ -41,21 +41,14 @@ class Row:
     context: list[int]
     pending: int
     length: int  # tokens of this row in the cache (the pending token's position)
-    drafter: RetrievalDrafter
+    drafter: Drafter
     budget: Budget
     rule: Acceptance
     max_new_tokens: int
     out: list[int] = field(default_factory=list)
-    stats: DecodeStats = field(default_factory=DecodeStats)
+    stats: RequestStats = field(default_factory=RequestStats)
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
-
-
-@dataclass
-class Finished:
-    key: Hashable
-    token_ids: list[int]
-    stats: DecodeStats
 
 
 class BatchDecoder:
@@ -79,7 +72,7 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ joining and leaving
 
-    def add(self, key: Hashable, input_ids: Sequence[int], drafter: RetrievalDrafter, budget: Budget, rule: Acceptance,
+    def add(self, key: Hashable, input_ids: Sequence[int], drafter: Drafter, budget: Budget, rule: Acceptance,
             max_new_tokens: int) -> None:
         """Queue a request; it is prefilled (with the others queued) at the start of the next step."""
         if not input_ids:

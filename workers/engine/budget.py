@@ -16,6 +16,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ class CostModel:
         sizes = sorted(self.seconds)
         if n <= sizes[0]:
             return self.seconds[sizes[0]]
-        for lo, hi in zip(sizes, sizes[1:]):
+        for lo, hi in pairwise(sizes):
             if n <= hi:
                 t = (n - lo) / (hi - lo)
                 return self.seconds[lo] * (1 - t) + self.seconds[hi] * t
@@ -44,7 +45,7 @@ class CostModel:
         return self.seconds[sizes[-1]] + slope * (n - sizes[-1])
 
     @classmethod
-    def flat(cls) -> "CostModel":
+    def flat(cls) -> CostModel:
         """A device where any tree up to 64 costs one step (e.g. a large GPU)."""
         return cls({1: 1.0, 64: 1.0}, "flat")
 

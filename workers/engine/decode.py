@@ -11,20 +11,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from workers.engine.accept import Acceptance, accept
 from workers.engine.budget import Budget, CostModel
-from workers.engine.draft import DraftConfig, RetrievalDrafter
+from workers.engine.draft import DraftConfig, Drafter, NoDrafter, RetrievalDrafter
 from workers.engine.pool import Pool
 from workers.engine.verify import cache_length, forward, keep_accepted, new_cache, tree_inputs
 
 
 @dataclass
-class DecodeStats:
+class RequestStats:
+    """One request's decoding, step by step (the wire's `DecodeStats` is its summary)."""
+
     steps: int = 0
     new_tokens: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens emitted per step (accepted drafts + 1)
@@ -41,10 +43,19 @@ class DecodeStats:
 
 
 @dataclass
+class Finished:
+    """A request the decoder is done with, under the key it was added with."""
+
+    key: Hashable
+    token_ids: list[int]
+    stats: RequestStats
+
+
+@dataclass
 class Output:
     token_ids: list[int]
     text: str
-    stats: DecodeStats
+    stats: RequestStats
 
 
 def stop_index(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -57,7 +68,7 @@ def speculative_generate(
     model: torch.nn.Module,
     tokenizer: object,
     input_ids: Sequence[int],
-    drafter: RetrievalDrafter,
+    drafter: Drafter,
     budget: Budget,
     rule: Acceptance,
     max_new_tokens: int,
@@ -68,7 +79,7 @@ def speculative_generate(
         raise ValueError("empty prompt: nothing to continue")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    stats = DecodeStats()
+    stats = RequestStats()
     start = time.perf_counter()
     cache = new_cache(model)
     if len(input_ids) > 1:
@@ -151,13 +162,16 @@ class Dare:
         pool.add(text_id, self.assistant_prefix + self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
 
     def request(self, input_ids: Sequence[int], pools: Sequence[tuple[Pool, float]], mode: str, use_self: bool = True
-                ) -> tuple[RetrievalDrafter, Budget, Acceptance]:
+                ) -> tuple[Drafter, Budget, Acceptance]:
         """What one request decodes with (alone or in a batch): its drafter, budget and acceptance rule.
-        Mode `ar` drafts nothing: greedy decoding through the same loop."""
+        `mode` is the wire's (schemas.Mode): `ar` is greedy decoding through this same loop, with no
+        drafts; `strict` and `relaxed` draft from `pools` (and the request's own text) and accept by
+        that rule."""
+        budget = Budget(self.cost, max_tokens=self.draft.max_nodes)
         if mode == "ar":
-            pools, use_self, mode = [], False, "strict"
+            return NoDrafter(), budget, Acceptance("strict")
         drafter = RetrievalDrafter(pools, self.draft, prompt=input_ids if use_self else None, self_weight=self.self_weight)
-        return drafter, Budget(self.cost, max_tokens=self.draft.max_nodes), Acceptance(mode, self.top_k, self.min_prob)
+        return drafter, budget, Acceptance(mode, self.top_k, self.min_prob)
 
     def generate(self, input_ids: Sequence[int], pools: Sequence[tuple[Pool, float]], mode: str, max_new_tokens: int,
                  use_self: bool = True, stop_strings: Sequence[str] = ()) -> Output:
@@ -166,13 +180,37 @@ class Dare:
                                     self.eos_token_ids, stop_strings)
 
 
+class SequentialDecoder:
+    """The batch decoder's interface (`add`, `step`, `len`) over `speculative_generate`: one request
+    at a time, decoded whole by `step`. A service loop written for batches runs batch 1 with it."""
+
+    def __init__(self, dare: Dare) -> None:
+        self.dare = dare
+        self.queued: list[tuple[Hashable, Sequence[int], Drafter, Budget, Acceptance, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.queued)
+
+    def add(self, key: Hashable, input_ids: Sequence[int], drafter: Drafter, budget: Budget, rule: Acceptance,
+            max_new_tokens: int) -> None:
+        self.queued.append((key, input_ids, drafter, budget, rule, max_new_tokens))
+
+    def step(self) -> list[Finished]:
+        if not self.queued:
+            return []
+        key, input_ids, drafter, budget, rule, max_new_tokens = self.queued.pop(0)
+        out = speculative_generate(self.dare.model, self.dare.tokenizer, input_ids, drafter, budget, rule, max_new_tokens,
+                                   self.dare.eos_token_ids)
+        return [Finished(key, out.token_ids, out.stats)]
+
+
 def template_parts(tokenizer: object) -> tuple[list[int], list[int]]:
     """The chat template's tokens before a user message and between it and the assistant's answer
     (both empty without a template)."""
     try:
         a = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
         b = tokenizer.apply_chat_template([{"role": "user", "content": "b"}], add_generation_prompt=True, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
-    except Exception:
+    except Exception:  # noqa: BLE001 (tokenizers without a chat template raise various errors)
         return [], []  # no chat template: pools hold bare texts
     a, b = list(a), list(b)
     head = tail = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from workers.engine.pool import LiveText, Node, Pool
 
@@ -30,7 +31,7 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def prefix(self, n: int) -> "DraftTree":
+    def prefix(self, n: int) -> DraftTree:
         return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.scores[:n])
 
 
@@ -95,11 +96,30 @@ def build_draft(context: Sequence[int], sources: Sequence[Source], config: Draft
     return tree
 
 
-class RetrievalDrafter:
-    """Drafts from pools plus (optionally) the request's own prompt and output.
+class Drafter(Protocol):
+    """What the decoding loops ask of a drafting strategy; they do not know which one they hold."""
 
-    The decoding loop only calls `get_candidates` and `update`; it does not know the sources.
-    """
+    def get_candidates(self, context: Sequence[int]) -> DraftTree:
+        """The draft tree for what follows `context`, best nodes first."""
+        ...
+
+    def update(self, new_tokens: Sequence[int]) -> None:
+        """The tokens the request just emitted."""
+        ...
+
+
+class NoDrafter:
+    """Drafts nothing: every step verifies only the pending token (greedy decoding, mode `ar`)."""
+
+    def get_candidates(self, context: Sequence[int]) -> DraftTree:
+        return DraftTree()
+
+    def update(self, new_tokens: Sequence[int]) -> None:
+        pass
+
+
+class RetrievalDrafter:
+    """Drafts from pools plus (optionally) the request's own prompt and output."""
 
     def __init__(self, pools: Sequence[Source], config: DraftConfig, prompt: Sequence[int] | None = None,
                  self_weight: float = 1.0) -> None:

