@@ -9,10 +9,12 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import get_args
 
 import structlog
+from pydantic import ValidationError
 
 from infra.log import configure_logging
 from infra.settings import Settings, load_settings, settings_markdown
@@ -37,8 +39,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model directory (env DARE_MODEL; default: packaged SmolLM2-135M)")
     p.add_argument("--device", help="auto, cpu, cuda (env DARE_DEVICE)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="env DARE_DTYPE")
-    p.add_argument("--threads", type=int, help="torch CPU threads (env DARE_THREADS)")
-    p.add_argument("--max-new-tokens", type=int, help="env DARE_MAX_NEW_TOKENS (default 128)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (env DARE_THREADS)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="env DARE_MAX_NEW_TOKENS (default 128)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -141,10 +143,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_consume(args: argparse.Namespace) -> int:
+    from infra.kafka import wait_for_broker
     from infra.reader import read_topic
     from schemas import Topics
 
     settings = settings_from(args)
+    wait_for_broker(settings)
     topic = getattr(Topics(settings.topic_prefix), args.topic.replace("-", "_"), None) or args.topic
     for record in read_topic(settings, topic, max_messages=args.max, timeout_s=args.timeout):
         value = record.value.decode("utf-8", errors="replace") if record.value else ""
@@ -169,6 +173,43 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1..65535), got {text!r}")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """A file this command will write: its directory must exist and be writable, checked before any work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is not a writable directory")
+    return path
 
 
 def batch_sizes(text: str) -> tuple[int, ...]:
@@ -218,17 +259,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from infra.kafka import produce, wait_for_broker
 
     settings = settings_from(args)
-    wait_for_broker(settings)
     if args.source == "file":
         if not (args.file and args.type):
             print("dare produce file: --file and --type are required", file=sys.stderr)
             return 2
         topic = args.topic or topic_for(settings, {"UserEvent": "user_events", "ItemEvent": "item_events",
                                                    "PromptRequest": "prompts", "KnowledgeRecord": "knowledge"}.get(args.type, "prompts"))
-        messages = file_messages(args.file, args.type)
+        messages = list(file_messages(args.file, args.type))  # the whole file checked before anything is sent
     else:
         attribute, messages = movielens_messages(args.source, args.limit, args.mode)
         topic = args.topic or topic_for(settings, attribute)
+    wait_for_broker(settings)
     start = time.perf_counter()
     n = produce(settings, topic, messages)
     print(f"produced {n} messages to {topic} in {time.perf_counter() - start:.1f}s")
@@ -279,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_schemas)
 
     p = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground")
-    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--port", type=port, default=9092)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("generate", help="greedy generation for one prompt, MovieLens user or item")
@@ -294,24 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_kafka_flags(p)
     add_model_flags(p)
     p.add_argument("--mode", choices=MODES, default="ar", help="ar: the engine's greedy decoding; strict, relaxed: DARE")
-    p.add_argument("--batch", type=int, default=1, help="decode up to B prompts together (continuous batching; default 1)")
-    p.add_argument("--max-prompts", type=int, help="exit after this many prompts")
-    p.add_argument("--idle-exit", type=float, help="exit after S seconds without a prompt (default: run until stopped)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (incl. dare_worker_ready) on this port")
+    p.add_argument("--batch", type=positive_int, default=1, help="decode up to B prompts together (continuous batching; default 1)")
+    p.add_argument("--max-prompts", type=positive_int, help="exit after this many prompts")
+    p.add_argument("--idle-exit", type=seconds, help="exit after S seconds without a prompt (default: run until stopped)")
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics (incl. dare_worker_ready) on this port")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("consume", help="print a topic's messages")
     add_kafka_flags(p)
     p.add_argument("topic", help="a topic name, or one of: knowledge, prompts, dead-letter, pools, ...")
-    p.add_argument("--max", type=int, help="stop after N messages")
-    p.add_argument("--timeout", type=float, default=10.0, help="stop after S seconds without a message")
+    p.add_argument("--max", type=positive_int, help="stop after N messages")
+    p.add_argument("--timeout", type=seconds, default=10.0, help="stop after S seconds without a message")
     p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
     p.set_defaults(func=cmd_consume)
 
     p = sub.add_parser("produce", help="MovieLens events/prompts, or a JSONL file of schema messages, into Kafka")
     add_kafka_flags(p)
     p.add_argument("source", choices=["user-events", "item-events", "prompts", "file"])
-    p.add_argument("--limit", type=int, help="first N only")
+    p.add_argument("--limit", type=positive_int, help="first N only")
     p.add_argument("--mode", choices=MODES, help="prompts: decoding mode to ask for")
     p.add_argument("--file", type=Path, help="file: JSONL, one message per line")
     p.add_argument("--type", help="file: message type (UserEvent, ItemEvent, PromptRequest, KnowledgeRecord, ...)")
@@ -320,13 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pool-builder", help="the pool-builder service: events and knowledge in, pools and assignments out")
     add_kafka_flags(p)
-    p.add_argument("--segments", type=int, default=8, help="user segments (k-means k)")
-    p.add_argument("--pool-cap", type=int, default=64, help="texts per segment pool")
-    p.add_argument("--neighbourhood", type=float, default=1.5,
+    p.add_argument("--segments", type=positive_int, default=8, help="user segments (k-means k)")
+    p.add_argument("--pool-cap", type=positive_int, default=64, help="texts per segment pool")
+    p.add_argument("--neighbourhood", type=non_negative, default=1.5,
                    help="users nearest each centroid whose knowledge enters its pool, x the mean segment size (0: members only)")
-    p.add_argument("--refit-every", type=float, default=30.0, help="seconds between k-means re-fits while users grow")
+    p.add_argument("--refit-every", type=seconds, default=30.0, help="seconds between k-means re-fits while users grow")
     p.add_argument("--state-dir", type=Path, help="snapshot directory (default: DARE_CACHE_DIR/pool-builder)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port")
     p.set_defaults(func=cmd_pool_builder)
 
     p = sub.add_parser("bench", help="hf-generate, pld, rest and DARE on the same prompts, side by side")
@@ -334,36 +375,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
     p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
-    p.add_argument("--limit", type=int, help="first N prompts only")
+    p.add_argument("--limit", type=positive_int, help="first N prompts only")
     p.add_argument("--batch", type=batch_sizes, metavar="B[,B...]",
                    help="batched: hf-generate at batch 1..32 (sweep) vs dare-ar/strict/relaxed at each batch size B")
     p.add_argument("--hf-batch", "--ar-batch", dest="hf_batch", type=batch_sizes, metavar="B[,B...]",
                    help="with --batch: the hf-generate sweep's batch sizes (default 1,2,4,8,16,32; batch 1, the reference, always runs once)")
     p.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                    help="with --batch: run every configuration N times, report medians")
-    p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--json", type=output_file, help="write the full report here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("workload", help="regenerate the default benchmark workload (bench/workload.json, bench/pool.jsonl)")
     p.add_argument("action", choices=["make"])
     add_model_flags(p)
-    p.add_argument("--segments", type=int, default=4, help="user segments and item genres, each")
-    p.add_argument("--pool-size", type=int, default=32, help="pool texts per segment")
-    p.add_argument("--held-out", type=int, default=3, help="held-out prompts per segment")
+    p.add_argument("--segments", type=positive_int, default=4, help="user segments and item genres, each")
+    p.add_argument("--pool-size", type=positive_int, default=32, help="pool texts per segment")
+    p.add_argument("--held-out", type=positive_int, default=3, help="held-out prompts per segment")
     p.set_defaults(func=cmd_workload)
 
     p = sub.add_parser("demo", help="the pipeline end to end on the embedded broker (or --bootstrap-servers)")
     add_kafka_flags(p)
     add_model_flags(p)
-    p.add_argument("--limit", type=int, default=3, help="seed/DARE prompt pairs (2 x N prompts in all)")
-    p.add_argument("--workers", type=int, default=1, help="generator worker processes (CPU threads are split among them)")
-    p.add_argument("--ratings", type=int, help="replay only the first N of MovieLens-100k's 100,000 ratings")
-    p.add_argument("--json", type=Path, help="write the summary here")
-    p.add_argument("--records", type=Path, help="knowledge records as JSONL (default ./demo-knowledge.jsonl)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take before the demo gives up")
-    p.add_argument("--broker-port", type=int, help="embedded broker port (default: a free one)")
+    p.add_argument("--limit", type=positive_int, default=3, help="seed/DARE prompt pairs (2 x N prompts in all)")
+    p.add_argument("--workers", type=positive_int, default=1, help="generator worker processes (CPU threads are split among them)")
+    p.add_argument("--ratings", type=positive_int, help="replay only the first N of MovieLens-100k's 100,000 ratings")
+    p.add_argument("--json", type=output_file, help="write the summary here")
+    p.add_argument("--records", type=output_file, help="knowledge records as JSONL (default ./demo-knowledge.jsonl)")
+    p.add_argument("--timeout", type=seconds, default=600.0, help="seconds each phase may take before the demo gives up")
+    p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def one_line(exc: BaseException) -> str:
+    """What went wrong, in one line that names the input at fault."""
+    from kafka.errors import KafkaError
+
+    from dare.data import DataError
+    from dare.demo import DemoError
+    from dare.workload import WorkloadError
+    from infra.broker import BrokerError
+    from infra.kafka import BrokerUnavailable
+    from infra.reader import UnknownTopic
+    from pool_builder.checkpoint import CheckpointVersionError
+    from schemas import SchemaError
+    from workers.engine.model import ModelLoadError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc} (check the path and its permissions)"
+    if isinstance(exc, KafkaError):
+        return f"Kafka: {exc!r}; is the broker at DARE_BOOTSTRAP_SERVERS / --bootstrap-servers up?"
+    if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, DemoError, WorkloadError, SchemaError,
+                        CheckpointVersionError, UnknownTopic)):
+        return str(exc).replace("\n", " ")
+    return f"unexpected error: {exc!r} (run with --log-level debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,10 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         from infra.process import die_with_parent
 
         die_with_parent()
+    debug = args.log_level == "debug" or os.environ.get("DARE_LOG_LEVEL", "").lower() == "debug"
     try:
         settings = load_settings(log_format=args.log_format, log_level=args.log_level)
-    except ValueError as exc:  # pydantic's ValidationError
-        print(f"dare: bad configuration: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"dare: bad configuration: {one_line(exc)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
     start = time.perf_counter()
@@ -385,23 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a clear one-line error for the known failure kinds, the rest re-raised
-        from pydantic import ValidationError
-
-        from dare.data import DataError
-        from dare.demo import DemoError
-        from dare.workload import WorkloadError
-        from infra.broker import BrokerError
-        from infra.kafka import BrokerUnavailable
-        from pool_builder.checkpoint import CheckpointVersionError
-        from schemas import SchemaError
-        from workers.engine.model import ModelLoadError
-
-        if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, DemoError, ValidationError, WorkloadError, SchemaError,
-                            CheckpointVersionError)):
-            print(f"dare {args.command}: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except Exception as exc:  # noqa: BLE001 (every failure ends in one line on stderr; the traceback with debug logging)
+        if debug:
+            traceback.print_exc()
+        print(f"dare {args.command}: {one_line(exc)}", file=sys.stderr)
+        return 1
     finally:
         log.debug("command finished", command=args.command, wall_s=round(time.perf_counter() - start, 2))
 

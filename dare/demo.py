@@ -300,7 +300,7 @@ def run_demo(settings: Settings, limit: int = 3, workers: int = 1, ratings: int 
                 broker = stack.enter_context(EmbeddedBroker(port=broker_port))
                 settings = settings.model_copy(update={"bootstrap_servers": broker.bootstrap_servers})
                 print(f"embedded broker at {broker.bootstrap_servers} (removed when the demo ends)", flush=True)
-            wait_for_broker(settings, timeout_s=30)
+            wait_for_broker(settings, timeout_s=30 if embedded else None)
             demo = Demo(settings, limit, ratings, timeout_s)
             topics = demo.topics
             ensure_topics(settings, topics.all())

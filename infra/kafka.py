@@ -106,8 +106,10 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int = 4) ->
         admin.close()
 
 
-def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
-    """Block until a broker answers, retrying with backoff and saying so in the log."""
+def wait_for_broker(settings: Settings, timeout_s: float | None = None) -> None:
+    """Block until a broker answers, retrying with backoff and saying so in the log, for at most
+    `timeout_s` (default: the `broker_timeout_s` setting)."""
+    timeout_s = settings.broker_timeout_s if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
     delay = 0.5
     while True:
@@ -121,7 +123,8 @@ def wait_for_broker(settings: Settings, timeout_s: float = 60.0) -> None:
         except (KafkaError, OSError) as exc:
             if time.monotonic() + delay > deadline:
                 raise BrokerUnavailable(
-                    f"no Kafka broker answered at {settings.bootstrap_servers} within {timeout_s:.0f}s ({exc!r})"
+                    f"no Kafka broker answered at {settings.bootstrap_servers} within {timeout_s:g}s ({exc!r}); start one "
+                    "(`dare broker`, or docker compose -f infra/kafka.yml up) or fix --bootstrap-servers / DARE_BOOTSTRAP_SERVERS"
                 ) from None
             log.warning("broker not reachable, retrying", bootstrap_servers=settings.bootstrap_servers, retry_in_s=delay)
             time.sleep(delay)

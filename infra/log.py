@@ -45,5 +45,6 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
     logging.basicConfig(level=logging.WARNING, stream=stream, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.INFO)
-    # "Task ... ran for 0.3s": kafka-python's own event-loop timing, not actionable by a user.
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR if level != "debug" else logging.INFO)
+    # kafka-python's connection layer logs every refused connection and its own event-loop timing;
+    # our clients say what matters (retries, "no broker answered"), so it speaks only at debug level.
+    logging.getLogger("kafka.net").setLevel(logging.CRITICAL if level != "debug" else logging.INFO)

@@ -52,9 +52,16 @@ class TopicReader:
         self.close()
 
 
+class UnknownTopic(LookupError):
+    """The topic does not exist on the broker."""
+
+
 def read_topic(settings: Settings, topic: str, max_messages: int | None = None, timeout_s: float = 10.0) -> Iterator[ConsumerRecord]:
     """A topic from the beginning, until `max_messages` were read or none arrived for `timeout_s`."""
     with TopicReader(settings, [topic], wait_s=timeout_s) as reader:
+        if not reader.consumer.assignment():
+            raise UnknownTopic(f"no topic {topic!r} at {settings.bootstrap_servers} (topics: "
+                               f"{', '.join(sorted(reader.consumer.topics())) or 'none'})")
         n, last = 0, time.monotonic()
         while time.monotonic() - last < timeout_s:
             for record in reader.poll(max_records=500):

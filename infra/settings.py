@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="Client key for SSL.")
     session_timeout_ms: int = Field(6000, description="Consumer group session timeout (suits Tansu and Kafka).")
     heartbeat_interval_ms: int = Field(1000, description="Consumer group heartbeat interval.")
+    broker_timeout_s: float = Field(60.0, gt=0, description="How long a command waits for a Kafka broker to answer before it gives up.")
 
     # Model
     model: str | None = Field(
@@ -48,7 +49,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: auto is float32 on CPU (bf16 is slower there), bfloat16 on CUDA."
     )
-    threads: int | None = Field(None, description="torch CPU threads (unset: torch's default).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default).")
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where converted models are cached.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Default generation length.")
 
