@@ -169,6 +169,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     records_path=args.records, timeout_s=args.timeout, broker_port=args.broker_port)
 
 
+def cmd_generate_all(args: argparse.Namespace) -> int:
+    from dare.generate_all import default_output, run_generate_all
+
+    settings = settings_from(args)
+    if args.log_level is None and "DARE_LOG_LEVEL" not in os.environ:  # the progress bar talks; services log to files
+        configure_logging(settings.log_format, "warning")
+    out = args.out or default_output(args.mode)
+    summary = run_generate_all(settings, args.mode, out, batch=args.batch, workers=args.workers, users=args.users,
+                               items=args.items, max_entities=args.max_entities, ratings=args.ratings, stall_s=args.stall_timeout,
+                               broker_port=args.broker_port)
+    print(f"{out}: {summary['entities']} entities ({summary['users']} users, {summary['items']} items), "
+          f"{summary['tokens']} tokens in {summary['wall_s']:.0f}s of decoding = {summary['tokens_per_s']:.1f} tokens/s, "
+          f"mean accepted {summary['mean_accepted']:.2f}, lost {summary['lost']}, duplicates {summary['duplicates']}, "
+          f"dead-lettered {summary['dead_lettered']}; summary {out.name.removesuffix('.jsonl')}.summary.json")
+    return 0
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
@@ -393,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=positive_int, default=3, help="held-out prompts per segment")
     p.set_defaults(func=cmd_workload)
 
+    p = sub.add_parser("generate-all", help="knowledge for every MovieLens-100k user and item, through the pipeline (resumable)")
+    add_kafka_flags(p)
+    add_model_flags(p)
+    p.add_argument("--mode", choices=MODES, default="relaxed", help="decoding mode of every prompt (default relaxed)")
+    p.add_argument("--out", type=output_file, help="JSONL of knowledge records (default results/knowledge/ml-100k-MODE.jsonl)")
+    p.add_argument("--batch", type=positive_int, default=16, help="rows each worker decodes together (default 16)")
+    p.add_argument("--workers", type=positive_int, default=1, help="generator worker processes (CPU threads are split among them)")
+    p.add_argument("--users", type=positive_int, help="only the first N users")
+    p.add_argument("--items", type=positive_int, help="only the first N items")
+    p.add_argument("--max-entities", type=positive_int, help="ask for at most N entities in this run (the rest: next run)")
+    p.add_argument("--ratings", type=positive_int, help="replay only the first N of the 100,000 ratings (segments from fewer users)")
+    p.add_argument("--stall-timeout", type=seconds, default=600.0, help="give up after S seconds without a new record")
+    p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
+    p.set_defaults(func=cmd_generate_all)
+
     p = sub.add_parser("demo", help="the pipeline end to end on the embedded broker (or --bootstrap-servers)")
     add_kafka_flags(p)
     add_model_flags(p)
@@ -412,7 +444,8 @@ def one_line(exc: BaseException) -> str:
     from kafka.errors import KafkaError
 
     from dare.data import DataError
-    from dare.demo import DemoError
+    from dare.generate_all import GenerateError
+    from dare.pipeline import PipelineError
     from dare.workload import WorkloadError
     from infra.broker import BrokerError
     from infra.kafka import BrokerUnavailable
@@ -427,7 +460,7 @@ def one_line(exc: BaseException) -> str:
         return f"{exc.filename}: {exc.strerror or exc} (check the path and its permissions)"
     if isinstance(exc, KafkaError):
         return f"Kafka: {exc!r}; is the broker at DARE_BOOTSTRAP_SERVERS / --bootstrap-servers up?"
-    if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, DemoError, WorkloadError, SchemaError,
+    if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, PipelineError, GenerateError, WorkloadError, SchemaError,
                         CheckpointVersionError, UnknownTopic)):
         return str(exc).replace("\n", " ")
     return f"unexpected error: {exc!r} (run with --log-level debug for the traceback)"

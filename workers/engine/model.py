@@ -94,6 +94,11 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
+def model_id(model: str | None) -> str:
+    """The name knowledge records give a model: the packaged default's, or the directory's."""
+    return DEFAULT_MODEL_ID if model is None else Path(model).expanduser().name
+
+
 def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, threads: int | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad). `model` None: the
     packaged default, converted once into `cache_dir`; `threads`: torch CPU threads (None: torch's default)."""
@@ -109,10 +114,8 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     torch_dtype = resolve_dtype(dtype, torch_device)
     if model is None:
         path = cached_default_model(cache_dir)
-        model_id = DEFAULT_MODEL_ID
     else:
         path = Path(model).expanduser()
-        model_id = path.name
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"--model {model}: not a local Hugging Face model directory (no config.json at {path / 'config.json'}); "
@@ -127,7 +130,7 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    loaded = LoadedModel(lm, tokenizer, model_id, torch_device, torch_dtype, time.perf_counter() - start)
+    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start)
     log.info("model loaded", model=model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype), load_s=round(loaded.load_s, 1))
     return loaded
 

@@ -1,0 +1,67 @@
+"""`dare generate-all` on a slice of MovieLens-100k against the real test broker: an interrupted run
+resumes without duplicates or gaps, one file never mixes modes, and a dead-lettered prompt is
+reported instead of waited for."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dare.data import load_movielens, prompt_request
+from dare.generate_all import GenerateError, run_generate_all, summary_path
+
+pytestmark = pytest.mark.integration
+
+SLICE = ["--users", "3", "--items", "3", "--ratings", "5000", "--batch", "2", "--max-new-tokens", "6"]
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_an_interrupted_run_resumes_without_duplicates_or_gaps(kafka_settings, model_cache, lm, tmp_path):
+    out = tmp_path / "ml-100k-relaxed.jsonl"
+    env = dict(os.environ, DARE_CACHE_DIR=str(model_cache), PYTHONUNBUFFERED="1", DARE_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "dare.cli", "generate-all", "--mode", "relaxed", "--out", str(out), *SLICE,
+                              "--bootstrap-servers", kafka_settings.bootstrap_servers, "--topic-prefix", kafka_settings.topic_prefix],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(lines(out)) < 1:
+        assert first.poll() is None and time.monotonic() < deadline, "the first run wrote nothing"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # mid-run, as a user's Ctrl-C
+    assert first.wait(60) == 130
+    interrupted = lines(out)
+    assert 1 <= len(interrupted) < 6
+
+    settings = kafka_settings.model_copy(update={"max_new_tokens": 6, "cache_dir": model_cache, "threads": 1})
+    summary = run_generate_all(settings, "relaxed", out, batch=2, users=3, items=3, ratings=5000, stall_s=300)
+    records = lines(out)
+    entities = [(r["entity_kind"], r["entity_id"]) for r in records]
+    assert sorted(entities) == sorted([("user", u) for u in ("1", "2", "3")] + [("item", i) for i in ("1", "2", "3")])
+    assert records[: len(interrupted)] == interrupted  # what the first run wrote is kept as it was
+    assert all(r["mode"] == "relaxed" and r["model"] == lm.model_id and r["token_count"] > 0 for r in records)
+    assert summary["entities"] == 6 and summary["lost"] == 0 and summary["dead_lettered"] == 0
+    assert summary["tokens"] == sum(r["token_count"] for r in records) and summary["tokens_per_s"] > 0
+    assert json.loads(summary_path(out).read_text())["runs"][-1]["entities"] == 6 - len(interrupted)
+
+    again = run_generate_all(settings, "relaxed", out, users=3, items=3)  # nothing left: no pipeline, same file
+    assert again["entities"] == 6 and lines(out) == records
+    with pytest.raises(GenerateError, match="one file holds one mode and one model"):
+        run_generate_all(settings, "ar", out, users=3, items=3)
+
+
+def test_a_dead_lettered_prompt_is_reported_not_waited_for(kafka_settings, model_cache, lm, tmp_path):
+    out = tmp_path / "ml-100k-ar.jsonl"
+    ml = load_movielens()
+    good = [prompt_request(ml, "item", i, request_id=f"dl-item-{i}", mode="ar", max_new_tokens=6) for i in ("1", "2")]
+    too_long = good[0].model_copy(update={"request_id": "dl-long", "entity_id": "3", "prompt": "9" * 30000})
+    settings = kafka_settings.model_copy(update={"max_new_tokens": 6, "cache_dir": model_cache, "threads": 1})
+    summary = run_generate_all(settings, "ar", out, batch=2, ratings=5000, stall_s=300, requests=[*good, too_long])
+    assert summary["dead_lettered"] == 1 and summary["entities"] == 2
+    assert summary["runs"][-1]["dead_lettered"]["dl-long"].startswith("too_long")
+    assert sorted(r["entity_id"] for r in lines(out)) == ["1", "2"]
