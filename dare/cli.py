@@ -186,6 +186,24 @@ def cmd_generate_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_quality(args: argparse.Namespace) -> int:
+    from dare.generate_all import default_output
+    from dare.quality import format_report, plot, run_quality
+
+    settings_from(args)
+    ar, relaxed = args.ar or default_output("ar"), args.relaxed or default_output("relaxed")
+    for path in (ar, relaxed):
+        if not path.is_file():
+            raise FileNotFoundError(2, "no such knowledge file (make it with `dare generate-all --mode ...`)", str(path))
+    report = run_quality(ar, relaxed, seeds=args.seeds)
+    print(format_report(report))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, args.plot)
+    print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+    return 0
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
@@ -424,6 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-timeout", type=seconds, default=600.0, help="give up after S seconds without a new record")
     p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
     p.set_defaults(func=cmd_generate_all)
+
+    p = sub.add_parser("eval", help="downstream checks of generated knowledge")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    e = eval_sub.add_parser("quality", help="CTR AUC/LogLoss with no, ar and relaxed knowledge (DeepFM, seeds), text agreement")
+    e.add_argument("--ar", type=Path, help="ar knowledge JSONL (default results/knowledge/ml-100k-ar.jsonl)")
+    e.add_argument("--relaxed", type=Path, help="relaxed knowledge JSONL (default results/knowledge/ml-100k-relaxed.jsonl)")
+    e.add_argument("--seeds", type=positive_int, default=5, help="seeds per variant (default 5)")
+    e.add_argument("--json", type=output_file, default=Path("results/quality.json"), help="the report (default results/quality.json)")
+    e.add_argument("--plot", type=output_file, default=Path("results/quality.png"), help="AUC per variant (default results/quality.png)")
+    e.set_defaults(func=cmd_eval_quality)
 
     p = sub.add_parser("demo", help="the pipeline end to end on the embedded broker (or --bootstrap-servers)")
     add_kafka_flags(p)

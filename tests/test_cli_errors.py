@@ -58,6 +58,7 @@ CASES = [
     ("generate-all-unwritable-out", ["generate-all", "--out", "{root}/a-file/k.jsonl"], {}, "{root}/a-file/k.jsonl"),
     ("generate-all-zero-batch", ["generate-all", "--batch", "0"], {}, "--batch"),
     ("generate-all-unreachable-broker", ["generate-all", "--bootstrap-servers", UNREACHABLE], {}, UNREACHABLE),
+    ("eval-missing-knowledge", ["eval", "quality", "--ar", "{root}/missing.jsonl"], {}, "{root}/missing.jsonl"),
     ("demo-unreachable-broker", ["demo", "--bootstrap-servers", UNREACHABLE], {}, UNREACHABLE),
     ("demo-unwritable-records", ["demo", "--records", "{root}/a-file/records.jsonl"], {}, "{root}/a-file/records.jsonl"),
     ("demo-zero-workers", ["demo", "--workers", "0"], {}, "--workers"),

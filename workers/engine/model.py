@@ -131,7 +131,7 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start)
-    log.info("model loaded", model=model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype), load_s=round(loaded.load_s, 1))
+    log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype), load_s=round(loaded.load_s, 1))
     return loaded
 
 
