@@ -43,6 +43,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, help="env DARE_MAX_NEW_TOKENS (default 128)")
 
 
+def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    """Commands that run the whole pipeline as processes (demo, generate-all)."""
+    p.add_argument("--workers", type=positive_int, default=1, help="generator worker processes (CPU threads are split among them)")
+    p.add_argument("--ratings", type=positive_int, help="replay only the first N of MovieLens-100k's 100,000 ratings")
+    p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     names = set(Settings.model_fields)
     return load_settings(**{k: v for k, v in vars(args).items() if k in names})
@@ -216,24 +223,22 @@ def port(text: str) -> int:
     return int(text)
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
+def number_type(allow_zero: bool, what: str):  # type: ignore[no-untyped-def]
+    """An argparse type for a float above 0 (or at least 0)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
-    return value
+seconds = number_type(False, "a number of seconds above 0")
+non_negative = number_type(True, "a number of at least 0")
 
 
 def output_file(text: str) -> Path:
@@ -434,13 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="relaxed", help="decoding mode of every prompt (default relaxed)")
     p.add_argument("--out", type=output_file, help="JSONL of knowledge records (default results/knowledge/ml-100k-MODE.jsonl)")
     p.add_argument("--batch", type=positive_int, default=16, help="rows each worker decodes together (default 16)")
-    p.add_argument("--workers", type=positive_int, default=1, help="generator worker processes (CPU threads are split among them)")
+    add_pipeline_flags(p)
     p.add_argument("--users", type=positive_int, help="only the first N users")
     p.add_argument("--items", type=positive_int, help="only the first N items")
     p.add_argument("--max-entities", type=positive_int, help="ask for at most N entities in this run (the rest: next run)")
-    p.add_argument("--ratings", type=positive_int, help="replay only the first N of the 100,000 ratings (segments from fewer users)")
     p.add_argument("--stall-timeout", type=seconds, default=600.0, help="give up after S seconds without a new record")
-    p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
     p.set_defaults(func=cmd_generate_all)
 
     p = sub.add_parser("eval", help="downstream checks of generated knowledge")
@@ -457,12 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_kafka_flags(p)
     add_model_flags(p)
     p.add_argument("--limit", type=positive_int, default=3, help="seed/DARE prompt pairs (2 x N prompts in all)")
-    p.add_argument("--workers", type=positive_int, default=1, help="generator worker processes (CPU threads are split among them)")
-    p.add_argument("--ratings", type=positive_int, help="replay only the first N of MovieLens-100k's 100,000 ratings")
+    add_pipeline_flags(p)
     p.add_argument("--json", type=output_file, help="write the summary here")
     p.add_argument("--records", type=output_file, help="knowledge records as JSONL (default ./demo-knowledge.jsonl)")
     p.add_argument("--timeout", type=seconds, default=600.0, help="seconds each phase may take before the demo gives up")
-    p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -115,29 +117,48 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
         requests = [r for r in requests if (r.entity_kind, r.entity_id) not in done.entities][:max_entities]
     print(f"{out}: {len(done.records)} entities done, {len(requests)} to ask for ({mode}, {model}, batch {batch}, "
           f"{workers} worker(s), {settings.max_new_tokens} new tokens)", flush=True)
+    this_run = {"stamp": str(int(started)), "started": started, "batch": batch, "workers": workers,
+                "max_new_tokens": settings.max_new_tokens, "commit": commit(), "entities": 0, "tokens": 0, "wall_s": 0.0,
+                "duplicates": 0, "dead_lettered": {}, "lost": 0, "interrupted": False}
     if not requests:
-        return write_summary(out, mode, model, done.records, None, batch, workers, settings.max_new_tokens)
-    with pipeline(settings, "generate-all", stall_s, broker_port) as run:
-        prepare_model(run.settings, threads)
-        run.start_pool_builder("--refit-every", "5")
-        ratings_users = run.replay_events(ratings)
-        if done.records:  # the pools start where the previous runs left them
-            produce(run.settings, run.topics.knowledge, done.records)
-        run.start_workers(workers, threads, "--batch", str(batch), "--mode", mode)
-        run.wait_for_segments(ratings_users)
-        produce(run.settings, run.topics.prompts, requests)
-        this_run = collect(run, requests, out, mode)
-    this_run["started"] = started
-    return write_summary(out, mode, model, read_done(out, mode, model).records, this_run, batch, workers, settings.max_new_tokens)
+        return write_summary(out, mode, model, done.records, None)
+    try:
+        with pipeline(settings, "generate-all", stall_s, broker_port) as run:
+            prepare_model(run.settings, threads)
+            run.start_pool_builder("--refit-every", "5")
+            ratings_users = run.replay_events(ratings)
+            if done.records:  # the pools start where the previous runs left them
+                produce(run.settings, run.topics.knowledge, done.records)
+            run.start_workers(workers, threads, "--batch", str(batch), "--mode", mode)
+            run.wait_for_segments(ratings_users)
+            produce(run.settings, run.topics.prompts, requests)
+            collect(run, requests, out, mode, this_run)
+    except KeyboardInterrupt:
+        this_run["interrupted"] = True
+        raise
+    finally:  # an interrupted run is accounted for too: its records stay in the file
+        if this_run["entities"] or not this_run["interrupted"]:
+            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run)
+    return summary
 
 
-def collect(run: Pipeline, requests: list[PromptRequest], out: Path, mode: str) -> dict:
+def commit() -> str | None:
+    """The code's git commit, if it runs from a checkout: runs of different code are not comparable."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5, check=False)
+    except OSError:
+        return None
+    return head.stdout.strip() or None
+
+
+def collect(run: Pipeline, requests: list[PromptRequest], out: Path, mode: str, this_run: dict) -> None:  # type: ignore[type-arg]
     """Read the knowledge topic until every request is answered or dead-lettered; append each first
-    answer to `out` at once (an interruption keeps everything written)."""
+    answer to `out` at once, and keep `this_run`'s figures current (an interruption keeps both)."""
     waiting = {r.request_id: r for r in requests}
-    failed: dict[str, str] = {}
+    failed: dict[str, str] = this_run["dead_lettered"]
     written: list[KnowledgeRecord] = []
-    duplicates = seen_letters = 0
+    seen_letters = 0
     answered: set[str] = set()
     last_progress = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +168,7 @@ def collect(run: Pipeline, requests: list[PromptRequest], out: Path, mode: str) 
             run.read_downstream(timeout_ms=500)
             for record in run.results.knowledge:
                 if record.request_id in answered:
-                    duplicates += 1
+                    this_run["duplicates"] += 1
                 elif waiting.pop(record.request_id, None) is not None:
                     answered.add(record.request_id)
                     f.write(record.model_dump_json() + "\n")
@@ -164,6 +185,8 @@ def collect(run: Pipeline, requests: list[PromptRequest], out: Path, mode: str) 
                     tqdm.write(f"dead-lettered {request_id}: {letter.reason}", file=sys.stderr)
             seen_letters = len(run.results.dead_letters)
             run.results.knowledge.clear()
+            this_run.update(entities=len(written), tokens=sum(r.token_count for r in written), wall_s=span(written),
+                            lost=len(waiting))
             if written:
                 tokens = sum(r.token_count for r in written)
                 steps = sum(r.stats.steps for r in written)
@@ -173,8 +196,6 @@ def collect(run: Pipeline, requests: list[PromptRequest], out: Path, mode: str) 
             if time.monotonic() - last_progress > run.timeout_s:
                 raise PipelineError(f"no knowledge for {run.timeout_s:.0f}s with {len(waiting)} prompts unanswered; "
                                     f"service logs in {run.log_dir}")
-    return {"entities": len(written), "tokens": sum(r.token_count for r in written), "wall_s": span(written),
-            "duplicates": duplicates, "dead_lettered": failed, "lost": len(waiting)}
 
 
 def span(records: list[KnowledgeRecord]) -> float:
@@ -184,12 +205,28 @@ def span(records: list[KnowledgeRecord]) -> float:
     return max(r.created_at for r in records) - min(r.created_at - r.stats.wall_s for r in records)
 
 
-def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecord], this_run: dict | None, batch: int,
-                  workers: int, max_new_tokens: int) -> dict:
+RUN_STAMP = re.compile(rf"^{DATASET}-(?:ar|strict|relaxed)-(?:user|item)-[^-]+-(\d+)$")
+
+
+def recovered_runs(records: list[KnowledgeRecord], known: set[str]) -> list[dict]:  # type: ignore[type-arg]
+    """Runs whose records are in the file but whose figures are not in the summary (a run stopped
+    before it could write them): entities, tokens and decode span from the records themselves."""
+    by_stamp: dict[str, list[KnowledgeRecord]] = {}
+    for record in records:
+        match = RUN_STAMP.match(record.request_id)
+        if match and match.group(1) not in known:
+            by_stamp.setdefault(match.group(1), []).append(record)
+    return [{"stamp": stamp, "entities": len(rs), "tokens": sum(r.token_count for r in rs), "wall_s": span(rs),
+             "recovered_from_records": True} for stamp, rs in sorted(by_stamp.items())]
+
+
+def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecord], this_run: dict | None) -> dict:  # type: ignore[type-arg]
+    """Totals over every run that wrote to `out`; tokens/s = all tokens / the sum of the runs' decode spans."""
     path = summary_path(out)
     previous = json.loads(path.read_text()) if path.exists() else {}
-    runs = previous.get("runs", []) + ([this_run | {"batch": batch, "workers": workers, "max_new_tokens": max_new_tokens}]
-                                       if this_run else [])
+    runs = [r for r in previous.get("runs", []) if not this_run or r.get("stamp") != this_run["stamp"]]
+    runs += [this_run] if this_run else []
+    runs += recovered_runs(records, {r.get("stamp") for r in runs})
     tokens = sum(r.token_count for r in records)
     steps = sum(r.stats.steps for r in records)
     wall = sum(r["wall_s"] for r in runs)
@@ -200,9 +237,9 @@ def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecor
         "items": sum(r.entity_kind == "item" for r in records),
         "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
         "mean_accepted": tokens / steps if steps else 0.0,
-        "duplicates": sum(r["duplicates"] for r in runs),
-        "dead_lettered": sum(len(r["dead_lettered"]) for r in runs),
-        "lost": sum(r["lost"] for r in runs),
+        "duplicates": sum(r.get("duplicates", 0) for r in runs),
+        "dead_lettered": sum(len(r.get("dead_lettered", {})) for r in runs),
+        "lost": sum(r.get("lost", 0) for r in runs if not r.get("interrupted")),
         "runs": runs,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

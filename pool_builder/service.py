@@ -71,7 +71,8 @@ class PoolBuilderService:
         self.encoder = encoder or TextEncoder()
         restored = self._restore()
         self.rebuild = restored is None  # no state: rebuilt from the input topics' beginnings
-        self.builder = restored or PoolBuilder(self.encoder, segments=segments, pool_cap=pool_cap, neighbourhood=neighbourhood)
+        self.builder = restored if restored is not None else PoolBuilder(self.encoder, segments=segments, pool_cap=pool_cap,
+                                                                         neighbourhood=neighbourhood)
         self.ready = threading.Event()
 
     def _restore(self) -> PoolBuilder | None:

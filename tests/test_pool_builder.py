@@ -186,6 +186,9 @@ def test_an_older_checkpoint_loads_with_defaults_a_newer_one_is_refused(fed, tmp
     restored = checkpoint.load(rewrite(tmp_path / "old.ckpt", older, drop=("centroids.npy",)), HashEncoder())
     assert restored.neighbours == {} and restored.fresh_users == set() and restored.counters.refits == 0
     assert restored.user_segment == fed.user_segment and restored.centroids is None
+    uid = next(iter(restored.user_segment))
+    assert restored.segments_for("user", uid) == [restored.user_segment[uid]]  # no neighbourhoods yet: members only
+    assert restored.assign_new_users() == []
     with pytest.raises(checkpoint.CheckpointVersionError, match="format 2, written by a newer pool builder"):
         checkpoint.load(rewrite(tmp_path / "new.ckpt", state | {"format": 2}), HashEncoder())
 
