@@ -7,7 +7,7 @@ key/value head). Here the query heads that share a key/value head are stacked al
 axis instead, so attention reads the cache in place. Same result up to summation order.
 
 Registered under its own name and switched on only around our own forwards (`grouped`), so
-transformers' `generate` — the `ar` baseline — runs stock.
+transformers' `generate` — the `hf-generate` reference — runs stock.
 """
 
 from __future__ import annotations
