@@ -108,13 +108,14 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
     ml = load_movielens()
     model = model_id(settings.model)
     done = read_done(out, mode, model)  # before anything starts: a file of another mode or model is refused at once
+    finished = done.entities
     if requests is None:
         entities = interleaved(sorted(ml.users, key=int)[:users], sorted(ml.items, key=int)[:items])
-        todo = [e for e in entities if e not in done.entities][:max_entities]
+        todo = [e for e in entities if e not in finished][:max_entities]
         requests = [prompt_request(ml, kind, entity_id, request_id=f"{DATASET}-{mode}-{kind}-{entity_id}-{int(started)}", mode=mode,
                                    max_new_tokens=settings.max_new_tokens) for kind, entity_id in todo]
     else:
-        requests = [r for r in requests if (r.entity_kind, r.entity_id) not in done.entities][:max_entities]
+        requests = [r for r in requests if (r.entity_kind, r.entity_id) not in finished][:max_entities]
     print(f"{out}: {len(done.records)} entities done, {len(requests)} to ask for ({mode}, {model}, batch {batch}, "
           f"{workers} worker(s), {settings.max_new_tokens} new tokens)", flush=True)
     this_run = {"stamp": str(int(started)), "started": started, "batch": batch, "workers": workers,
