@@ -67,7 +67,7 @@ def run_batch_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dic
                     max_new: int, cache_dir, hf_sizes: tuple[int, ...] = HF_SIZES, repeat: int = 1) -> dict:  # type: ignore[no-untyped-def]
     """Every configuration `repeat` times, in rounds (the machine's noise spreads over all of them);
     a configuration's figure is its median. `hf-generate` at batch 1, the exactness reference, runs once."""
-    dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm.model, lm.model_id, lm.device, cache_dir))
+    dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm, cache_dir), steps=lm.steps)
     pools = {segment: dare.pool(texts) for segment, texts in pool_texts.items()}
     global_pool = dare.pool(list(dict.fromkeys(t for texts in pool_texts.values() for t in texts)))
     inputs = [chat_input_ids(lm.tokenizer, p.prompt) for p in prompts]

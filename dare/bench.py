@@ -80,14 +80,14 @@ def run_hf(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, counter: 
 def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str, list[str]], methods: list[str],
               max_new_tokens: int, cache_dir: Path | None, draft: DraftConfig | None = None, seed: int = 0) -> dict:
     tokenizer = lm.tokenizer
-    cost = load_or_measure(lm.model, lm.model_id, lm.device, cache_dir)
-    dare = Dare(lm.model, tokenizer, cost, draft)
+    cost = load_or_measure(lm, cache_dir)
+    dare = Dare(lm.model, tokenizer, cost, draft, steps=lm.steps)
     segment_pools = {segment: dare.pool(texts) for segment, texts in pool_texts.items()}
     all_texts = list(dict.fromkeys(t for texts in pool_texts.values() for t in texts))  # pools may share texts
     global_pool = dare.pool(all_texts)
     rng = random.Random(seed)
     random_pools = {s: dare.pool(rng.sample(all_texts, len(texts))) for s, texts in pool_texts.items()}
-    rest = Dare(lm.model, tokenizer, cost, DraftConfig(**{**vars(dare.draft), "length_power": 4.0}))
+    rest = Dare(lm.model, tokenizer, cost, DraftConfig(**{**vars(dare.draft), "length_power": 4.0}), steps=lm.steps)
     counter = ForwardCounter(lm.model)
 
     def pools_for(method: str, segment: str) -> list[tuple[Pool, float]]:
@@ -151,7 +151,8 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
         }
     return {
         "model": lm.model_id,
-        "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')})",
+        "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')}, {steps_label(lm)})",
+        "steps": {"compiled": lm.steps.compiled, "graphs": lm.steps.compiles, "compile_s": round(lm.steps.compile_s, 1)},
         "max_new_tokens": max_new_tokens,
         "reference": REFERENCE,
         "cost_ms": {str(k): round(v * 1000, 2) for k, v in cost.seconds.items()},
@@ -161,9 +162,15 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
     }
 
 
+def steps_label(lm: LoadedModel) -> str:
+    return "compiled steps" if lm.steps.compiled else "eager steps"
+
+
 def format_table(report: dict) -> str:
     lines = [
-        f"model {report['model']} on {report['device']}, {len(report['prompts'])} prompts, {report['max_new_tokens']} new tokens",
+        f"model {report['model']} on {report['device']}, {len(report['prompts'])} prompts, {report['max_new_tokens']} new tokens"
+        + (f"; {report['steps']['graphs']} step graphs compiled in {report['steps']['compile_s']} s (not in the figures)"
+           if report.get("steps", {}).get("compiled") else ""),
         f"| method | tokens/s | speedup vs {REFERENCE} | median per-prompt speedup | mean accepted | retrieval ms/step | overhead share | wall s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype: auto is float32 on CPU (bf16 is slower there), bfloat16 on CUDA."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default).")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the decoding steps (compiled on first use, logged): auto is off for now (it does not pay yet on CPU)."
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where converted models are cached.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Default generation length.")
 

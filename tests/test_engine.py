@@ -7,11 +7,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget, CostModel
-from workers.engine.decode import speculative_generate
+from workers.engine.batch import BatchDecoder
+from workers.engine.budget import Budget, CostModel, allocate
 from workers.engine.draft import DraftConfig, DraftTree, RetrievalDrafter, build_draft
 from workers.engine.pool import LiveText, Pool
-from workers.engine.verify import ancestor_matrix, forward, keep_accepted, new_cache, tree_inputs
+from workers.engine.verify import ancestor_matrix
 
 VOCAB = 48
 EOS = 1
@@ -51,10 +51,15 @@ def greedy(model, prompt, n, eos=True):
     return new[: new.index(EOS)] if EOS in new else new
 
 
-def decode(model, prompt, pools, mode="strict", n=40, config=None, cost=None, stop=()):
+def decode(model, prompt, pools, mode="strict", n=40, config=None, cost=None):
+    """One request alone: a batch of one."""
     drafter = RetrievalDrafter([(p, 1.0) for p in pools], config or DraftConfig(), prompt=prompt)
-    return speculative_generate(model, IdsTokenizer(), prompt, drafter, Budget(cost or CostModel.flat()),
-                                Acceptance(mode), n, {EOS}, stop)
+    decoder = BatchDecoder(model, {EOS})
+    decoder.add("only", prompt, drafter, Budget(cost or CostModel.flat()), Acceptance(mode), n)
+    finished = []
+    while not finished:
+        finished = decoder.step()
+    return finished[0]
 
 
 # ---------------------------------------------------------------------------- pool
@@ -126,34 +131,10 @@ def test_empty_pool_gives_an_empty_draft():
 # ---------------------------------------------------------------------------- verify
 
 
-def test_tree_mask_and_positions_for_a_hand_built_tree():
+def test_ancestor_matrix_of_a_hand_built_tree():
     #   pending ─ a(0) ─ b(1)
     #           └ c(2)
-    tree = DraftTree(tokens=[10, 11, 12], parents=[-1, 0, -1], depths=[1, 2, 1], scores=[0.9, 0.5, 0.4])
-    ids, positions, mask = tree_inputs(99, tree, past=5, device=torch.device("cpu"), dtype=torch.float32)
-    assert ids.tolist() == [[99, 10, 11, 12]]
-    assert positions.tolist() == [[5, 6, 7, 6]]
-    visible = (mask[0, 0] == 0).int().tolist()
-    assert [row[:5] for row in visible] == [[1] * 5] * 4
-    assert [row[5:] for row in visible] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
-    assert ancestor_matrix([-1, 0, -1]).tolist() == [[bool(v) for v in row[5:]] for row in visible]
-
-
-@torch.inference_mode()
-def test_cache_keeps_exactly_the_accepted_path(tiny):
-    prompt = [3, 4, 5, 6, 7]
-    tree = DraftTree(tokens=[10, 11, 12, 13], parents=[-1, 0, -1, 2], depths=[1, 2, 1, 2], scores=[1, 1, 1, 1])
-    cache = new_cache(tiny)
-    forward(tiny, cache, torch.tensor([prompt[:-1]]), torch.arange(4)[None])
-    ids, positions, mask = tree_inputs(prompt[-1], tree, 4, torch.device("cpu"), torch.float64)
-    forward(tiny, cache, ids, positions, mask)
-    keep_accepted(cache, 4, [0, 3, 4])  # pending, then c(12), d(13)
-    reference = new_cache(tiny)
-    seq = prompt + [12, 13]
-    forward(tiny, reference, torch.tensor([seq]), torch.arange(len(seq))[None])
-    for ours, theirs in zip(cache.layers, reference.layers):
-        torch.testing.assert_close(ours.keys, theirs.keys)
-        torch.testing.assert_close(ours.values, theirs.values)
+    assert ancestor_matrix([-1, 0, -1]).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
 
 
 # ---------------------------------------------------------------------------- accept
@@ -265,20 +246,12 @@ def test_stops_at_eos_and_at_the_token_limit(tiny):
         assert decode(tiny, prompt, [], "strict", n=7).token_ids == full[:7]
 
 
-def test_stop_strings_cut_the_output(tiny):
-    prompt = [4, 8, 15]
-    full = greedy(tiny, prompt, 30, eos=False)
-    word = f"w{full[5]}"
-    out = decode(tiny, prompt, [], "strict", n=30, stop=[word])
-    assert word not in out.text and out.token_ids == full[: full.index(full[5])]
-
-
 def test_budget_sends_nothing_when_drafts_are_too_costly_and_everything_when_free():
-    steep = Budget(CostModel({1: 1.0, 2: 2.0, 64: 64.0}))
-    assert steep.choose([0.5] * 10) == 0
-    flat = Budget(CostModel.flat())
-    assert flat.choose([0.5] * 10) == 10
-    assert flat.choose([]) == 0
+    steep = CostModel({1: 1.0, 2: 2.0, 64: 64.0})
+    assert allocate([[0.5] * 10], [1.0], steep) == [0]
+    flat = CostModel.flat()
+    assert allocate([[0.5] * 10], [1.0], flat) == [10]
+    assert allocate([[]], [1.0], flat) == [0]
 
 
 def test_empty_prompt_is_an_error(tiny):

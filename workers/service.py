@@ -26,9 +26,9 @@ from infra.delivery import Delivery, OffsetTracker, Undelivered, commit, consume
 from infra.kafka import ensure_topics, group_id, make_consumer
 from infra.settings import Settings
 from schemas import DecodeStats, KnowledgeRecord, Mode, PromptRequest, SchemaError, Topics, decode, encode
-from workers.engine.batch import BatchDecoder
+from workers.engine.batch import RequestStats
 from workers.engine.budget import load_or_measure
-from workers.engine.decode import Dare, RequestStats, SequentialDecoder
+from workers.engine.decode import Dare
 from workers.engine.model import LoadedModel, chat_input_ids
 from workers.pools import LivePools, PoolFollower
 
@@ -86,8 +86,7 @@ class Worker:
         self.topics = Topics(settings.topic_prefix)
         self.stats = WorkerStats()
         self.context_limit = int(getattr(lm.model.config, "max_position_embeddings", 8192))
-        cost = load_or_measure(lm.model, lm.model_id, lm.device, settings.cache_dir)
-        self.dare = Dare(lm.model, lm.tokenizer, cost)
+        self.dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm, settings.cache_dir), steps=lm.steps)
         self.pools = LivePools(self.dare)
         self.follower: PoolFollower | None = None
         self.ready = threading.Event()  # set once pools are loaded and partitions assigned
@@ -170,10 +169,7 @@ class Worker:
     def _loop(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
         """Fetched prompts join the decoder while others decode; a partition's offset is committed up
         to its oldest prompt still in flight, once the records before it were acknowledged."""
-        if self.batch > 1:
-            decoder = BatchDecoder(self.lm.model, self.dare.eos_token_ids, rows=self.batch, prefix=self.dare.prompt_prefix)
-        else:
-            decoder = SequentialDecoder(self.dare)
+        decoder = self.dare.decoder(rows=self.batch)
         offsets = OffsetTracker()
         while not stop.is_set() and not (not len(decoder) and self._finished(max_prompts, idle_timeout_s)):
             room = self.batch - len(decoder)

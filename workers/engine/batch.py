@@ -26,13 +26,41 @@ import torch
 
 from workers.engine.accept import Acceptance, accept
 from workers.engine.budget import Budget, allocate
-from workers.engine.decode import Finished, RequestStats
 from workers.engine.draft import Drafter
 from workers.engine.slots import SlotCache
+from workers.engine.steps import StepForward
 from workers.engine.verify import ancestor_matrix, forward
 
 PREFILL_GROUP = 8  # rows prefilled in one forward at most
 PREFILL_PADDING = 1.15  # a row joins a prefill group if it is at most this much longer than the group's mean
+
+
+@dataclass
+class RequestStats:
+    """One request's decoding, step by step (the wire's `DecodeStats` is its summary)."""
+
+    steps: int = 0
+    new_tokens: int = 0
+    accepted: list[int] = field(default_factory=list)  # tokens emitted per step (accepted drafts + 1)
+    drafted: list[int] = field(default_factory=list)  # draft tokens sent per step
+    prefill_s: float = 0.0
+    retrieval_s: float = 0.0
+    forward_s: float = 0.0
+    bookkeeping_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+
+@dataclass
+class Finished:
+    """A request the decoder is done with, under the key it was added with."""
+
+    key: Hashable
+    token_ids: list[int]
+    stats: RequestStats
 
 
 @dataclass
@@ -52,11 +80,13 @@ class Row:
 
 
 class BatchDecoder:
-    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1, prefix: Sequence[int] = ()) -> None:
+    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1, prefix: Sequence[int] = (),
+                 steps: StepForward | None = None) -> None:
         """`rows`: how many rows to make room for at once (the batch size); more grow the cache.
         `prefix`: tokens most prompts start with (the chat template's head): computed once, copied
-        into each such row instead of prefilled again."""
+        into each such row instead of prefilled again. `steps`: the steps' forward (eager if None)."""
         self.model = model
+        self.steps = steps or StepForward(model)
         self.room = rows
         self.eos = eos_token_ids
         self.device = next(model.parameters()).device
@@ -153,7 +183,7 @@ class BatchDecoder:
         trees = [c.prefix(n) for c, n in zip(candidates, sizes)]
         t1 = time.perf_counter()
         ids, positions, mask = self._inputs(trees)
-        logits = forward(self.model, self.cache, ids, positions, mask)
+        logits = self.steps(self.cache, ids, positions, mask)
         t2 = time.perf_counter()
         paths = []
         for b, (row, tree) in enumerate(zip(self.rows, trees)):
@@ -179,10 +209,10 @@ class BatchDecoder:
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
         """Input ids, position ids and the additive 4D mask for one step; tells the cache where each row writes."""
-        batch, width = len(self.rows), max(len(t) for t in trees) + 1
+        batch, width = len(self.rows), self.steps.width(max(len(t) for t in trees) + 1)
         lengths = torch.tensor([row.length for row in self.rows])
         columns = lengths[:, None] + torch.arange(width)[None]
-        span = int(lengths.max()) + width
+        span = self.cache.capacity if self.steps.compiled else int(lengths.max()) + width  # compiled: one shape for all
         ids = torch.zeros((batch, width), dtype=torch.long)
         positions = lengths[:, None].repeat(1, width)
         visible = (torch.arange(span)[None, None, :] < lengths[:, None, None]).repeat(1, width, 1)  # own context

@@ -18,10 +18,16 @@ import time
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from workers.engine.verify import forward, new_cache
+from workers.engine.slots import SlotCache
+from workers.engine.steps import StepForward
+from workers.engine.verify import causal_mask, forward
+
+if TYPE_CHECKING:
+    from workers.engine.model import LoadedModel
 
 PROBE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -51,24 +57,32 @@ class CostModel:
 
 
 @torch.inference_mode()
-def measure_cost(model: torch.nn.Module, device: torch.device, context: int = 300, repeats: int = 3,
+def measure_cost(steps: StepForward, device: torch.device, context: int = 300, repeats: int = 3,
                  sizes: tuple[int, ...] = PROBE_SIZES) -> CostModel:
-    """Median forward time for each draft size after a `context`-token prefill."""
-    vocab = model.config.vocab_size
+    """Median time of a decoding step of each draft size after a `context`-token prefill, through the
+    steps' own forward (compiled steps: at their padded width, reading the whole cache)."""
+    model = steps.model
+    vocab, dtype = model.config.vocab_size, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, context), generator=generator).to(device)
+    cache = SlotCache(model)
+    cache.reserve(1, context + steps.width(max(sizes) + 1))
+    cache.prepare(0, torch.arange(context)[None], context)
+    forward(model, cache, prompt, torch.arange(context, device=device)[None], causal_mask(context, 0, dtype).to(device))
     seconds = {}
     for n in sizes:
+        width = steps.width(n)
+        span = cache.capacity if steps.compiled else context + width
         samples = []
-        for _ in range(repeats + 1):  # the first run warms up
-            cache = new_cache(model)
-            forward(model, cache, prompt, torch.arange(context, device=device)[None])
-            ids = torch.randint(0, vocab, (1, n), generator=generator).to(device)
-            positions = torch.arange(context, context + n, device=device)[None]
+        for _ in range(repeats + 1):  # the first run warms up (and compiles)
+            ids = torch.randint(0, vocab, (1, width), generator=generator).to(device)
+            positions = torch.arange(context, context + width)[None]
+            cache.prepare(0, positions, span)  # written over the same columns every time
+            positions, mask = positions.to(device), causal_mask(width, context, dtype, span).to(device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            forward(model, cache, ids, positions)
+            steps(cache, ids, positions, mask)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - start)
@@ -76,14 +90,17 @@ def measure_cost(model: torch.nn.Module, device: torch.device, context: int = 30
     return CostModel(seconds, str(device))
 
 
-def load_or_measure(model: torch.nn.Module, model_id: str, device: torch.device, cache_dir: Path | None) -> CostModel:
-    """The cost curve for this model and device, measured once and cached as JSON."""
-    key = f"{model_id}-{device.type}-{next(model.parameters()).dtype}-{torch.get_num_threads()}t".replace("/", "_")
+def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
+    """The cost curve of this model's decoding steps on this device, measured once and cached as JSON
+    (by model, device, CPU capability, dtype, threads and whether steps are compiled)."""
+    capability = torch.backends.cpu.get_cpu_capability() if lm.device.type == "cpu" else torch.cuda.get_device_name(lm.device)
+    compiled = "-compiled" if lm.steps.compiled else ""
+    key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}-{torch.get_num_threads()}t{compiled}".replace("/", "_").replace(" ", "_")
     path = cache_dir / "cost" / f"{key}.json" if cache_dir else None
     if path and path.is_file():
         data = json.loads(path.read_text())
         return CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
-    cost = measure_cost(model, device)
+    cost = measure_cost(lm.steps, lm.device)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"seconds": cost.seconds, "device": cost.device}, indent=1))
@@ -92,23 +109,14 @@ def load_or_measure(model: torch.nn.Module, model_id: str, device: torch.device,
 
 @dataclass
 class Budget:
-    """Chooses the draft size per step; learns how well the tree's scores predict acceptance."""
+    """One request's draft limit and how well its tree's scores predict acceptance (learnt step by step);
+    `allocate` sizes the drafts from it."""
 
     cost: CostModel
     max_tokens: int = 64
     calibration: float = 1.0
     decay: float = 0.8
     history: list[tuple[float, int]] = field(default_factory=list)
-
-    def choose(self, scores: list[float]) -> int:
-        best_n, best_rate = 0, 1.0 / self.cost.cost(1)
-        expected = 1.0
-        for n, score in enumerate(scores[: self.max_tokens], start=1):
-            expected += self.calibration * score
-            rate = expected / self.cost.cost(1 + n)
-            if rate > best_rate:
-                best_n, best_rate = n, rate
-        return best_n
 
     def observe(self, predicted: float, accepted: int) -> None:
         """After a step: `predicted` was the sum of the sent nodes' scores, `accepted` what the model took."""

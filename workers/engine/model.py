@@ -17,6 +17,8 @@ from pathlib import Path
 import structlog
 import torch
 
+from workers.engine.steps import Compile, StepForward, resolve_compile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -38,6 +40,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_s: float
+    steps: StepForward  # the decoding steps' forward (compiled or eager)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -99,9 +102,11 @@ def model_id(model: str | None) -> str:
     return DEFAULT_MODEL_ID if model is None else Path(model).expanduser().name
 
 
-def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, threads: int | None = None) -> LoadedModel:
+def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, threads: int | None = None,
+               compile: Compile = "off") -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad). `model` None: the
-    packaged default, converted once into `cache_dir`; `threads`: torch CPU threads (None: torch's default)."""
+    packaged default, converted once into `cache_dir`; `threads`: torch CPU threads (None: torch's default);
+    `compile`: whether decoding steps run through torch.compile (compiled on first use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -130,8 +135,10 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start)
-    log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype), load_s=round(loaded.load_s, 1))
+    steps = StepForward(lm, resolve_compile(compile, torch_device))
+    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps)
+    log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),
+             compiled=steps.compiled, load_s=round(loaded.load_s, 1))
     return loaded
 
 

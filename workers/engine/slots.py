@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+COLUMN_STEP = 256
+
 
 class SlotLayer(CacheLayerMixin):
     is_sliding = False
@@ -43,7 +45,7 @@ class SlotLayer(CacheLayerMixin):
         return self.cache.width
 
     def get_max_length(self) -> int:
-        return self.cache.data.shape[4]
+        return self.cache.capacity
 
 
 class SlotCache(Cache):
@@ -63,14 +65,21 @@ class SlotCache(Cache):
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def capacity(self) -> int:
+        """Columns per row."""
+        return self.data.shape[4]
+
     def reserve(self, rows: int, columns: int) -> None:
-        """Room for at least `rows` rows of `columns` columns; grows geometrically, keeping the contents."""
+        """Room for at least `rows` rows of `columns` columns; grows geometrically (columns in steps of
+        COLUMN_STEP, so that the capacity, which compiled steps read whole, changes seldom), keeping the contents."""
         have_rows, have_cols = self.data.shape[2], self.data.shape[4]
         if rows <= have_rows and columns <= have_cols:
             return
         shape = list(self.data.shape)
         shape[2] = max(rows, have_rows * 2 if rows > have_rows else have_rows)
-        shape[4] = max(columns, int(have_cols * 1.5) if columns > have_cols else have_cols)
+        wanted = max(columns, int(have_cols * 1.5) if columns > have_cols else have_cols)
+        shape[4] = -(-wanted // COLUMN_STEP) * COLUMN_STEP
         grown = self.data.new_zeros(shape)
         grown[:, :, :have_rows, :, :have_cols] = self.data
         self.data = grown

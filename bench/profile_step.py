@@ -1,0 +1,75 @@
+"""torch.profiler of one decoding step (verify of `--width` tokens after a 300-token context), eager
+and compiled, on the packaged model: where a step's time goes.
+
+    .venv/bin/python bench/profile_step.py --width 8 --threads 2 > bench/results/profile_step.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from infra.settings import default_cache_dir
+from workers.engine.model import load_model
+from workers.engine.slots import SlotCache
+from workers.engine.steps import StepForward
+from workers.engine.verify import causal_mask, forward
+
+CONTEXT = 300
+
+
+@torch.inference_mode()
+def profile_steps(model: torch.nn.Module, steps: StepForward, width: int, rows: int) -> None:
+    vocab, dtype = model.config.vocab_size, next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(0)
+    cache = SlotCache(model)
+    cache.reserve(1, CONTEXT + 80)
+    cache.prepare(0, torch.arange(CONTEXT)[None], CONTEXT)
+    forward(model, cache, torch.randint(0, vocab, (1, CONTEXT), generator=generator), torch.arange(CONTEXT)[None],
+            causal_mask(CONTEXT, 0, dtype))
+    padded = steps.width(width)
+    span = cache.capacity if steps.compiled else CONTEXT + padded
+    ids = torch.randint(0, vocab, (1, padded), generator=generator)
+    positions = torch.arange(CONTEXT, CONTEXT + padded)[None]
+    mask = causal_mask(padded, CONTEXT, dtype, span)
+
+    def step() -> None:
+        cache.prepare(0, positions, span)
+        steps(cache, ids, positions, mask)
+
+    start = time.perf_counter()
+    step()  # compiles, if compiled
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    label = "compiled" if steps.compiled else "eager"
+    print(f"## {label}: one step of {padded} tokens (asked {width}), median {1000 * statistics.median(times):.1f} ms "
+          f"over 10 (first call {first:.1f} s)\n")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--rows", type=int, default=12, help="profiler table rows")
+    args = parser.parse_args()
+    lm = load_model(None, "cpu", args.dtype, default_cache_dir(), args.threads)
+    print(f"# {lm.model_id}, {args.dtype}, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}\n")
+    profile_steps(lm.model, StepForward(lm.model), args.width, args.rows)
+    profile_steps(lm.model, StepForward(lm.model, compiled=True), args.width, args.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The forward of decoding steps, eager or compiled.
+
+Eager transformers on CPU spends most of a one-token step in Python and per-op dispatch (30 layers
+of small kernels), not in arithmetic. `torch.compile` (inductor: C++ on CPU, Triton on CUDA) fuses
+the small ops and runs the step as one graph. A compiled graph is only as good as its reuse, so
+step shapes are kept to a few: the tokens per row are padded up to a bucket (padding tokens see
+only themselves and are never read back) and attention reads a fixed number of cache columns
+(the cache's capacity, whose unused columns the mask hides), so steady-state steps hit graphs
+compiled earlier. Every compilation is counted and logged; a decode that keeps compiling is a bug.
+
+Prefill stays eager: prompts have every length, and a long forward is arithmetic-bound anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import structlog
+import torch
+
+from workers.engine.verify import forward
+
+log = structlog.get_logger("engine")
+
+Compile = Literal["auto", "on", "off"]
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # tokens per row; wider steps run at their own width
+
+
+class StepForward:
+    """Runs the decoding steps' forwards for one model; `compiled` says whether through torch.compile."""
+
+    def __init__(self, model: torch.nn.Module, compiled: bool = False) -> None:
+        self.model = model
+        self.compiled = compiled
+        self.compiles = 0  # graphs compiled so far
+        self.compile_s = 0.0
+        self._graph = torch.compile(model, backend=self._backend, dynamic=False) if compiled else None
+
+    def width(self, tokens: int) -> int:
+        """The width a step of `tokens` tokens per row runs at."""
+        if not self.compiled:
+            return tokens
+        return next((b for b in BUCKETS if b >= tokens), tokens)
+
+    def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self._graph is not None:
+            try:
+                return forward(self.model, cache, ids, positions, mask, run=self._graph)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 (no C++ compiler, an unsupported op, ...: the eager path serves)
+                log.warning("compiling the decoding steps failed; running them eager", error=repr(exc)[:300])
+                self._graph, self.compiled = None, False
+        return forward(self.model, cache, ids, positions, mask)  # type: ignore[arg-type]
+
+    def _backend(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        from torch._inductor.compile_fx import compile_fx
+
+        start = time.perf_counter()
+        compiled = compile_fx(graph, example_inputs)
+        seconds = time.perf_counter() - start
+        self.compiles += 1
+        self.compile_s += seconds
+        shapes = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 2][:3]
+        log.info("compiled a step graph", graphs=self.compiles, seconds=round(seconds, 1), inputs=shapes)
+        return compiled
+
+
+def resolve_compile(setting: Compile, device: torch.device) -> bool:
+    """Whether steps are compiled. `auto` is off for now: on the 2-core CPU measured so far a compiled
+    graph takes 3-5 minutes to build and one-token steps cost most of their time in the matmuls
+    themselves, so compiling does not pay yet (README, "The engine's forward")."""
+    return setting == "on"
