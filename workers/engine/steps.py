@@ -1,12 +1,13 @@
 """The forward of decoding steps, eager or compiled.
 
-Eager transformers on CPU spends most of a one-token step in Python and per-op dispatch (30 layers
-of small kernels), not in arithmetic. `torch.compile` (inductor: C++ on CPU, Triton on CUDA) fuses
-the small ops and runs the step as one graph. A compiled graph is only as good as its reuse, so
-step shapes are kept to a few: the tokens per row are padded up to a bucket (padding tokens see
-only themselves and are never read back) and attention reads a fixed number of cache columns
-(the cache's capacity, whose unused columns the mask hides), so steady-state steps hit graphs
-compiled earlier. Every compilation is counted and logged; a decode that keeps compiling is a bug.
+`torch.compile` (inductor: C++ on CPU, Triton on CUDA) fuses a step's small ops and runs it as one
+graph, which pays where per-op dispatch is a large share of a step (GPUs, fast CPUs). A compiled
+graph is only as good as its reuse, so step shapes are kept to a few: the tokens per row are padded
+up to a bucket (padding tokens see only themselves and are never read back) and attention reads a
+fixed number of cache columns (the cache's capacity, whose unused columns the mask hides), so
+steady-state steps hit graphs compiled earlier. Every compilation is counted and logged; a decode
+that keeps compiling is a bug. On the 2-core CPU measured so far, matmuls are ~80 % of an eager step
+and the compiled step was slower, so compiling is opt-in (README, "The engine's forward").
 
 Prefill stays eager: prompts have every length, and a long forward is arithmetic-bound anyway.
 """
@@ -66,7 +67,6 @@ class StepForward:
 
 
 def resolve_compile(setting: Compile, device: torch.device) -> bool:
-    """Whether steps are compiled. `auto` is off for now: on the 2-core CPU measured so far a compiled
-    graph takes 3-5 minutes to build and one-token steps cost most of their time in the matmuls
-    themselves, so compiling does not pay yet (README, "The engine's forward")."""
+    """Whether steps are compiled. `auto` is off for now, on every device: on the 2-core CPU measured so
+    far a graph took 2-5 minutes to build and the compiled step ran slower than eager; CUDA is untested."""
     return setting == "on"
