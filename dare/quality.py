@@ -248,7 +248,7 @@ def plot(report: dict, path: Path) -> None:  # type: ignore[type-arg]
     low = min(m - s for m, s in zip(means, stds, strict=True))
     ax.set_ylim(low - 0.01, max(m + s for m, s in zip(means, stds, strict=True)) + 0.005)
     ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title("DeepFM on MovieLens-100k, knowledge per variant")
+    ax.set_title("DeepFM on MovieLens-100k, by knowledge", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
