@@ -32,7 +32,7 @@ def profile_steps(model: torch.nn.Module, steps: StepForward, width: int, rows: 
     forward(model, cache, torch.randint(0, vocab, (1, CONTEXT), generator=generator), torch.arange(CONTEXT)[None],
             causal_mask(CONTEXT, 0, dtype))
     padded = steps.width(width)
-    span = cache.capacity if steps.compiled else CONTEXT + padded
+    span = steps.span(cache, CONTEXT + padded)
     ids = torch.randint(0, vocab, (1, padded), generator=generator)
     positions = torch.arange(CONTEXT, CONTEXT + padded)[None]
     mask = causal_mask(padded, CONTEXT, dtype, span)

@@ -151,7 +151,7 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
         }
     return {
         "model": lm.model_id,
-        "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')}, {steps_label(lm)})",
+        "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')}, {'compiled' if lm.steps.compiled else 'eager'} steps)",
         "steps": {"compiled": lm.steps.compiled, "graphs": lm.steps.compiles, "compile_s": round(lm.steps.compile_s, 1)},
         "max_new_tokens": max_new_tokens,
         "reference": REFERENCE,
@@ -160,10 +160,6 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
         "methods": summary,
         "prompts": results,
     }
-
-
-def steps_label(lm: LoadedModel) -> str:
-    return "compiled steps" if lm.steps.compiled else "eager steps"
 
 
 def format_table(report: dict) -> str:

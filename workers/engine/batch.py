@@ -29,7 +29,7 @@ from workers.engine.budget import Budget, allocate
 from workers.engine.draft import Drafter
 from workers.engine.slots import SlotCache
 from workers.engine.steps import StepForward
-from workers.engine.verify import ancestor_matrix, forward
+from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
 
 PREFILL_GROUP = 8  # rows prefilled in one forward at most
 PREFILL_PADDING = 1.15  # a row joins a prefill group if it is at most this much longer than the group's mean
@@ -150,11 +150,9 @@ class BatchDecoder:
         n = max(len(t) for t in tokens)
         ids = torch.tensor([t + [0] * (n - len(t)) for t in tokens], device=self.device)
         positions = torch.arange(offset, offset + n)[None].repeat(len(tokens), 1)
-        visible = torch.ones((n, offset + n), dtype=torch.bool)
-        visible[:, offset:] = torch.ones((n, n), dtype=torch.bool).tril()
         self.cache.prepare(first, positions, offset + n)
-        forward(self.model, self.cache, ids, positions.to(self.device), self._additive(visible[None].expand(len(tokens), -1, -1)),
-                logits_to_keep=1)
+        mask = causal_mask(n, offset, self.dtype).expand(len(tokens), -1, -1, -1).to(self.device)
+        forward(self.model, self.cache, ids, positions.to(self.device), mask, logits_to_keep=1)
 
     def _leave(self, finished: set[int]) -> None:
         """Finished rows leave; rows from the end move into their places (at most one move per leaver)."""
@@ -212,7 +210,7 @@ class BatchDecoder:
         batch, width = len(self.rows), self.steps.width(max(len(t) for t in trees) + 1)
         lengths = torch.tensor([row.length for row in self.rows])
         columns = lengths[:, None] + torch.arange(width)[None]
-        span = self.cache.capacity if self.steps.compiled else int(lengths.max()) + width  # compiled: one shape for all
+        span = self.steps.span(self.cache, int(lengths.max()) + width)
         ids = torch.zeros((batch, width), dtype=torch.long)
         positions = lengths[:, None].repeat(1, width)
         visible = (torch.arange(span)[None, None, :] < lengths[:, None, None]).repeat(1, width, 1)  # own context
@@ -224,13 +222,7 @@ class BatchDecoder:
             tree_part[:n, :n] = ancestor_matrix(tree.parents)
             visible[b, :, row.length : row.length + width] = tree_part
         self.cache.prepare(0, columns, span)
-        return ids.to(self.device), positions.to(self.device), self._additive(visible)
-
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        """A (batch, 1, queries, keys) additive mask from a boolean `visible` (batch, queries, keys)."""
-        mask = torch.zeros(visible.shape, dtype=self.dtype)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return mask[:, None].to(self.device)
+        return ids.to(self.device), positions.to(self.device), additive(visible, self.dtype)[:, None].to(self.device)
 
     def _emit(self, row: Row, new: list[int], drafted: int) -> None:
         row.stats.steps += 1

@@ -72,7 +72,7 @@ def measure_cost(steps: StepForward, device: torch.device, context: int = 300, r
     seconds = {}
     for n in sizes:
         width = steps.width(n)
-        span = cache.capacity if steps.compiled else context + width
+        span = steps.span(cache, context + width)
         samples = []
         for _ in range(repeats + 1):  # the first run warms up (and compiles)
             ids = torch.randint(0, vocab, (1, width), generator=generator).to(device)

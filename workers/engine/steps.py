@@ -20,6 +20,7 @@ from typing import Literal
 import structlog
 import torch
 
+from workers.engine.slots import SlotCache
 from workers.engine.verify import forward
 
 log = structlog.get_logger("engine")
@@ -43,6 +44,10 @@ class StepForward:
         if not self.compiled:
             return tokens
         return next((b for b in BUCKETS if b >= tokens), tokens)
+
+    def span(self, cache: SlotCache, needed: int) -> int:
+        """Cache columns a step reads when it needs the first `needed`: compiled steps read them all (one shape)."""
+        return cache.capacity if self.compiled else needed
 
     def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self._graph is not None:

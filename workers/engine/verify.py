@@ -47,9 +47,14 @@ def ancestor_matrix(parents: list[int]) -> torch.Tensor:
     return anc
 
 
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of a boolean `visible` (0 where visible, the dtype's minimum elsewhere)."""
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
 def causal_mask(queries: int, past: int, dtype: torch.dtype, span: int | None = None) -> torch.Tensor:
     """The (1, 1, queries, span) additive mask of `queries` new tokens after `past` cached ones
     (`span`: columns read, past + queries if None; columns beyond those are hidden)."""
     visible = torch.zeros((queries, span or past + queries), dtype=torch.bool)
     visible[:, : past + queries] = torch.ones((queries, past + queries), dtype=torch.bool).tril(past)
-    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)[None, None]
+    return additive(visible, dtype)[None, None]
