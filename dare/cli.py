@@ -145,8 +145,12 @@ def start_service(args: argparse.Namespace) -> tuple[Settings, threading.Event]:
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.service import Worker
 
+    if args.backend == "vllm":
+        require_vllm()
+        reexec_for_vllm()
     settings, stop = start_service(args)
-    Worker(settings, load_lm(settings), mode=args.mode, batch=args.batch).run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
+    worker = Worker(settings, load_lm(settings), mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager)
+    worker.run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 
 
@@ -267,8 +271,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dare.bench import check_prompt_lengths, format_table, parse_methods, run_bench, write_json
     from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
 
+    if args.backend == "vllm":
+        require_vllm()
     settings = settings_from(args)
-    methods = parse_methods(args.methods)
+    methods = parse_methods(args.methods) if args.backend == "transformers" else []
     pool_path = args.pool or POOL_PATH
     pool = read_pool(pool_path)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts(SPEC_PATH)
@@ -276,7 +282,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = prompts[: args.limit] if args.limit else prompts
     lm = load_lm(settings)
     check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
-    if args.batch:
+    if args.backend == "vllm":
+        from dare.vllm_bench import available_methods, format_vllm_table, run_vllm_bench
+        from workers.engine.model import cached_default_model
+
+        methods = available_methods()
+        model_dir = Path(settings.model).expanduser() if settings.model else cached_default_model(settings.cache_dir)
+        print(f"bench: {len(prompts)} prompts, {', '.join(methods)}; batch 1 and the whole backlog, {settings.max_new_tokens} "
+              f"new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
+        report = run_vllm_bench(lm, model_dir, prompts, pool, methods, settings.max_new_tokens, settings.cache_dir,
+                                repeat=args.repeat, eager=args.eager, k=args.draft_tokens)
+        print(format_vllm_table(report))
+    elif args.batch:
         from dare.batch_bench import HF_SIZES, format_batch_table, run_batch_bench
 
         print(f"bench: {len(prompts)} prompts, batched hf-generate (sweep) vs batched DARE at batch {','.join(map(str, args.batch))}, "
@@ -293,6 +310,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(report, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def require_vllm() -> None:
+    from workers.engine.vllm_backend import require_vllm as check
+
+    check()
+
+
+def reexec_for_vllm() -> None:
+    """vLLM's CPU kernels want Intel OpenMP preloaded and its thread count set before the process starts:
+    start this command again with them, once."""
+    from workers.engine.vllm_backend import runtime_env
+
+    env = runtime_env()
+    if env is not None:
+        log.info("restarting with vLLM's runtime environment", LD_PRELOAD=env["LD_PRELOAD"], OMP_NUM_THREADS=env["OMP_NUM_THREADS"])
+        os.execve(sys.executable, [sys.executable, "-m", "dare.cli", *sys.argv[1:]], env)
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -380,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=positive_int, help="exit after this many prompts")
     p.add_argument("--idle-exit", type=seconds, help="exit after S seconds without a prompt (default: run until stopped)")
     p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics (incl. dare_worker_ready) on this port")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: DARE inside vLLM (continuous batching up to --batch; needs `make install-vllm`)")
+    p.add_argument("--eager", action="store_true", help="with --backend vllm: no torch.compile in vLLM (starts ~2 min sooner, decodes slower)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("consume", help="print a topic's messages")
@@ -422,7 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-batch", "--ar-batch", dest="hf_batch", type=batch_sizes, metavar="B[,B...]",
                    help="with --batch: the hf-generate sweep's batch sizes (default 1,2,4,8,16,32; batch 1, the reference, always runs once)")
     p.add_argument("--repeat", type=positive_int, default=1, metavar="N",
-                   help="with --batch: run every configuration N times, report medians")
+                   help="with --batch or --backend vllm: run every configuration N times, report medians")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: vLLM greedy/ngram/suffix vs DARE inside vLLM, batch 1 and the whole backlog (needs `make install-vllm`)")
+    p.add_argument("--eager", action="store_true", help="with --backend vllm: no torch.compile in vLLM (starts ~2 min sooner, decodes slower)")
+    p.add_argument("--draft-tokens", type=positive_int, default=8, metavar="K", help="with --backend vllm: most draft tokens per step (default 8)")
     p.add_argument("--json", type=output_file, help="write the full report here")
     p.set_defaults(func=cmd_bench)
 
@@ -483,6 +524,7 @@ def one_line(exc: BaseException) -> str:
     from pool_builder.checkpoint import CheckpointVersionError
     from schemas import SchemaError
     from workers.engine.model import ModelLoadError
+    from workers.engine.vllm_backend import VllmMissing
 
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
@@ -491,7 +533,7 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KafkaError):
         return f"Kafka: {exc!r}; is the broker at DARE_BOOTSTRAP_SERVERS / --bootstrap-servers up?"
     if isinstance(exc, (ModelLoadError, BrokerError, BrokerUnavailable, DataError, PipelineError, GenerateError, WorkloadError, SchemaError,
-                        CheckpointVersionError, UnknownTopic)):
+                        CheckpointVersionError, UnknownTopic, VllmMissing)):
         return str(exc).replace("\n", " ")
     return f"unexpected error: {exc!r} (run with --log-level debug for the traceback)"
 

@@ -2,6 +2,7 @@
 code, never a traceback. Each case runs `dare` as a user would, in its own process; a new
 subcommand must join the table (the last test fails until it does)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,6 +55,10 @@ CASES = [
     ("bench-malformed-pool", ["bench", "--pool", "{root}/bad-pool.jsonl"], {}, "{root}/bad-pool.jsonl:1"),
     ("bench-unwritable-json", ["bench", "--json", "{root}/a-file/report.json"], {}, "{root}/a-file/report.json"),
     ("bench-zero-limit", ["bench", "--limit", "0"], {}, "--limit"),
+    *[pytest.param(f"{command}-vllm-without-the-extra", [command, "--backend", "vllm"], {}, "make install-vllm",
+                   id=f"{command}-vllm-without-the-extra",
+                   marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here"))
+      for command in ("bench", "worker")],
     ("workload-zero-segments", ["workload", "make", "--segments", "0"], {}, "--segments"),
     ("generate-all-unwritable-out", ["generate-all", "--out", "{root}/a-file/k.jsonl"], {}, "{root}/a-file/k.jsonl"),
     ("generate-all-zero-batch", ["generate-all", "--batch", "0"], {}, "--batch"),
@@ -72,7 +77,11 @@ def run_dare(args, env, cwd):
                           text=True, timeout=120, check=False)
 
 
-@pytest.mark.parametrize("case, args, env, named", CASES, ids=[c[0] for c in CASES])
+def _values(case):  # a plain tuple, or a pytest.param's values
+    return getattr(case, "values", case)
+
+
+@pytest.mark.parametrize("case, args, env, named", CASES, ids=[_values(c)[0] for c in CASES])
 def test_broken_input_gets_one_clear_line(files, case, args, env, named):
     args = [a.format(root=files) for a in args]
     result = run_dare(args, env, files)
@@ -101,7 +110,7 @@ def test_produce_file_checks_the_whole_file_before_it_connects(files):
 def test_every_subcommand_is_in_the_table():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) == {c[1][0] for c in CASES}
+    assert set(commands) == {_values(c)[1][0] for c in CASES}
 
 
 def test_the_three_reported_cases_print_one_line(files):

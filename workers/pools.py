@@ -12,16 +12,16 @@ from __future__ import annotations
 from infra.reader import TopicReader
 from infra.settings import Settings
 from schemas import PoolReplica, PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
-from workers.engine.decode import Dare
+from workers.engine.decode import PoolTexts
 from workers.engine.pool import Pool
 
 
 class LivePools:
-    def __init__(self, dare: Dare, segment_nodes: int = 200_000, global_nodes: int = 1_000_000) -> None:
-        self.dare = dare
+    def __init__(self, texts: PoolTexts, segment_nodes: int = 200_000, global_nodes: int = 1_000_000) -> None:
+        self.texts = texts
         self.segment_nodes = segment_nodes
         self.pools: dict[str, Pool] = {}
-        self.global_pool = dare.pool([], max_nodes=global_nodes)
+        self.global_pool = texts.pool([], max_nodes=global_nodes)
         self.assignments: dict[str, str] = {}
         self.replica = PoolReplica()
         self.applied = 0
@@ -29,13 +29,13 @@ class LivePools:
 
     def _pool(self, segment: str) -> Pool:
         if segment not in self.pools:
-            self.pools[segment] = self.dare.pool([], max_nodes=self.segment_nodes)
+            self.pools[segment] = self.texts.pool([], max_nodes=self.segment_nodes)
         return self.pools[segment]
 
     def add_text(self, segment: str | None, text_id: str, text: str) -> None:
         if segment:
-            self.dare.add_text(self._pool(segment), text_id, text)
-        self.dare.add_text(self.global_pool, f"{segment}/{text_id}", text)
+            self.texts.add_text(self._pool(segment), text_id, text)
+        self.texts.add_text(self.global_pool, f"{segment}/{text_id}", text)
 
     def apply(self, update: PoolUpdate) -> None:
         change = self.replica.apply(update)

@@ -8,6 +8,9 @@ countable duplicate), never lost. Bad input goes to the dead-letter topic with t
 the original bytes.
 
 Mode `ar` is the engine's own greedy decoding (no drafts), at batch 1 and in batches alike.
+
+Two engines behind the same loop: `transformers` (this project's BatchDecoder, the default) and
+`vllm` (DARE inside vLLM: vLLM's continuous batching, DARE's drafts and acceptance; the vllm extra).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from kafka.consumer.fetcher import ConsumerRecord
@@ -28,13 +32,15 @@ from infra.settings import Settings
 from schemas import DecodeStats, KnowledgeRecord, Mode, PromptRequest, SchemaError, Topics, decode, encode
 from workers.engine.batch import RequestStats
 from workers.engine.budget import load_or_measure
-from workers.engine.decode import Dare
-from workers.engine.model import LoadedModel, chat_input_ids
+from workers.engine.decode import Dare, PoolTexts
+from workers.engine.draft import DraftConfig
+from workers.engine.model import LoadedModel, cached_default_model, chat_input_ids
 from workers.pools import LivePools, PoolFollower
 
 log = structlog.get_logger("worker")
 
 GROUP = "workers"  # consumer group: the topic prefix + this ("dare.workers" by default)
+VLLM_CONTEXT = 4096  # the vLLM engine's longest request (prompt + new tokens): bounds its KV cache
 
 PROMPTS = Counter("dare_worker_prompts_total", "Prompts answered", ["mode"])
 TOKENS = Counter("dare_worker_tokens_total", "Tokens generated", ["mode"])
@@ -77,7 +83,7 @@ class InFlight:
 
 class Worker:
     def __init__(self, settings: Settings, lm: LoadedModel, mode: Mode = "ar", worker_id: str | None = None,
-                 batch: int = 1) -> None:
+                 batch: int = 1, backend: str = "transformers", eager: bool = False) -> None:
         self.settings = settings
         self.batch = batch
         self.lm = lm
@@ -86,8 +92,22 @@ class Worker:
         self.topics = Topics(settings.topic_prefix)
         self.stats = WorkerStats()
         self.context_limit = int(getattr(lm.model.config, "max_position_embeddings", 8192))
-        self.dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm, settings.cache_dir), steps=lm.steps)
-        self.pools = LivePools(self.dare)
+        self.dare: Dare | None = None
+        self.vllm = None
+        if backend == "vllm":
+            from workers.engine.vllm_backend import VllmEngine, load_or_probe
+
+            self.context_limit = min(self.context_limit, VLLM_CONTEXT)
+            model_dir = str(Path(settings.model).expanduser() if settings.model else cached_default_model(settings.cache_dir))
+            self.vllm = VllmEngine(model_dir, "dare", eager=eager, max_model_len=self.context_limit, max_num_seqs=batch)
+            self.cost = load_or_probe(self.vllm, settings.cache_dir)
+            self.vllm.set_cost(self.cost)
+        elif backend == "transformers":
+            self.cost = load_or_measure(lm, settings.cache_dir)
+            self.dare = Dare(lm.model, lm.tokenizer, self.cost, steps=lm.steps)
+        else:
+            raise ValueError(f"backend must be transformers or vllm, not {backend!r}")
+        self.pools = LivePools(PoolTexts(lm.tokenizer, DraftConfig()))
         self.follower: PoolFollower | None = None
         self.ready = threading.Event()  # set once pools are loaded and partitions assigned
         self.in_flight: dict[tuple[str, int, int], InFlight] = {}  # by (topic, partition, offset)
@@ -109,15 +129,35 @@ class Worker:
     def answer(self, request: PromptRequest) -> KnowledgeRecord:
         """Decode one prompt into its knowledge record, outside Kafka (benches, tools)."""
         input_ids, max_new, mode, segment = self.prepare(request)
+        if self.vllm is not None:
+            self.vllm.add(None, input_ids, max_new, mode, self.pools.sources(segment))
+            [out] = self.vllm.run()
+            return self.record(request, segment, mode, out.token_ids, out.stats)
+        assert self.dare is not None
         out = self.dare.generate(input_ids, self.pools.sources(segment), mode, max_new)
         return self.record(request, segment, mode, out.token_ids, out.stats)
+
+    def _decoder(self, rows: int):  # type: ignore[no-untyped-def]
+        """The engine's decoder for `rows` requests at once: add / step / len (the vLLM engine is one)."""
+        if self.vllm is not None:
+            return self.vllm
+        assert self.dare is not None
+        return self.dare.decoder(rows=rows)
+
+    def _add(self, decoder, key, input_ids: list[int], max_new: int, mode: Mode, segment: str | None) -> None:  # type: ignore[no-untyped-def]
+        sources = self.pools.sources(segment)
+        if self.vllm is not None:
+            self.vllm.add(key, input_ids, max_new, mode, sources)
+        else:
+            assert self.dare is not None
+            decoder.add(key, input_ids, *self.dare.request(input_ids, sources, mode), max_new)
 
     def record(self, request: PromptRequest, segment: str | None, mode: Mode, token_ids: list[int], s: RequestStats
                ) -> KnowledgeRecord:
         text = self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
         if text.strip():  # the paper's code: a generated text drafts for the next request at once
             self.pools.add_text(segment, f"{request.entity_kind}-{request.entity_id}", text)
-        cost = self.dare.cost
+        cost = self.cost
         verify_s = sum(cost.cost(1 + n) for n in s.drafted)
         SPEEDUP.set(sum(s.accepted) * cost.cost(1) / verify_s if verify_s else 1.0)  # from the cost curve: load-independent
         return KnowledgeRecord(
@@ -169,7 +209,7 @@ class Worker:
     def _loop(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
         """Fetched prompts join the decoder while others decode; a partition's offset is committed up
         to its oldest prompt still in flight, once the records before it were acknowledged."""
-        decoder = self.dare.decoder(rows=self.batch)
+        decoder = self._decoder(self.batch)
         offsets = OffsetTracker()
         while not stop.is_set() and not (not len(decoder) and self._finished(max_prompts, idle_timeout_s)):
             room = self.batch - len(decoder)
@@ -185,7 +225,7 @@ class Worker:
                     offsets.done(record)
                     continue
                 key = (record.topic, record.partition, record.offset)
-                decoder.add(key, input_ids, *self.dare.request(input_ids, self.pools.sources(segment), mode), max_new)
+                self._add(decoder, key, input_ids, max_new, mode, segment)
                 self.in_flight[key] = InFlight(record, request, mode, segment)
             for finished in decoder.step():
                 f = self.in_flight.pop(finished.key)  # type: ignore[arg-type]

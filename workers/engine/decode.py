@@ -50,19 +50,15 @@ class Dare:
             eos = model.generation_config.eos_token_id  # type: ignore[union-attr]
             eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.eos_token_ids = eos_token_ids
-        self.prompt_prefix, self.assistant_prefix = template_parts(tokenizer)  # every chat prompt starts with prompt_prefix
+        self.prompt_prefix, _ = template_parts(tokenizer)  # every chat prompt starts with prompt_prefix
+        self.texts = PoolTexts(tokenizer, self.draft)
         self._single: BatchDecoder | None = None
 
     def pool(self, texts: Sequence[str], max_nodes: int = 400_000) -> Pool:
-        """A pool over generated texts, each preceded by the chat template's assistant header so that
-        an answer's opening words are drafted from its very first step."""
-        pool = Pool(depth=self.draft.max_key + self.draft.max_depth, max_nodes=max_nodes)
-        for n, text in enumerate(texts):
-            self.add_text(pool, str(n), text)
-        return pool
+        return self.texts.pool(texts, max_nodes)
 
     def add_text(self, pool: Pool, text_id: str, text: str) -> None:
-        pool.add(text_id, self.assistant_prefix + self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
+        self.texts.add_text(pool, text_id, text)
 
     def request(self, input_ids: Sequence[int], pools: Sequence[tuple[Pool, float]], mode: str, use_self: bool = True
                 ) -> tuple[Drafter, Budget, Acceptance]:
@@ -91,6 +87,26 @@ class Dare:
             finished = self._single.step()
         out = finished[0]
         return Output(out.token_ids, self.tokenizer.decode(out.token_ids, skip_special_tokens=True), out.stats)  # type: ignore[attr-defined]
+
+
+class PoolTexts:
+    """Knowledge texts into pools (for any engine that drafts with this tokenizer): each text is indexed
+    after the chat template's assistant header, so that an answer's opening words are drafted from its
+    very first step."""
+
+    def __init__(self, tokenizer: object, draft: DraftConfig) -> None:
+        self.tokenizer = tokenizer
+        self.depth = draft.max_key + draft.max_depth
+        _, self.assistant_prefix = template_parts(tokenizer)
+
+    def pool(self, texts: Sequence[str], max_nodes: int = 400_000) -> Pool:
+        pool = Pool(depth=self.depth, max_nodes=max_nodes)
+        for n, text in enumerate(texts):
+            self.add_text(pool, str(n), text)
+        return pool
+
+    def add_text(self, pool: Pool, text_id: str, text: str) -> None:
+        pool.add(text_id, self.assistant_prefix + self.tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
 
 
 def template_parts(tokenizer: object) -> tuple[list[int], list[int]]:
