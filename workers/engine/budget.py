@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -96,11 +97,15 @@ def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
     capability = torch.backends.cpu.get_cpu_capability() if lm.device.type == "cpu" else torch.cuda.get_device_name(lm.device)
     compiled = "-compiled" if lm.steps.compiled else ""
     key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}-{torch.get_num_threads()}t{compiled}".replace("/", "_").replace(" ", "_")
-    path = cache_dir / "cost" / f"{key}.json" if cache_dir else None
+    return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))
+
+
+def cached_cost(path: Path | None, measure: Callable[[], CostModel]) -> CostModel:
+    """The cost curve stored at `path` (JSON), or `measure()`d and stored there (None: never stored)."""
     if path and path.is_file():
         data = json.loads(path.read_text())
         return CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
-    cost = measure_cost(lm.steps, lm.device)
+    cost = measure()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"seconds": cost.seconds, "device": cost.device}, indent=1))

@@ -22,7 +22,6 @@ second copy of every pool. The price: the engine and the Kafka client share one 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import torch
 
 from workers.engine.accept import Acceptance, accept
 from workers.engine.batch import Finished, RequestStats
-from workers.engine.budget import Budget, CostModel
+from workers.engine.budget import Budget, CostModel, cached_cost
 from workers.engine.draft import DraftConfig, DraftTree, RetrievalDrafter, Source
 
 MODES = ("ar", "strict", "relaxed")
@@ -424,11 +423,4 @@ def load_or_probe(engine: VllmEngine, cache_dir: Path | None) -> CostModel:
     capability = torch.backends.cpu.get_cpu_capability()
     threads = os.environ.get("OMP_NUM_THREADS", "auto")
     path = cache_dir / "cost" / f"vllm-{engine.label}-{capability}-{threads}t.json" if cache_dir else None
-    if path and path.is_file():
-        data = json.loads(path.read_text())
-        return CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
-    cost = probe_cost(engine)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": cost.seconds, "device": cost.device}, indent=1))
-    return cost
+    return cached_cost(path, lambda: probe_cost(engine))
