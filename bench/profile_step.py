@@ -2,6 +2,7 @@
 and compiled, on the packaged model: where a step's time goes.
 
     .venv/bin/python bench/profile_step.py --width 8 --threads 2 > bench/results/profile_step.txt
+    .venv/bin/python bench/profile_step.py --width 1,8 --weights fp16 --eager-only > bench/results/profile_step_fp16.txt
 """
 
 from __future__ import annotations
@@ -60,15 +61,19 @@ def profile_steps(model: torch.nn.Module, steps: StepForward, width: int, rows: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--width", default="8", help="tokens per step; several: comma-separated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--weights", default="full", choices=["full", "fp16"], help="linear weights (weights.py)")
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled step (minutes to compile)")
     parser.add_argument("--rows", type=int, default=12, help="profiler table rows")
     args = parser.parse_args()
-    lm = load_model(None, "cpu", args.dtype, default_cache_dir(), args.threads)
-    print(f"# {lm.model_id}, {args.dtype}, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}\n")
-    profile_steps(lm.model, StepForward(lm.model), args.width, args.rows)
-    profile_steps(lm.model, StepForward(lm.model, compiled=True), args.width, args.rows)
+    lm = load_model(None, "cpu", args.dtype, default_cache_dir(), args.threads, weights=args.weights)
+    print(f"# {lm.model_id}, {lm.describe()}, CPU {torch.backends.cpu.get_cpu_capability()}\n")
+    for width in (int(w) for w in args.width.split(",")):
+        profile_steps(lm.model, StepForward(lm.model), width, args.rows)
+        if not args.eager_only:
+            profile_steps(lm.model, StepForward(lm.model, compiled=True), width, args.rows)
 
 
 if __name__ == "__main__":

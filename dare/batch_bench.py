@@ -16,8 +16,6 @@ import time
 from collections import deque
 from typing import get_args
 
-import torch
-
 from dare.workload import BenchPrompt
 from schemas import Mode
 from workers.engine.batch import BatchDecoder
@@ -94,7 +92,7 @@ def run_batch_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dic
     for r in runs:
         r["vs_best_hf"] = r["tokens_per_s"] / best[REFERENCE]["tokens_per_s"]
         r["equal_to_greedy"] = sum(a == b for a, b in zip(r["outputs"], reference))
-    return {"model": lm.model_id, "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')})",
+    return {"model": lm.model_id, "device": lm.describe(), "weights": lm.weights,
             "prompts": len(prompts), "max_new_tokens": max_new, "sizes": list(sizes), "repeat": repeat,
             "best": {method: {"batch": r["batch"], "tokens_per_s": r["tokens_per_s"], "vs_best_hf": r["vs_best_hf"]}
                      for method, r in best.items()},

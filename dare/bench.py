@@ -151,7 +151,8 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
         }
     return {
         "model": lm.model_id,
-        "device": f"{lm.device} ({torch.get_num_threads()} threads, {str(lm.dtype).replace('torch.', '')}, {'compiled' if lm.steps.compiled else 'eager'} steps)",
+        "device": lm.describe(),
+        "weights": lm.weights,
         "steps": {"compiled": lm.steps.compiled, "graphs": lm.steps.compiles, "compile_s": round(lm.steps.compile_s, 1)},
         "max_new_tokens": max_new_tokens,
         "reference": REFERENCE,

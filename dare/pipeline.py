@@ -143,7 +143,7 @@ def prepare_model(settings: Settings, threads: int) -> None:
 
     print("preparing the model (the first run converts the packaged GGUF and measures this machine's "
           "verify-cost curve, ~45 s once)", flush=True)
-    lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir, threads, settings.compile)
+    lm = load_model(settings.model, settings.device, settings.dtype, settings.cache_dir, threads, settings.compile, settings.weights)
     load_or_measure(lm, settings.cache_dir)
     del lm
     torch.set_num_threads(max(1, os.cpu_count() or 1))

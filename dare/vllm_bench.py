@@ -171,7 +171,7 @@ def run_vllm_bench(lm, model_dir: Path, prompts: list[BenchPrompt], pool_texts: 
     prompt_ids = [chat_input_ids(tokenizer, p.prompt) for p in prompts]
     segments = [p.segment for p in prompts]
     figures: dict[str, Figures] = {}
-    hf_device = f"transformers {str(lm.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
+    hf_device = f"transformers, {lm.describe()}"
     if HF_METHOD in methods:
         figures[HF_METHOD] = run_hf(lm, prompt_ids, segments, pool_texts, max_new_tokens, repeat, cache_dir)
     vllm_methods = [m for m in methods if m in VLLM_METHODS]

@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from workers.engine.steps import Compile, StepForward, resolve_compile
+from workers.engine.weights import Weights, pack_linears, resolve_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,6 +42,14 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     steps: StepForward  # the decoding steps' forward (compiled or eager)
+    weights: str = "full"  # the linear layers' weights in decoding: "fp16" (packed) or "full" (at `dtype`)
+
+    def describe(self) -> str:
+        """Device and precision, as the benches print them."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        weights = "fp16 weights" if self.weights == "fp16" else f"{dtype} weights"
+        steps = "compiled" if self.steps.compiled else "eager"
+        return f"{self.device} ({torch.get_num_threads()} threads, {dtype}, {weights}, {steps} steps)"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -103,10 +112,11 @@ def model_id(model: str | None) -> str:
 
 
 def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, threads: int | None = None,
-               compile: Compile = "off") -> LoadedModel:
+               compile: Compile = "off", weights: Weights = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad). `model` None: the
     packaged default, converted once into `cache_dir`; `threads`: torch CPU threads (None: torch's default);
-    `compile`: whether decoding steps run through torch.compile (compiled on first use)."""
+    `compile`: whether decoding steps run through torch.compile (compiled on first use); `weights`:
+    the linear layers' weights in decoding (weights.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -117,6 +127,10 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     start = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        packed = resolve_weights(weights, torch_device, torch_dtype)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     if model is None:
         path = cached_default_model(cache_dir)
     else:
@@ -135,10 +149,12 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if packed == "fp16":
+        pack_linears(lm)
     steps = StepForward(lm, resolve_compile(compile, torch_device))
-    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps)
+    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed)
     log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),
-             compiled=steps.compiled, load_s=round(loaded.load_s, 1))
+             weights=packed, compiled=steps.compiled, load_s=round(loaded.load_s, 1))
     return loaded
 
 
