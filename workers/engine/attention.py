@@ -25,23 +25,27 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 NAME = "dare_grouped_sdpa"
 
 
+def gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                  scaling: float | None) -> torch.Tensor:
+    """SDPA of query (batch, heads, q, dim) over key/value (batch, kv_heads, keys, dim) under an additive
+    mask (batch, 1, q, >= keys) shared by all heads; (batch, heads, q, dim), the cache never copied."""
+    batch, heads, q, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    mask = mask[:, :, :, :keys]
+    if query.device.type == "cpu" or heads == kv_heads:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=heads != kv_heads)
+    group = heads // kv_heads
+    query = query.reshape(batch, kv_heads, group * q, dim)
+    mask = mask[:, :, None].expand(mask.shape[0], 1, group, q, keys).reshape(mask.shape[0], 1, group * q, keys)  # one mask, every head
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling).reshape(batch, heads, q, dim)
+
+
 def grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  **kwargs: object) -> tuple[torch.Tensor, None]:
-    batch, heads, q, dim = query.shape
-    kv_heads, keys = key.shape[1], key.shape[2]
-    if attention_mask is None or attention_mask.shape[1] != 1 or heads == kv_heads or dropout:  # stock SDPA
+    if attention_mask is None or attention_mask.shape[1] != 1 or query.shape[1] == key.shape[1] or dropout:  # stock SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)  # type: ignore[arg-type]
-    if query.device.type == "cpu":
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask[:, :, :, :keys], scale=scaling,
-                                             enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    group = heads // kv_heads
-    query = query.reshape(batch, kv_heads, group * q, dim)
-    mask = attention_mask[:, :, :, :keys]
-    mask = mask[:, :, None].expand(mask.shape[0], 1, group, q, keys).reshape(mask.shape[0], 1, group * q, keys)  # one mask, every head
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, q, dim).transpose(1, 2).contiguous(), None
+    return gqa_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, grouped_sdpa)

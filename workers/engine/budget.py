@@ -93,9 +93,9 @@ def measure_cost(steps: StepForward, device: torch.device, context: int = 300, r
 
 def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
     """The cost curve of this model's decoding steps on this device, measured once and cached as JSON
-    (by model, device, CPU capability, dtype, packed weights, threads and whether steps are compiled)."""
+    (by model, device, CPU capability, dtype, packed weights, forward, threads and whether steps are compiled)."""
     capability = torch.backends.cpu.get_cpu_capability() if lm.device.type == "cpu" else torch.cuda.get_device_name(lm.device)
-    compiled = "-compiled" if lm.steps.compiled else ""
+    compiled = "-compiled" if lm.steps.compiled else f"-{lm.forward}"
     packed = "-fp16w" if lm.weights == "fp16" else ""
     key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}{packed}-{torch.get_num_threads()}t{compiled}".replace("/", "_").replace(" ", "_")
     return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))

@@ -17,6 +17,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from workers.engine import lean
 from workers.engine.steps import Compile, StepForward, resolve_compile
 from workers.engine.weights import Weights, pack_linears, resolve_weights
 
@@ -43,12 +44,13 @@ class LoadedModel:
     load_s: float
     steps: StepForward  # the decoding steps' forward (compiled or eager)
     weights: str = "full"  # the linear layers' weights in decoding: "fp16" (packed) or "full" (at `dtype`)
+    forward: str = "transformers"  # the engine's forward: "lean" (lean.py) or "transformers"
 
     def describe(self) -> str:
         """Device and precision, as the benches print them."""
         dtype = str(self.dtype).removeprefix("torch.")
         weights = "fp16 weights" if self.weights == "fp16" else f"{dtype} weights"
-        steps = "compiled" if self.steps.compiled else "eager"
+        steps = "compiled" if self.steps.compiled else f"eager {self.forward}"
         return f"{self.device} ({torch.get_num_threads()} threads, {dtype}, {weights}, {steps} steps)"
 
 
@@ -151,10 +153,11 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
         tokenizer.pad_token = tokenizer.eos_token
     if packed == "fp16":
         pack_linears(lm)
+    forward = "lean" if lean.attach(lm) else "transformers"
     steps = StepForward(lm, resolve_compile(compile, torch_device))
-    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed)
+    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed, forward)
     log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),
-             weights=packed, compiled=steps.compiled, load_s=round(loaded.load_s, 1))
+             weights=packed, forward=forward, compiled=steps.compiled, load_s=round(loaded.load_s, 1))
     return loaded
 
 

@@ -16,6 +16,7 @@ import torch
 from transformers import Cache
 
 from workers.engine.attention import grouped
+from workers.engine.lean import lean_forward
 
 
 @lru_cache(maxsize=16)
@@ -28,7 +29,11 @@ def forward(model: torch.nn.Module, cache: Cache, input_ids: torch.Tensor, posit
             attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, run: Callable[..., Any] | None = None
             ) -> torch.Tensor:
     """Logits for `input_ids` (batch, n) (the last `logits_to_keep` only, if set), appending their
-    keys/values to `cache`. `run`: what to call instead of `model` (its compiled form)."""
+    keys/values to `cache`. `run`: what to call instead of `model` (its compiled form). Models with
+    a lean forward attached (lean.py) run it, unless `run` is given."""
+    lean = lean_forward(model) if run is None else None
+    if lean is not None and attention_mask is not None:
+        return lean(cache, input_ids, position_ids, attention_mask, logits_to_keep)
     kwargs = {cache_argument(type(model)): cache, "logits_to_keep": logits_to_keep}
     with grouped(model):
         out = (model if run is None else run)(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True, **kwargs)

@@ -49,6 +49,30 @@ class PackedLinear(torch.nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class FusedLinear(torch.nn.Module):
+    """Several linear layers reading the same input as one GEMM (their outputs side by side), in the
+    kind of the layers given: packed fp16 if they are `PackedLinear`s, else as loaded."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        super().__init__()
+        linears = [m.linear if isinstance(m, PackedLinear) else m for m in layers]
+        weight = torch.cat([m.weight.detach() for m in linears])
+        biases = [m.bias for m in linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
+        self.sizes = [m.out_features for m in linears]
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias) if isinstance(layers[0], PackedLinear) else None
+        self.weight, self.bias = (None, None) if self.packed is not None else (weight, bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.packed is not None:
+            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self.packed)
+            out = out.view(*x.shape[:-1], out.shape[-1])
+        else:
+            out = torch.nn.functional.linear(x, self.weight, self.bias)
+        return out.split(self.sizes, dim=-1)
+
+
 def fp16_available() -> str | None:
     """None when packed fp16 weights run here, else why not."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:

@@ -1,0 +1,105 @@
+"""The lean forward (lean.py) on tiny float64 models of each family it serves: the same logits as
+transformers' forward through the engine's cache and masks, and strict decoding = transformers' greedy."""
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
+from workers.engine import lean
+from workers.engine.batch import BatchDecoder
+from workers.engine.draft import DraftConfig
+from workers.engine.slots import SlotCache
+from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
+from workers.engine.weights import FusedLinear, fp16_available, pack_linears
+
+
+def tiny(family):
+    if family == "llama":
+        return tiny_llama()
+    torch.manual_seed(1)
+    config_class, model_class = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, eos_token_id=EOS, bos_token_id=0, pad_token_id=0)
+    model = model_class(config).to(torch.float64).eval()
+    model.lm_head.weight.data *= 8
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+def tree_step_logits(model, prompt, parents, tokens):
+    """Prefill `prompt` into a fresh cache, then one tree step; the step's logits."""
+    cache, dtype = SlotCache(model), next(model.parameters()).dtype
+    cache.reserve(1, 64)
+    n = len(prompt) - 1
+    cache.prepare(0, torch.arange(n)[None], n)
+    forward(model, cache, torch.tensor([prompt[:-1]]), torch.arange(n)[None], causal_mask(n, 0, dtype))
+    width = len(tokens) + 1
+    depths = [0] * width
+    for i, p in enumerate(parents, start=1):
+        depths[i] = depths[p + 1] + 1
+    positions = torch.tensor([[n + d for d in depths]])
+    visible = torch.zeros((width, n + width), dtype=torch.bool)
+    visible[:, :n] = True
+    visible[:, n:] = ancestor_matrix(parents)
+    cache.prepare(0, positions, n + width)
+    return forward(model, cache, torch.tensor([[prompt[-1], *tokens]]), positions, additive(visible, dtype)[None, None])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_lean_logits_equal_transformers_logits(family):
+    model = tiny(family)
+    prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
+    stock = tree_step_logits(model, prompt, parents, tokens)
+    assert lean.attach(model) and lean.lean_forward(model) is not None
+    fast = tree_step_logits(model, prompt, parents, tokens)
+    torch.testing.assert_close(fast, stock, atol=1e-10, rtol=1e-10)
+
+
+def test_strict_with_the_lean_forward_equals_transformers_greedy():
+    model = tiny_llama()
+    assert lean.attach(model)
+    rng = random.Random(8)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(6)]
+    pools = random_pools(model, rng, prompts)
+    accepted = 0
+    for prompt in prompts:
+        out = decode(model, prompt, pools, "strict", n=30, config=DraftConfig(max_nodes=16, max_depth=8))
+        assert out.token_ids == greedy(model, prompt, 30)  # transformers' own generate: never the lean forward
+        accepted += sum(out.stats.accepted) - out.stats.steps
+    assert accepted > 0
+    assert isinstance(BatchDecoder(model, {EOS}).steps.model, torch.nn.Module)
+
+
+def test_other_families_keep_transformers_forward():
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
+    assert not lean.attach(model) and lean.lean_forward(model) is None
+
+
+@pytest.mark.skipif(fp16_available() is not None, reason=f"packed fp16 weights do not run here: {fp16_available()}")
+def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy():
+    model = tiny_llama().to(torch.float32)
+    pack_linears(model)
+    prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
+    stock = tree_step_logits(model, prompt, parents, tokens)
+    assert lean.attach(model)
+    assert all(f.packed is not None for f in lean.lean_forward(model).qkv)
+    torch.testing.assert_close(tree_step_logits(model, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
+    pools = random_pools(model, rng, prompts)
+    for prompt in prompts:
+        assert decode(model, prompt, pools, "strict", n=30).token_ids == greedy(model, prompt, 30)
+
+
+def test_fused_linear_equals_the_layers_it_joins():
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(16, n, bias=b).double() for n, b in ((16, True), (8, False), (8, True))]
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    for got, layer in zip(FusedLinear(layers)(x), layers):
+        torch.testing.assert_close(got, layer(x), atol=1e-12, rtol=1e-12)
