@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
     weights: Literal["auto", "fp16", "full"] = Field(
         "auto", description="Linear layers' weights in decoding: fp16 = fbgemm's packed fp16 GEMM (fp32 activations; CPU with "
-        "AVX2, float32 dtype; 2-3x faster steps), full = at the dtype. auto: fp16 where it runs, else full. "
+        "AVX2, float32 dtype; matmuls 2-3x faster), full = at the dtype. auto: fp16 where it runs, else full. "
         "The hf-generate reference always runs full.",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (unset: torch's default).")
