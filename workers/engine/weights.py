@@ -24,6 +24,12 @@ import torch
 Weights = Literal["auto", "fp16", "full"]
 
 
+def fp16_linear(x: torch.Tensor, packed: object) -> torch.Tensor:
+    """fbgemm's fp16 GEMM of x (..., in) with prepacked weights: (..., out)."""
+    out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), packed)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class PackedLinear(torch.nn.Module):
     """An `nn.Linear` whose forward runs fbgemm's fp16 GEMM; the original serves when `active` is off."""
 
@@ -45,8 +51,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or x.dtype != torch.float32:
             return self.linear(x)
-        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self.packed)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return fp16_linear(x, self.packed)
 
 
 class FusedLinear(torch.nn.Module):
@@ -65,11 +70,7 @@ class FusedLinear(torch.nn.Module):
         self.weight, self.bias = (None, None) if self.packed is not None else (weight, bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.packed is not None:
-            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), self.packed)
-            out = out.view(*x.shape[:-1], out.shape[-1])
-        else:
-            out = torch.nn.functional.linear(x, self.weight, self.bias)
+        out = fp16_linear(x, self.packed) if self.packed is not None else torch.nn.functional.linear(x, self.weight, self.bias)
         return out.split(self.sizes, dim=-1)
 
 
