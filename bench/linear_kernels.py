@@ -1,6 +1,7 @@
-"""All linear layers of the packaged model, once, at a few rows: fp32 `F.linear` (MKL) vs the packed
-fp16 weights the engine uses on CPU (weights.py), and the time to read the weights once (the
-memory-bandwidth floor of a one-token step). Medians of 9 passes, milliseconds.
+"""All linear layers of the packaged model, once, at a few rows: fp32 `F.linear` (MKL) vs the kernels
+the engine can use on CPU (weights.py): fbgemm's packed fp16 and the GGUF's own Q4_1/Q8_0 blocks;
+and the time to read the fp32 weights once (the memory-bandwidth floor of a one-token fp32 step).
+Medians of 9 passes, milliseconds.
 
     .venv/bin/python bench/linear_kernels.py --threads 2 > bench/results/linear_kernels.txt
 """
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from infra.settings import default_cache_dir
+from workers.engine import blocks
 from workers.engine.model import load_model
-from workers.engine.weights import PackedLinear
+from workers.engine.weights import BlockKernel, Fp16Kernel
 
 
 def median_ms(run: Callable[[], object], passes: int = 9) -> float:
@@ -36,21 +38,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,2,4,8,16,32")
     args = parser.parse_args()
-    lm = load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights="fp16")
-    layers = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
-    weights = [m.linear.weight for m in layers]
-    megabytes = sum(w.numel() for w in weights) * 4 / 1e6
-    print(f"# {lm.model_id}: {len(layers)} linear layers, {megabytes:.0f} MB of fp32 weights; {args.threads} threads, "
-          f"CPU {torch.backends.cpu.get_cpu_capability()}\n")
-    print(f"read every fp32 weight once (sum): {median_ms(lambda: [w.sum() for w in weights]):.1f} ms "
-          "(the packed fp16 weights are half the bytes)\n")
-    print("| rows | fp32 `F.linear` ms | packed fp16 ms | speedup |")
-    print("| ---: | ---: | ---: | ---: |")
+    lm = load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights="full")
+    layers = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight for m in layers]
+    lib = blocks.library(default_cache_dir())
+    found = [blocks.derive(w) for w in weights]
+    assert all(f is not None for f in found), "the packaged model's weights are Q4_1/Q8_0 blocks"
+    kernels = {"fp16": [Fp16Kernel(w, None) for w in weights], "blocks": [BlockKernel(f, None, lib) for f in found]}
+    megabytes = {"fp32": sum(w.numel() for w in weights) * 4 / 1e6, "fp16": sum(w.numel() for w in weights) * 2 / 1e6,
+                 "blocks": sum(f.nbytes() for f in found) / 1e6}  # type: ignore[union-attr]
+    print(f"# {lm.model_id}: {len(layers)} linear layers; weights read per pass: "
+          + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in megabytes.items())
+          + f"; {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}\n")
+    print(f"read every fp32 weight once (sum): {median_ms(lambda: [w.sum() for w in weights]):.1f} ms\n")
+    print("| rows | fp32 `F.linear` ms | packed fp16 ms | blocks ms | fp16 vs fp32 | blocks vs fp32 | blocks vs fp16 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights}}
         full = median_ms(lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights])
-        packed = median_ms(lambda x=inputs: [m(x[m.linear.in_features]) for m in layers])
-        print(f"| {rows} | {full:.1f} | {packed:.1f} | {full / packed:.2f}x |", flush=True)
+        fp16, block = (median_ms(lambda x=inputs, ks=kernels[kind]: [k(x[w.shape[1]]) for k, w in zip(ks, weights)])
+                       for kind in ("fp16", "blocks"))
+        print(f"| {rows} | {full:.1f} | {fp16:.1f} | {block:.1f} | {full / fp16:.2f}x | {full / block:.2f}x | {fp16 / block:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--width", default="8", help="tokens per step; several: comma-separated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--weights", default="full", choices=["full", "fp16"], help="linear weights (weights.py)")
+    parser.add_argument("--weights", default="full", choices=["full", "fp16", "blocks"], help="linear weights (weights.py)")
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled step (minutes to compile)")
     parser.add_argument("--rows", type=int, default=12, help="profiler table rows")
     args = parser.parse_args()

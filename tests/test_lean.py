@@ -8,11 +8,12 @@ import torch
 import transformers
 
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
+from tests.test_weights import KINDS, stock_tiny
 from workers.engine import lean
 from workers.engine.draft import DraftConfig
 from workers.engine.slots import SlotCache
 from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
-from workers.engine.weights import FusedLinear, fp16_available, pack_linears
+from workers.engine.weights import FusedLinear, pack_linears
 
 
 def tiny(family):
@@ -79,14 +80,14 @@ def test_other_families_keep_transformers_forward():
     assert not lean.attach(model) and lean.lean_forward(model) is None
 
 
-@pytest.mark.skipif(fp16_available() is not None, reason=f"packed fp16 weights do not run here: {fp16_available()}")
-def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy():
-    model = tiny_llama().to(torch.float32)
-    pack_linears(model)
+@pytest.mark.parametrize("kind", KINDS)
+def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(kind, tmp_path):
+    model = stock_tiny(kind)
+    pack_linears(model, kind, tmp_path)
     prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
     stock = tree_step_logits(model, prompt, parents, tokens)
     assert lean.attach(model)
-    assert all(f.packed is not None for f in lean.lean_forward(model).qkv)
+    assert all(type(f.kernel) is type(model.lm_head.kernel) for f in lean.lean_forward(model).qkv)  # fused in kind
     torch.testing.assert_close(tree_step_logits(model, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
     rng = random.Random(2)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]

@@ -96,7 +96,7 @@ def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
     (by model, device, CPU capability, dtype, packed weights, forward, threads and whether steps are compiled)."""
     capability = torch.backends.cpu.get_cpu_capability() if lm.device.type == "cpu" else torch.cuda.get_device_name(lm.device)
     compiled = "-compiled" if lm.steps.compiled else f"-{lm.forward}"
-    packed = "-fp16w" if lm.weights == "fp16" else ""
+    packed = "" if lm.weights == "full" else f"-{lm.weights}w"
     key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}{packed}-{torch.get_num_threads()}t{compiled}".replace("/", "_").replace(" ", "_")
     return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))
 

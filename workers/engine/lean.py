@@ -5,8 +5,8 @@ objects, separate q/k/v and gate/up calls) was ~5-10 ms of a 45-70 ms step of Sm
 (README, "A lean forward"). This is the same computation written straight through, in the style of gpt-fast's model
 loop: embedding, then per layer RMSNorm, q/k/v as one GEMM, rotary, the cache's `update`, grouped-query
 SDPA with the engine's 4D mask, o, RMSNorm, gate/up as one GEMM, down; final norm and head. It uses
-the model's own modules and weights (fused copies of q/k/v and gate/up in the same kind, fp32 or
-packed fp16: weights.py) and its own rotary embedding; nothing is patched, and transformers'
+the model's own modules and weights (fused copies of q/k/v and gate/up in the layers' kind: as
+loaded, blocks or fp16: weights.py) and its own rotary embedding; nothing is patched, and transformers'
 forward still serves `generate` (the hf-generate reference) and every model family not listed here.
 
 Only the engine's forwards use it (verify.forward), and only for models `attach` accepted.

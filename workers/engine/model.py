@@ -18,8 +18,9 @@ import structlog
 import torch
 
 from workers.engine import lean
+from workers.engine.blocks import KernelBuildError
 from workers.engine.steps import Compile, StepForward, resolve_compile
-from workers.engine.weights import Weights, pack_linears, resolve_weights
+from workers.engine.weights import NotBlocksError, Weights, fp16_available, pack_linears, resolve_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,13 +44,13 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     steps: StepForward  # the decoding steps' forward (compiled or eager)
-    weights: str = "full"  # the linear layers' weights in decoding: "fp16" (packed) or "full" (at `dtype`)
+    weights: str = "full"  # the linear layers' weights in decoding: "blocks", "fp16" or "full" (at `dtype`): weights.py
     forward: str = "transformers"  # the engine's forward: "lean" (lean.py) or "transformers"
 
     def describe(self) -> str:
         """Device and precision, as the benches print them."""
         dtype = str(self.dtype).removeprefix("torch.")
-        weights = "fp16 weights" if self.weights == "fp16" else f"{dtype} weights"
+        weights = {"blocks": "Q4_1/Q8_0 block weights", "fp16": "fp16 weights"}.get(self.weights, f"{dtype} weights")
         steps = "compiled" if self.steps.compiled else f"eager {self.forward}"
         return f"{self.device} ({torch.get_num_threads()} threads, {dtype}, {weights}, {steps} steps)"
 
@@ -151,8 +152,16 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if packed == "blocks":
+        try:
+            pack_linears(lm, "blocks", cache_dir)
+        except (NotBlocksError, KernelBuildError) as exc:
+            if weights == "blocks":
+                raise ModelLoadError(f"--weights blocks: {exc}; use --weights fp16") from None
+            packed = "fp16" if fp16_available() is None else "full"
+            log.info("weights are not blocks", reason=str(exc), weights=packed)
     if packed == "fp16":
-        pack_linears(lm)
+        pack_linears(lm, "fp16")
     forward = "lean" if lean.attach(lm) else "transformers"
     steps = StepForward(lm, resolve_compile(compile, torch_device))
     loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed, forward)

@@ -1,12 +1,18 @@
-"""The linear layers' weights in decoding: as loaded, or fp16 in fbgemm's packed layout (CPU).
+"""The linear layers' weights in decoding: as loaded, as the GGUF's own blocks, or fp16 (CPU).
 
-On the CPU a decoding step is mostly its linear layers (~80 % of an eager step), and at the few
-rows a step has, MKL's fp32 kernels read the weights at well under the memory's bandwidth. fbgemm's
-fp16 GEMM (`quantized::linear_dynamic_fp16`: weights stored as fp16, prepacked for its AVX2 kernel;
-activations and accumulation stay fp32) halves the bytes and runs 2.2-3.5x faster at 1-16 rows
-here (README, "The engine's forward"). Rounding weights to fp16 moves SmolLM2's logits by ~0.03;
-its greedy output equalled fp32's on every bench prompt checked. Strict mode equals this engine's
-own greedy decoding at the same weights, as it always did.
+On the CPU a decoding step is mostly its linear layers, and at the few rows a step has, MKL's fp32
+kernels read the weights at well under the memory's bandwidth. Two lighter kernels:
+
+- `blocks` (blocks.py): the weights as the Q4_1/Q8_0 blocks the packaged model ships in, multiplied by
+  the engine's own AVX2 kernel. Every weight equals the loaded fp32 weight, sums are fp32, and a row's
+  output does not depend on how many rows a call has. Only where the loaded weights are such blocks
+  exactly (the packaged default is; a model from fp32/bf16 checkpoints is not).
+- `fp16`: fbgemm's fp16 GEMM (`quantized::linear_dynamic_fp16`: weights rounded to fp16, prepacked;
+  activations and accumulation fp32). Rounding weights to fp16 moves SmolLM2's logits by ~0.03.
+
+`auto` takes blocks where the weights are blocks, else fp16, on a CPU with AVX2 at float32 (README,
+"The engine's forward", has the figures). Strict mode equals this engine's own greedy decoding at the
+same weights.
 
 No model code is patched: every `nn.Linear` child is swapped for a `PackedLinear` that keeps the
 original, and `full_weights` switches back to it, so transformers' own `generate` (the
@@ -17,27 +23,65 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-Weights = Literal["auto", "fp16", "full"]
+from workers.engine import blocks
+
+Weights = Literal["auto", "blocks", "fp16", "full"]
 
 
-def fp16_linear(x: torch.Tensor, packed: object) -> torch.Tensor:
-    """fbgemm's fp16 GEMM of x (..., in) with prepacked weights: (..., out)."""
-    out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), packed)
+class NotBlocksError(ValueError):
+    pass
+
+
+class Fp16Kernel:
+    """fbgemm's fp16 GEMM: weights rounded to fp16 and prepacked, activations and sums fp32."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None if bias is None else bias.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+    def fuse(self, kernels: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+        return Fp16Kernel(weight, bias)
+
+
+class BlockKernel:
+    """The weights as their own Q4_1/Q8_0 blocks (blocks.py): exact, fp32 sums."""
+
+    def __init__(self, weight_blocks: blocks.Blocks, bias: torch.Tensor | None, lib: object) -> None:
+        self.blocks, self.lib = weight_blocks, lib
+        self.bias = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = blocks.matmul(self.lib, x, self.blocks)  # type: ignore[arg-type]
+        return out if self.bias is None else out.add_(self.bias)
+
+    def fuse(self, kernels: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+        joined = blocks.concat([k.blocks for k in kernels])  # type: ignore[union-attr]
+        return None if joined is None else BlockKernel(joined, bias, self.lib)
+
+
+Kernel = Fp16Kernel | BlockKernel
+
+
+def run_kernel(kernel: Kernel, x: torch.Tensor) -> torch.Tensor:
+    """kernel over x (..., in): (..., out)."""
+    out = kernel(x.reshape(-1, x.shape[-1]))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class PackedLinear(torch.nn.Module):
-    """An `nn.Linear` whose forward runs fbgemm's fp16 GEMM; the original serves when `active` is off."""
+    """An `nn.Linear` whose forward runs a lighter kernel; the original serves when `active` is off
+    and for inputs that are not float32."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, kernel: Kernel) -> None:
         super().__init__()
-        self.linear = linear
-        bias = None if linear.bias is None else linear.bias.detach()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach(), bias)
+        self.linear, self.kernel = linear, kernel
         self.active = True
 
     @property
@@ -51,12 +95,12 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active or x.dtype != torch.float32:
             return self.linear(x)
-        return fp16_linear(x, self.packed)
+        return run_kernel(self.kernel, x)
 
 
 class FusedLinear(torch.nn.Module):
     """Several linear layers reading the same input as one GEMM (their outputs side by side), in the
-    kind of the layers given: packed fp16 if they are `PackedLinear`s, else as loaded."""
+    kind of the layers given: their kernel if they are `PackedLinear`s, else as loaded."""
 
     def __init__(self, layers: list[torch.nn.Module]) -> None:
         super().__init__()
@@ -66,11 +110,17 @@ class FusedLinear(torch.nn.Module):
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
         self.sizes = [m.out_features for m in linears]
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias) if isinstance(layers[0], PackedLinear) else None
-        self.weight, self.bias = (None, None) if self.packed is not None else (weight, bias)
+        self.kernel: Kernel | None = None
+        if all(isinstance(m, PackedLinear) for m in layers):
+            kernels: list[Kernel] = [m.kernel for m in layers]  # type: ignore[misc]
+            self.kernel = kernels[0].fuse(kernels, weight, bias)
+        self.weight, self.bias = (None, None) if self.kernel is not None else (weight, bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = fp16_linear(x, self.packed) if self.packed is not None else torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.kernel is not None:
+            out = run_kernel(self.kernel, x)
+        else:
+            out = torch.nn.functional.linear(x, self.weight, self.bias)
         return out.split(self.sizes, dim=-1)
 
 
@@ -83,28 +133,46 @@ def fp16_available() -> str | None:
     return None
 
 
-def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) -> Literal["fp16", "full"]:
-    """What `setting` means for a model on `device` at `dtype`; ValueError when `fp16` cannot run."""
+def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) -> Literal["blocks", "fp16", "full"]:
+    """What `setting` means for a model on `device` at `dtype`, before the weights are seen (auto may
+    still fall back from blocks to fp16 at load: `pack_linears`); ValueError when the kind asked for cannot run."""
     if setting == "full":
         return "full"
-    why_not = fp16_available()
+    general = None
     if device.type != "cpu":
-        why_not = f"packed fp16 weights are a CPU kernel (device {device.type})"
+        general = f"a CPU kernel (device {device.type})"
     elif dtype != torch.float32:
-        why_not = f"packed fp16 weights need float32 activations (dtype {str(dtype).removeprefix('torch.')})"
-    if why_not is None:
-        return "fp16"
-    if setting == "fp16":
-        raise ValueError(f"--weights fp16: {why_not}; use --weights full")
-    return "full"
+        general = f"needs float32 activations (dtype {str(dtype).removeprefix('torch.')})"
+    why_not = {kind: general or reason() for kind, reason in (("blocks", blocks.unavailable), ("fp16", fp16_available))}
+    if setting != "auto":
+        if why_not[setting] is not None:
+            alternative = "fp16" if setting == "blocks" and why_not["fp16"] is None else "full"
+            raise ValueError(f"--weights {setting}: {why_not[setting]}; use --weights {alternative}")
+        return setting
+    return "blocks" if why_not["blocks"] is None else "fp16" if why_not["fp16"] is None else "full"
 
 
-def pack_linears(model: torch.nn.Module) -> int:
-    """Swap every `nn.Linear` in `model` for a `PackedLinear`; returns how many."""
+def pack_linears(model: torch.nn.Module, kind: Literal["blocks", "fp16"] = "fp16", cache_dir: Path | None = None) -> int:
+    """Swap every `nn.Linear` in `model` for a `PackedLinear` of `kind`; returns how many. For blocks,
+    NotBlocksError (nothing swapped) when some layer's weights are not exact Q4_1/Q8_0 blocks;
+    `cache_dir` holds the built kernels."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
-    for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child))
+    kernels: list[Kernel] = []
+    if kind == "blocks":
+        if cache_dir is None:
+            raise ValueError("block kernels need a cache directory to be built into")
+        lib = blocks.library(cache_dir)
+        names = {id(child): name for name, child in model.named_modules()}
+        for _, _, child in targets:
+            found = blocks.derive(child.weight)
+            if found is None:
+                raise NotBlocksError(f"{names[id(child)]}'s weights are not exact Q4_1/Q8_0 blocks")
+            kernels.append(BlockKernel(found, child.bias, lib))
+    else:
+        kernels = [Fp16Kernel(child.weight, child.bias) for _, _, child in targets]
+    for (parent, name, child), kernel in zip(targets, kernels):
+        setattr(parent, name, PackedLinear(child, kernel))
     return len(targets)
 
 

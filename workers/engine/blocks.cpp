@@ -1,0 +1,133 @@
+// y = x W^T with W held as the GGUF's own blocks of 32 weights per row (blocks.py says why), for AVX2.
+//   Q4_1: w = d * q + m, q in 0..15; byte j of a block holds q[j] (low nibble) and q[j + 16] (high nibble).
+//   Q8_0: w = d * q, q int8.
+// d and m are fp16 values held as float, so d * q is exact in float and every weight equals the loaded
+// fp32 weight bit for bit. Sums are fp32, in the same order for every row whatever the number of rows
+// M: a row's output does not depend on the rows beside it (one-token steps and verify steps agree).
+// Threads: OpenMP over output channels; the library links libgomp.so.1, which resolves to the runtime
+// torch has loaded already, so the kernels share torch's threads.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline void dequant_q4(const uint8_t* q, float d, float m, __m256 w[4]) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)q), nibble = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, nibble), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+}
+
+static inline void dequant_q8(const int8_t* q, float d, __m256 w[4]) {
+    const __m256 dv = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * i)))), dv);
+}
+
+// Block b of one output channel's row (q, d, m point at that row).
+template <bool Q4>
+static inline void dequant(const uint8_t* q, const float* d, const float* m, int64_t b, __m256 w[4]) {
+    if (Q4) dequant_q4(q + b * 16, d[b], m[b], w);
+    else dequant_q8((const int8_t*)q + b * 32, d[b], w);
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// The order of every output's sum, whatever the number of rows: one accumulator over the 8-lane
+// groups of k in order, then the 8 lanes added (hsum). Weights are dequantised into registers for a
+// single row (T channels at once, for independent chains), into an L1 buffer otherwise.
+constexpr int T = 4;  // output channels per pass
+
+// One row, T channels (q, d, m: the first channel's row; rows of the weights are `stride` bytes apart).
+template <bool Q4>
+static inline void dot_row(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t stride,
+                           int valid, float* y) {
+    const int64_t nb = K / 32;
+    __m256 acc[T];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const float* xb = x + b * 32;
+        const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8), x2 = _mm256_loadu_ps(xb + 16),
+                     x3 = _mm256_loadu_ps(xb + 24);
+        for (int t = 0; t < T; t++) {
+            const int c = t < valid ? t : 0;  // past the last channel: repeat the first, discarded
+            __m256 w[4];
+            dequant<Q4>(q + c * stride, d + c * nb, Q4 ? m + c * nb : nullptr, b, w);
+            acc[t] = _mm256_fmadd_ps(w[0], x0, acc[t]);
+            acc[t] = _mm256_fmadd_ps(w[1], x1, acc[t]);
+            acc[t] = _mm256_fmadd_ps(w[2], x2, acc[t]);
+            acc[t] = _mm256_fmadd_ps(w[3], x3, acc[t]);
+        }
+    }
+    for (int t = 0; t < valid; t++) y[t] = hsum(acc[t]);
+}
+
+// R rows x T channels from T rows of dequantised weights w (T x K): 12 accumulators + 3 inputs + 1
+// weight = AVX2's 16 registers.
+template <int R>
+static inline void tile(const float* x, int64_t K, const float* w, int valid, float* y, int64_t ldy) {
+    __m256 a[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) a[r][t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 xs[R];
+        for (int r = 0; r < R; r++) xs[r] = _mm256_loadu_ps(x + r * K + k);
+        for (int t = 0; t < T; t++) {
+            const __m256 wt = _mm256_load_ps(w + t * K + k);
+            for (int r = 0; r < R; r++) a[r][t] = _mm256_fmadd_ps(wt, xs[r], a[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(a[r][t]);
+}
+
+// x: M x K (row-major), y: M x N; K a multiple of 32.
+template <bool Q4>
+static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
+    if (M == 1) {  // each weight used once: dequantised in registers
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n += T) {
+            const int valid = N - n < T ? (int)(N - n) : T;
+            dot_row<Q4>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n);
+        }
+        return;
+    }
+#pragma omp parallel
+    {
+        float* w = (float*)aligned_alloc(32, T * K * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += T) {
+            const int valid = N - n < T ? (int)(N - n) : T;
+            for (int t = 0; t < T; t++) {
+                const int64_t c = n + (t < valid ? t : 0);
+                for (int64_t b = 0; b < nb; b++) {
+                    __m256 v[4];
+                    dequant<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
+                    for (int i = 0; i < 4; i++) _mm256_store_ps(w + t * K + b * 32 + 8 * i, v[i]);
+                }
+            }
+            int64_t r = 0;
+            for (; r + 3 <= M; r += 3) tile<3>(x + r * K, K, w, valid, y + r * N + n, N);
+            if (M - r == 2) tile<2>(x + r * K, K, w, valid, y + r * N + n, N);
+            else if (M - r == 1) tile<1>(x + r * K, K, w, valid, y + r * N + n, N);
+        }
+        free(w);
+    }
+}
+
+extern "C" void q4_1_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
+                          int64_t N, float* y) {
+    gemm<true>(x, M, K, qs, d, m, N, y);
+}
+
+extern "C" void q8_0_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, int64_t N, float* y) {
+    gemm<false>(x, M, K, qs, d, nullptr, N, y);
+}
