@@ -1,13 +1,13 @@
-"""The GGUF block kernels (blocks.py, blocks.cpp): weights made as llama.cpp quantises them are found
+"""The GGUF block GEMMs (blocks.py, kernels.cpp): weights made as llama.cpp quantises them are found
 again bit for bit, anything else is refused, and the kernel's output is the exact weights' product in
 fp32, with every row the same whatever the number of rows beside it."""
 
 import pytest
 import torch
 
-from workers.engine import blocks
+from workers.engine import blocks, kernels
 
-pytestmark = pytest.mark.skipif(blocks.unavailable() is not None, reason=f"block kernels do not run here: {blocks.unavailable()}")
+pytestmark = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"block kernels do not run here: {kernels.unavailable()}")
 
 
 def q4_1_round_trip(weight: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def as_blocks(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    return blocks.library(tmp_path_factory.mktemp("kernels"))
+    return kernels.library(tmp_path_factory.mktemp("kernels"))
 
 
 def test_derive_finds_the_blocks_again_and_refuses_other_weights():
@@ -77,10 +77,3 @@ def test_concat_stacks_outputs(lib):
     x = torch.randn(3, 64)
     assert torch.equal(blocks.matmul(lib, x, joined), torch.cat([blocks.matmul(lib, x, blocks.derive(p)) for p in parts], 1))
     assert blocks.concat([blocks.derive(parts[0]), blocks.derive(q8_0_round_trip(parts[1]))]) is None
-
-
-def test_build_errors_name_the_compiler(tmp_path, monkeypatch):
-    monkeypatch.setattr(blocks, "compiler", lambda: "/bin/false")  # a "compiler" that always fails
-    with pytest.raises(blocks.KernelBuildError, match="false failed"):
-        blocks._build(tmp_path)
-    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left

@@ -9,7 +9,7 @@ import transformers
 
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
 from tests.test_weights import KINDS, stock_tiny
-from workers.engine import lean
+from workers.engine import kernels, lean
 from workers.engine.draft import DraftConfig
 from workers.engine.slots import SlotCache
 from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
@@ -80,13 +80,17 @@ def test_other_families_keep_transformers_forward():
     assert not lean.attach(model) and lean.lean_forward(model) is None
 
 
+@pytest.mark.parametrize("glue", [False, True], ids=["torch glue", "C++ glue"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(kind, tmp_path):
+def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(kind, glue, tmp_path):
+    if glue and kernels.unavailable():
+        pytest.skip(f"no CPU kernels here: {kernels.unavailable()}")
     model = stock_tiny(kind)
     pack_linears(model, kind, tmp_path)
     prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
-    stock = tree_step_logits(model, prompt, parents, tokens)
-    assert lean.attach(model)
+    stock = tree_step_logits(model, prompt, parents, tokens)  # transformers' forward on the same weights
+    assert lean.attach(model, kernels.library(tmp_path) if glue else None)
+    assert (lean.lean_forward(model).glue is not None) == glue
     assert all(type(f.kernel) is type(model.lm_head.kernel) for f in lean.lean_forward(model).qkv)  # fused in kind
     torch.testing.assert_close(tree_step_logits(model, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
     rng = random.Random(2)

@@ -11,7 +11,7 @@ import torch
 from tests.test_batch import join, pools_with_answers, run_to_end
 from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
-from workers.engine import blocks
+from workers.engine import kernels
 from workers.engine.batch import BatchDecoder
 from workers.engine.draft import DraftConfig
 from workers.engine.weights import (
@@ -25,7 +25,7 @@ from workers.engine.weights import (
 )
 
 needs_fp16 = pytest.mark.skipif(fp16_available() is not None, reason=f"no packed fp16 here: {fp16_available()}")
-needs_blocks = pytest.mark.skipif(blocks.unavailable() is not None, reason=f"no block kernels here: {blocks.unavailable()}")
+needs_blocks = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no block kernels here: {kernels.unavailable()}")
 KINDS = [pytest.param("fp16", marks=needs_fp16), pytest.param("blocks", marks=needs_blocks)]
 
 
@@ -94,7 +94,7 @@ def test_weights_that_are_not_blocks_are_refused_and_left_alone(tmp_path):
 @needs_fp16
 def test_weights_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_weights("auto", cpu, torch.float32) == ("blocks" if blocks.unavailable() is None else "fp16")
+    assert resolve_weights("auto", cpu, torch.float32) == ("blocks" if kernels.unavailable() is None else "fp16")
     assert resolve_weights("fp16", cpu, torch.float32) == "fp16"
     assert resolve_weights("full", cpu, torch.float32) == "full"
     assert resolve_weights("auto", cpu, torch.float64) == "full"
@@ -122,7 +122,7 @@ def test_a_model_not_made_of_blocks_loads_fp16_on_auto_and_fails_clearly_on_bloc
 def test_the_packaged_model_loads_as_its_blocks_and_hf_generate_runs_stock(lm):
     from workers.engine.reference import hf_generate
 
-    if blocks.unavailable() is None:  # the GGUF's weights are blocks, all of them
+    if kernels.unavailable() is None:  # the GGUF's weights are blocks, all of them
         assert lm.weights == "blocks" and "Q4_1/Q8_0 block weights" in lm.describe()
         kinds = {m.kernel.blocks.kind for m in lm.model.modules() if isinstance(m, PackedLinear)}
         assert kinds == {"q4_1", "q8_0"}

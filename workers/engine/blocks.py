@@ -3,95 +3,22 @@
 The packaged SmolLM2 ships as a Q4_1 GGUF (token embedding and tied head Q8_0); transformers de-quantises
 it to fp32, so every row of every weight is still made of blocks of 32 values `d * q + m` (Q4_1: fp16
 d and m, q in 0..15) or `d * q` (Q8_0: fp16 d, int8 q). `derive` recovers those blocks from the fp32
-weights and checks that they rebuild every weight bit for bit; `blocks.cpp` multiplies with them
+weights and checks that they rebuild every weight bit for bit; `kernels.cpp` multiplies with them
 directly: ~0.6 bytes a weight read instead of 4 (fp32) or 2 (fp16), weights equal to the loaded fp32
 ones, fp32 sums. Unlike fbgemm's fp16 weights this changes no weight, and a row's output does not
 depend on how many rows the call has.
 
-The kernel is C++ built on first use with the system's g++ (~2 s) into the cache directory and loaded
-with ctypes; `unavailable()` says why it cannot run (no AVX2, no compiler).
+The GEMMs are the engine's own C++ (kernels.py builds and loads them).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import structlog
 import torch
 
-log = structlog.get_logger()
-
-SOURCE = Path(__file__).with_name("blocks.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 BLOCK = 32
-
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-
-
-class KernelBuildError(RuntimeError):
-    pass
-
-
-def compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
-
-
-def unavailable() -> str | None:
-    """None when the block kernels can run here, else why not."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"the block kernels need AVX2; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
-    if compiler() is None:
-        return "the block kernels are built on first use and no C++ compiler (g++, or $CXX) was found"
-    return None
-
-
-def library(cache_dir: Path) -> ctypes.CDLL:
-    """The kernels, built into `cache_dir`/kernels once per source and compiler flags."""
-    global _library
-    with _lock:
-        if _library is None:
-            _library = _load(_build(cache_dir))
-        return _library
-
-
-def _build(cache_dir: Path) -> Path:
-    cxx = compiler()
-    if cxx is None:
-        raise KernelBuildError(unavailable() or "no C++ compiler")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir / "kernels" / f"blocks-{digest}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], check=False, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise KernelBuildError(f"building {SOURCE.name} with {cxx} failed: {done.stderr.strip()[-800:]}")
-        os.replace(built, target)  # atomic: processes building at once each leave a whole library
-    log.info("block kernels built", path=str(target), seconds=round(time.perf_counter() - start, 1))
-    return target
-
-
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.q4_1_gemm.argtypes = [p, i, i, p, p, p, i, p]
-    lib.q8_0_gemm.argtypes = [p, i, i, p, p, i, p]
-    lib.q4_1_gemm.restype = lib.q8_0_gemm.restype = None
-    return lib
 
 
 @dataclass

@@ -17,8 +17,8 @@ from pathlib import Path
 import structlog
 import torch
 
-from workers.engine import lean
-from workers.engine.blocks import KernelBuildError
+from workers.engine import kernels, lean
+from workers.engine.kernels import KernelBuildError
 from workers.engine.steps import Compile, StepForward, resolve_compile
 from workers.engine.weights import NotBlocksError, Weights, fp16_available, pack_linears, resolve_weights
 
@@ -45,7 +45,7 @@ class LoadedModel:
     load_s: float
     steps: StepForward  # the decoding steps' forward (compiled or eager)
     weights: str = "full"  # the linear layers' weights in decoding: "blocks", "fp16" or "full" (at `dtype`): weights.py
-    forward: str = "transformers"  # the engine's forward: "lean" (lean.py) or "transformers"
+    forward: str = "transformers"  # the engine's forward: "lean" or "lean+glue" (lean.py), or "transformers"
 
     def describe(self) -> str:
         """Device and precision, as the benches print them."""
@@ -114,6 +114,18 @@ def model_id(model: str | None) -> str:
     return DEFAULT_MODEL_ID if model is None else Path(model).expanduser().name
 
 
+def cpu_kernels(cache_dir: Path) -> object | None:
+    """The engine's CPU kernels (kernels.py), or None (logged) where they cannot be built here."""
+    why_not = kernels.unavailable()
+    if why_not is None:
+        try:
+            return kernels.library(cache_dir)
+        except KernelBuildError as exc:
+            why_not = str(exc)
+    log.info("engine CPU kernels not used", reason=why_not)
+    return None
+
+
 def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, threads: int | None = None,
                compile: Compile = "off", weights: Weights = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no grad). `model` None: the
@@ -162,7 +174,10 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
             log.info("weights are not blocks", reason=str(exc), weights=packed)
     if packed == "fp16":
         pack_linears(lm, "fp16")
-    forward = "lean" if lean.attach(lm) else "transformers"
+    glue = cpu_kernels(cache_dir) if packed != "full" else None  # full: the lean forward stays transformers' arithmetic
+    forward = "transformers"
+    if lean.attach(lm, glue):
+        forward = "lean" if lean.lean_forward(lm).glue is None else "lean+glue"  # type: ignore[union-attr]
     steps = StepForward(lm, resolve_compile(compile, torch_device))
     loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed, forward)
     log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from workers.engine import blocks
+from workers.engine import blocks, kernels
 
 Weights = Literal["auto", "blocks", "fp16", "full"]
 
@@ -46,7 +46,7 @@ class Fp16Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
-    def fuse(self, kernels: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+    def fuse(self, parts: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
         return Fp16Kernel(weight, bias)
 
 
@@ -61,8 +61,8 @@ class BlockKernel:
         out = blocks.matmul(self.lib, x, self.blocks)  # type: ignore[arg-type]
         return out if self.bias is None else out.add_(self.bias)
 
-    def fuse(self, kernels: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
-        joined = blocks.concat([k.blocks for k in kernels])  # type: ignore[union-attr]
+    def fuse(self, parts: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+        joined = blocks.concat([k.blocks for k in parts])  # type: ignore[union-attr]
         return None if joined is None else BlockKernel(joined, bias, self.lib)
 
 
@@ -112,16 +112,18 @@ class FusedLinear(torch.nn.Module):
         self.sizes = [m.out_features for m in linears]
         self.kernel: Kernel | None = None
         if all(isinstance(m, PackedLinear) for m in layers):
-            kernels: list[Kernel] = [m.kernel for m in layers]  # type: ignore[misc]
-            self.kernel = kernels[0].fuse(kernels, weight, bias)
+            parts: list[Kernel] = [m.kernel for m in layers]  # type: ignore[misc]
+            self.kernel = parts[0].fuse(parts, weight, bias)
         self.weight, self.bias = (None, None) if self.kernel is not None else (weight, bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs side by side, (..., sum of sizes)."""
         if self.kernel is not None:
-            out = run_kernel(self.kernel, x)
-        else:
-            out = torch.nn.functional.linear(x, self.weight, self.bias)
-        return out.split(self.sizes, dim=-1)
+            return run_kernel(self.kernel, x)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.joined(x).split(self.sizes, dim=-1)
 
 
 def fp16_available() -> str | None:
@@ -143,7 +145,7 @@ def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) 
         general = f"a CPU kernel (device {device.type})"
     elif dtype != torch.float32:
         general = f"needs float32 activations (dtype {str(dtype).removeprefix('torch.')})"
-    why_not = {kind: general or reason() for kind, reason in (("blocks", blocks.unavailable), ("fp16", fp16_available))}
+    why_not = {kind: general or reason() for kind, reason in (("blocks", kernels.unavailable), ("fp16", fp16_available))}
     if setting != "auto":
         if why_not[setting] is not None:
             alternative = "fp16" if setting == "blocks" and why_not["fp16"] is None else "full"
@@ -158,20 +160,20 @@ def pack_linears(model: torch.nn.Module, kind: Literal["blocks", "fp16"] = "fp16
     `cache_dir` holds the built kernels."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
-    kernels: list[Kernel] = []
+    chosen: list[Kernel] = []
     if kind == "blocks":
         if cache_dir is None:
             raise ValueError("block kernels need a cache directory to be built into")
-        lib = blocks.library(cache_dir)
+        lib = kernels.library(cache_dir)
         names = {id(child): name for name, child in model.named_modules()}
         for _, _, child in targets:
             found = blocks.derive(child.weight)
             if found is None:
                 raise NotBlocksError(f"{names[id(child)]}'s weights are not exact Q4_1/Q8_0 blocks")
-            kernels.append(BlockKernel(found, child.bias, lib))
+            chosen.append(BlockKernel(found, child.bias, lib))
     else:
-        kernels = [Fp16Kernel(child.weight, child.bias) for _, _, child in targets]
-    for (parent, name, child), kernel in zip(targets, kernels):
+        chosen = [Fp16Kernel(child.weight, child.bias) for _, _, child in targets]
+    for (parent, name, child), kernel in zip(targets, chosen):
         setattr(parent, name, PackedLinear(child, kernel))
     return len(targets)
 

@@ -1,12 +1,21 @@
-// y = x W^T with W held as the GGUF's own blocks of 32 weights per row (blocks.py says why), for AVX2.
+// The engine's own CPU kernels (AVX2, float32; kernels.py builds and loads them).
+//
+// 1. Block GEMMs: y = x W^T with W held as the GGUF's own blocks of 32 weights per row (blocks.py says why).
 //   Q4_1: w = d * q + m, q in 0..15; byte j of a block holds q[j] (low nibble) and q[j + 16] (high nibble).
 //   Q8_0: w = d * q, q int8.
 // d and m are fp16 values held as float, so d * q is exact in float and every weight equals the loaded
 // fp32 weight bit for bit. Sums are fp32, in the same order for every row whatever the number of rows
 // M: a row's output does not depend on the rows beside it (one-token steps and verify steps agree).
-// Threads: OpenMP over output channels; the library links libgomp.so.1, which resolves to the runtime
-// torch has loaded already, so the kernels share torch's threads.
+//
+// 2. A decoder layer's glue for the lean forward (lean.py): RMSNorm, residual add + RMSNorm, rotary
+// embedding in place, SiLU(gate) * up. Each is row-wise, so a row's output never depends on M either;
+// they replace ~40 small torch ops a layer (~3 us of dispatch each on this CPU). Rounding: close to
+// torch's, not bit-equal (sums of squares in 8 lanes; exp by polynomial).
+//
+// Threads: OpenMP (over output channels, or rows); the library links libgomp.so.1, which resolves to
+// the runtime torch has loaded already, so the kernels share torch's threads.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -130,4 +139,96 @@ extern "C" void q4_1_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q
 
 extern "C" void q8_0_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, int64_t N, float* y) {
     gemm<false>(x, M, K, qs, d, nullptr, N, y);
+}
+
+// ---- 2. glue ----
+
+// Rows of at least this many elements in all are split over threads.
+constexpr int64_t PARALLEL_ELEMENTS = 16384;
+
+static inline float sum_squares(const float* x, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(x + k);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; k < K; k++) ss += x[k] * x[k];
+    return ss;
+}
+
+// out = w * (x * 1/sqrt(mean(x^2) + eps)), as transformers' RMSNorm orders it.
+static inline void rms_norm_row(const float* x, const float* w, float eps, int64_t K, float* out) {
+    const float scale = 1.0f / sqrtf(sum_squares(x, K) / (float)K + eps);
+    for (int64_t k = 0; k < K; k++) out[k] = w[k] * (x[k] * scale);
+}
+
+extern "C" void rms_norm(const float* x, const float* w, float eps, int64_t M, int64_t K, float* out) {
+#pragma omp parallel for if (M * K >= PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < M; r++) rms_norm_row(x + r * K, w, eps, K, out + r * K);
+}
+
+// h += delta (the residual stream), then out = rms_norm(h).
+extern "C" void add_rms_norm(float* h, const float* delta, const float* w, float eps, int64_t M, int64_t K, float* out) {
+#pragma omp parallel for if (M * K >= PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < M; r++) {
+        float* hr = h + r * K;
+        for (int64_t k = 0; k < K; k++) hr[k] += delta[r * K + k];
+        rms_norm_row(hr, w, eps, K, out + r * K);
+    }
+}
+
+// Rotary embedding in place on the first `heads` heads (of `dim`) of each of M rows (`stride` floats
+// apart): x * cos + rotate_half(x) * sin, with cos/sin one row of `dim` per input row.
+extern "C" void rope(float* x, const float* cos, const float* sin, int64_t M, int64_t heads, int64_t dim, int64_t stride) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for if (M * heads * dim >= PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < M; r++) {
+        const float* c = cos + r * dim;
+        const float* s = sin + r * dim;
+        for (int64_t h = 0; h < heads; h++) {
+            float* v = x + r * stride + h * dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float lo = v[i], hi = v[i + half];
+                v[i] = lo * c[i] + (-hi) * s[i];
+                v[i + half] = hi * c[i + half] + lo * s[i + half];
+            }
+        }
+    }
+}
+
+// exp for AVX2: 2^n * e^r with |r| <= ln2/2, degree-6 polynomial (~1 ulp); clamped to float's range.
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2 in two parts, for an exact reduction
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// out = silu(gate) * up = gate / (1 + exp(-gate)) * up; rows of gate_up are [gate (I) | up (I)].
+extern "C" void silu_mul(const float* gate_up, int64_t M, int64_t I, float* out) {
+#pragma omp parallel for if (M * I >= PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < M; r++) {
+        const float* g = gate_up + r * 2 * I;
+        const float* u = g + I;
+        float* o = out + r * I;
+        int64_t i = 0;
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
 }

@@ -1,0 +1,65 @@
+"""The engine's CPU kernels (kernels.py, kernels.cpp): a layer's glue against transformers' own
+modules (rotary bit for bit, RMSNorm and SiLU within fp32 rounding), every row the same whatever
+the rows beside it, and a failed build that says why and leaves nothing behind."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from workers.engine import kernels
+
+pytestmark = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return kernels.library(tmp_path_factory.mktemp("kernels"))
+
+
+def test_rms_norm_and_the_residual_add_match_transformers(lib):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(100, eps=1e-5)
+    norm.weight.data = torch.randn(100)
+    h, delta = torch.randn(3, 5, 100) * 4, torch.randn(3, 5, 100)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.rms_norm(lib, h, norm.weight, 1e-5), norm(h), atol=2e-6, rtol=2e-6)
+        expected_h = h + delta
+        out = kernels.add_rms_norm(lib, h, delta, norm.weight, 1e-5)
+        assert torch.equal(h, expected_h)  # the residual stream, in place
+        torch.testing.assert_close(out, norm(expected_h), atol=2e-6, rtol=2e-6)
+
+
+def test_rope_is_transformers_rotary_bit_for_bit_on_q_and_k_only(lib):
+    torch.manual_seed(1)
+    rows, heads, kv, dim = 6, 4, 2, 16
+    qkv = torch.randn(rows, (heads + 2 * kv) * dim)
+    angles = torch.randn(rows, dim // 2) * 3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q = qkv[:, :heads * dim].reshape(1, rows, heads, dim).transpose(1, 2)
+    k = qkv[:, heads * dim:(heads + kv) * dim].reshape(1, rows, kv, dim).transpose(1, 2)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    v = qkv[:, (heads + kv) * dim:].clone()
+    kernels.rope_(lib, qkv, cos, sin, heads + kv, dim)
+    assert torch.equal(qkv[:, :heads * dim].reshape(1, rows, heads, dim).transpose(1, 2), expected_q)
+    assert torch.equal(qkv[:, heads * dim:(heads + kv) * dim].reshape(1, rows, kv, dim).transpose(1, 2), expected_k)
+    assert torch.equal(qkv[:, (heads + kv) * dim:], v)
+
+
+def test_silu_mul_matches_torch_and_rows_do_not_depend_on_the_batch(lib):
+    torch.manual_seed(2)
+    gate_up = torch.randn(40, 2 * 515) * 6  # 515: a tail past the 8-lane loop; 40 rows: split over threads
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, -88.0, 0.0])  # exp's range ends
+    out = kernels.silu_mul(lib, gate_up)
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(out, F.silu(gate) * up, atol=1e-6, rtol=3e-6)
+    assert torch.isfinite(out).all()
+    for row in (0, 17, 39):
+        assert torch.equal(kernels.silu_mul(lib, gate_up[row:row + 1]), out[row:row + 1])
+
+
+def test_build_errors_name_the_compiler(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "compiler", lambda: "/bin/false")  # a "compiler" that always fails
+    with pytest.raises(kernels.KernelBuildError, match="false failed"):
+        kernels._build(tmp_path)
+    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left

@@ -1,0 +1,124 @@
+"""The engine's own CPU kernels (kernels.cpp: AVX2, float32), built on first use and called with ctypes.
+
+Two kinds: GEMMs over the GGUF's own Q4_1/Q8_0 blocks (blocks.py) and a decoder layer's glue for the
+lean forward (lean.py: RMSNorm, residual add + RMSNorm, rotary in place, SiLU(gate) * up). The source
+is compiled with the system's g++ (~2 s) into the cache directory once per source and flags, and
+loaded into this process; its OpenMP resolves to the runtime torch loaded, so both share threads.
+`unavailable()` says why the kernels cannot run here (no AVX2, no compiler).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import structlog
+import torch
+
+log = structlog.get_logger()
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+# no fused multiply-adds but the written ones: the glue rounds as torch does where it can (rotary)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def unavailable() -> str | None:
+    """None when the block kernels can run here, else why not."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the engine's CPU kernels need AVX2; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
+    if compiler() is None:
+        return "the engine's CPU kernels are built on first use and no C++ compiler (g++, or $CXX) was found"
+    return None
+
+
+def library(cache_dir: Path) -> ctypes.CDLL:
+    """The kernels, built into `cache_dir`/kernels once per source and compiler flags."""
+    global _library
+    with _lock:
+        if _library is None:
+            _library = _load(_build(cache_dir))
+        return _library
+
+
+def _build(cache_dir: Path) -> Path:
+    cxx = compiler()
+    if cxx is None:
+        raise KernelBuildError(unavailable() or "no C++ compiler")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir / "kernels" / f"kernels-{digest}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelBuildError(f"building {SOURCE.name} with {cxx} failed: {done.stderr.strip()[-800:]}")
+        os.replace(built, target)  # atomic: processes building at once each leave a whole library
+    log.info("CPU kernels built", path=str(target), seconds=round(time.perf_counter() - start, 1))
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.q4_1_gemm.argtypes = [p, i, i, p, p, p, i, p]
+    lib.q8_0_gemm.argtypes = [p, i, i, p, p, i, p]
+    lib.rms_norm.argtypes = [p, p, f, i, i, p]
+    lib.add_rms_norm.argtypes = [p, p, p, f, i, i, p]
+    lib.rope.argtypes = [p, p, p, i, i, i, i]
+    lib.silu_mul.argtypes = [p, i, i, p]
+    for name in ("q4_1_gemm", "q8_0_gemm", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
+        getattr(lib, name).restype = None
+    return lib
+
+
+# The glue, on contiguous float32 tensors whose last dimension is the feature one.
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    lib.rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.numel() // x.shape[-1], x.shape[-1], out.data_ptr())
+    return out
+
+
+def add_rms_norm(lib: ctypes.CDLL, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta in place; returns rms_norm(h)."""
+    out = torch.empty_like(h)
+    lib.add_rms_norm(h.data_ptr(), delta.contiguous().data_ptr(), weight.data_ptr(), eps, h.numel() // h.shape[-1],
+                     h.shape[-1], out.data_ptr())
+    return out
+
+
+def rope_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, dim: int) -> None:
+    """Rotate the first `heads` heads of `dim` of each row of x (rows, features) in place; cos/sin (rows, dim)."""
+    lib.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, dim, x.shape[1])
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows of [gate | up]."""
+    half = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], half)
+    lib.silu_mul(gate_up.data_ptr(), gate_up.numel() // gate_up.shape[-1], half, out.data_ptr())
+    return out
+
+
