@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from infra.settings import default_cache_dir
-from workers.engine import blocks
+from workers.engine import blocks, kernels
 from workers.engine.model import load_model
 from workers.engine.weights import BlockKernel, Fp16Kernel
 
@@ -41,10 +41,10 @@ def main() -> None:
     lm = load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights="full")
     layers = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
     weights = [m.weight for m in layers]
-    lib = blocks.library(default_cache_dir())
+    lib = kernels.library(default_cache_dir())
     found = [blocks.derive(w) for w in weights]
     assert all(f is not None for f in found), "the packaged model's weights are Q4_1/Q8_0 blocks"
-    kernels = {"fp16": [Fp16Kernel(w, None) for w in weights], "blocks": [BlockKernel(f, None, lib) for f in found]}
+    by_kind = {"fp16": [Fp16Kernel(w, None) for w in weights], "blocks": [BlockKernel(f, None, lib) for f in found]}
     megabytes = {"fp32": sum(w.numel() for w in weights) * 4 / 1e6, "fp16": sum(w.numel() for w in weights) * 2 / 1e6,
                  "blocks": sum(f.nbytes() for f in found) / 1e6}  # type: ignore[union-attr]
     print(f"# {lm.model_id}: {len(layers)} linear layers; weights read per pass: "
@@ -56,7 +56,7 @@ def main() -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights}}
         full = median_ms(lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights])
-        fp16, block = (median_ms(lambda x=inputs, ks=kernels[kind]: [k(x[w.shape[1]]) for k, w in zip(ks, weights)])
+        fp16, block = (median_ms(lambda x=inputs, ks=by_kind[kind]: [k(x[w.shape[1]]) for k, w in zip(ks, weights)])
                        for kind in ("fp16", "blocks"))
         print(f"| {rows} | {full:.1f} | {fp16:.1f} | {block:.1f} | {full / fp16:.2f}x | {full / block:.2f}x | {fp16 / block:.2f}x |",
               flush=True)
