@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from workers.engine.accept import Acceptance, accept
 from workers.engine.batch import BatchDecoder
-from workers.engine.budget import Budget, CostModel, allocate
+from workers.engine.budget import Budget, CostModel, allocate, cached_cost, plausible
 from workers.engine.draft import DraftConfig, DraftTree, RetrievalDrafter, build_draft
 from workers.engine.pool import LiveText, Pool
 from workers.engine.verify import ancestor_matrix
@@ -252,6 +252,24 @@ def test_budget_sends_nothing_when_drafts_are_too_costly_and_everything_when_fre
     flat = CostModel.flat()
     assert allocate([[0.5] * 10], [1.0], flat) == [10]
     assert allocate([[]], [1.0], flat) == [0]
+
+
+def test_a_cost_curve_from_a_busy_machine_is_measured_again(tmp_path):
+    healthy, busy = CostModel({1: 0.022, 2: 0.024, 8: 0.043, 64: 0.2}), CostModel({1: 0.374, 2: 0.122, 8: 0.17, 64: 3.2})
+    assert plausible(healthy) and not plausible(busy) and plausible(CostModel.flat())
+    path = tmp_path / "cost.json"
+    measured = []
+
+    def measure(*curves):
+        queue = list(curves)
+        return lambda: measured.append(1) or queue.pop(0)
+
+    assert cached_cost(path, measure(busy, healthy)).seconds == healthy.seconds  # a busy measurement gets a second try
+    assert len(measured) == 2
+    assert cached_cost(path, measure()).seconds == healthy.seconds  # then read back, not measured
+    assert len(measured) == 2
+    path.write_text('{"seconds": {"1": 0.374, "2": 0.122, "8": 0.17, "64": 3.2}, "device": "cpu"}')  # stored while busy
+    assert cached_cost(path, measure(healthy)).seconds == healthy.seconds and len(measured) == 3
 
 
 def test_empty_prompt_is_an_error(tiny):

@@ -21,6 +21,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
 import torch
 
 from workers.engine.slots import SlotCache
@@ -29,6 +30,8 @@ from workers.engine.verify import causal_mask, forward
 
 if TYPE_CHECKING:
     from workers.engine.model import LoadedModel
+
+log = structlog.get_logger()
 
 PROBE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
@@ -101,12 +104,29 @@ def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
     return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))
 
 
+def plausible(cost: CostModel, slack: float = 1.5) -> bool:
+    """Whether no probe costs more than `slack` times the next larger one: a step of more tokens is never
+    much cheaper. A curve measured while something else ran on the cores is usually not (e.g. 1 token
+    374 ms, 2 tokens 122 ms)."""
+    sizes = sorted(cost.seconds)
+    return all(cost.seconds[a] <= slack * cost.seconds[b] for a, b in pairwise(sizes))
+
+
 def cached_cost(path: Path | None, measure: Callable[[], CostModel]) -> CostModel:
-    """The cost curve stored at `path` (JSON), or `measure()`d and stored there (None: never stored)."""
+    """The cost curve stored at `path` (JSON), or `measure()`d and stored there (None: never stored).
+    A stored curve that is not `plausible` is measured again; a fresh one that is not gets one more try."""
     if path and path.is_file():
         data = json.loads(path.read_text())
-        return CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
+        cost = CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
+        if plausible(cost):
+            return cost
+        log.warning("stored cost curve is implausible (measured on a busy machine?): measuring again", path=str(path),
+                    ms={n: round(1000 * t, 1) for n, t in cost.seconds.items()})
     cost = measure()
+    if not plausible(cost):
+        log.warning("cost curve implausible (is the machine busy?): measuring once more",
+                    ms={n: round(1000 * t, 1) for n, t in cost.seconds.items()})
+        cost = measure()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"seconds": cost.seconds, "device": cost.device}, indent=1))
