@@ -58,6 +58,25 @@ def test_silu_mul_matches_torch_and_rows_do_not_depend_on_the_batch(lib):
         assert torch.equal(kernels.silu_mul(lib, gate_up[row:row + 1]), out[row:row + 1])
 
 
+def test_attention_matches_sdpa_over_a_slot_cache_layout_and_rows_do_not_depend_on_the_batch(lib):
+    torch.manual_seed(3)
+    batch, heads, kv_heads, queries, keys, dim = 2, 9, 3, 5, 37, 64
+    store = torch.randn(2, batch, kv_heads, 64, dim)  # keys and values in a larger cache, read in place
+    k, v = store[0, :, :, :keys], store[1, :, :, :keys]
+    qkv = torch.randn(batch, queries, (heads + 2 * kv_heads) * dim)  # q as the lean forward's view of fused q/k/v
+    q = qkv[..., :heads * dim].reshape(batch, queries, heads, dim).transpose(1, 2)
+    visible = torch.rand(batch, 1, queries, keys + 3) > 0.3
+    visible[..., 0] = True
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    out = kernels.attention(lib, q, k, v, mask, 0.125)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :keys], scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(batch, queries, heads * dim), atol=2e-6, rtol=1e-5)
+    for t in (0, 3):  # one query alone: the same bits
+        alone = kernels.attention(lib, q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1], 0.125)
+        assert torch.equal(alone, out[:, t:t + 1])
+    assert kernels.attention(lib, q[..., :32], k[..., :32], v[..., :32], mask, 0.125) is None  # head size 32: SDPA's
+
+
 def test_build_errors_name_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "compiler", lambda: "/bin/false")  # a "compiler" that always fails
     with pytest.raises(kernels.KernelBuildError, match="false failed"):

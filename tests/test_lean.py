@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
 from tests.test_weights import KINDS, stock_tiny
 from workers.engine import kernels, lean
@@ -94,6 +95,32 @@ def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(ki
     assert all(type(f.kernel) is type(model.lm_head.kernel) for f in lean.lean_forward(model).qkv)  # fused in kind
     torch.testing.assert_close(tree_step_logits(model, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
     rng = random.Random(2)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
+    pools = random_pools(model, rng, prompts)
+    for prompt in prompts:
+        assert decode(model, prompt, pools, "strict", n=30).token_ids == greedy(model, prompt, 30)
+
+
+@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
+def test_the_glued_lean_forward_attends_in_cpp_at_head_size_64(tmp_path, monkeypatch):
+    torch.manual_seed(4)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                      eos_token_id=EOS, bos_token_id=0, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.lm_head.weight.data *= 8
+    model.generation_config.eos_token_id = EOS
+    pack_linears(as_blocks(model), "blocks", tmp_path)
+    prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
+    stock = tree_step_logits(model, prompt, parents, tokens)
+    ran = []
+    attention = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *args: ran.append(attention(*args)) or ran[-1])
+    assert lean.attach(model, kernels.library(tmp_path))
+    fast = tree_step_logits(model, prompt, parents, tokens)
+    assert len(ran) == 2 * 2 and all(out is not None for out in ran)  # prefill and step, both layers: none fell back to SDPA
+    torch.testing.assert_close(fast, stock, atol=1e-4, rtol=1e-4)
+    rng = random.Random(5)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
     pools = random_pools(model, rng, prompts)
     for prompt in prompts:

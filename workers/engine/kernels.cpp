@@ -232,3 +232,68 @@ extern "C" void silu_mul(const float* gate_up, int64_t M, int64_t I, float* out)
         for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
+
+// Attention of T queries per row over S cached keys, grouped-query (H query heads share KV key/value
+// heads), under an additive mask shared by the heads: softmax(q . k * scale + mask) . v. Each (row,
+// head, query) is computed alone, in the same order whatever T is. Strides are in floats; every
+// vector's last dimension (D = 8 * D8) is contiguous. out: (B, T, H * D).
+template <int D8>
+static void attention_impl(const float* q, int64_t qb, int64_t qh, int64_t qt, const float* k, const float* v, int64_t kb,
+                           int64_t kh, int64_t ks, const float* mask, int64_t mb, int64_t mt, int64_t B, int64_t H,
+                           int64_t KV, int64_t T, int64_t S, float scale, float* out) {
+    const int64_t group = H / KV, items = B * H * T;
+#pragma omp parallel if (items * S >= 1024)
+    {
+        float* p = (float*)aligned_alloc(32, ((S + 7) / 8) * 8 * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t b = item / (H * T), h = item / T % H, t = item % T;
+            const float* qv = q + b * qb + h * qh + t * qt;
+            const float* kr = k + b * kb + h / group * kh;
+            const float* vr = v + b * kb + h / group * kh;
+            const float* m = mask + b * mb + t * mt;
+            __m256 qs[D8];
+            for (int j = 0; j < D8; j++) qs[j] = _mm256_loadu_ps(qv + 8 * j);
+            float top = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                __m256 acc = _mm256_mul_ps(qs[0], _mm256_loadu_ps(kr + s * ks));
+                for (int j = 1; j < D8; j++) acc = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(kr + s * ks + 8 * j), acc);
+                p[s] = hsum(acc) * scale + m[s];
+                top = p[s] > top ? p[s] : top;
+            }
+            int64_t s = 0;
+            __m256 total = _mm256_setzero_ps();
+            const __m256 topv = _mm256_set1_ps(top);
+            for (; s + 8 <= S; s += 8) {
+                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+                _mm256_storeu_ps(p + s, e);
+                total = _mm256_add_ps(total, e);
+            }
+            float sum = hsum(total);
+            for (; s < S; s++) {
+                p[s] = expf(p[s] - top);
+                sum += p[s];
+            }
+            __m256 acc[D8];
+            for (int j = 0; j < D8; j++) acc[j] = _mm256_setzero_ps();
+            for (s = 0; s < S; s++) {
+                const __m256 w = _mm256_set1_ps(p[s]);
+                for (int j = 0; j < D8; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + s * ks + 8 * j), acc[j]);
+            }
+            const __m256 inverse = _mm256_set1_ps(1.0f / sum);
+            float* o = out + (b * T + t) * H * D8 * 8 + h * D8 * 8;
+            for (int j = 0; j < D8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], inverse));
+        }
+        free(p);
+    }
+}
+
+// Returns 0, or -1 for a head size it was not built for (the caller falls back to SDPA).
+extern "C" int attention(const float* q, int64_t qb, int64_t qh, int64_t qt, const float* k, const float* v, int64_t kb,
+                         int64_t kh, int64_t ks, const float* mask, int64_t mb, int64_t mt, int64_t B, int64_t H, int64_t KV,
+                         int64_t T, int64_t S, int64_t D, float scale, float* out) {
+    if (D == 64) attention_impl<8>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out);
+    else if (D == 128) attention_impl<16>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out);
+    else return -1;
+    return 0;
+}

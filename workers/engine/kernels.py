@@ -88,6 +88,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.add_rms_norm.argtypes = [p, p, p, f, i, i, p]
     lib.rope.argtypes = [p, p, p, i, i, i, i]
     lib.silu_mul.argtypes = [p, i, i, p]
+    lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p]
+    lib.attention.restype = ctypes.c_int
     for name in ("q4_1_gemm", "q8_0_gemm", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
         getattr(lib, name).restype = None
     return lib
@@ -122,3 +124,22 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+
+
+def attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+              ) -> torch.Tensor | None:
+    """Grouped-query attention of q (batch, heads, T, dim) over k/v (batch, kv_heads, S, dim) under an
+    additive mask (batch or 1, 1, T or 1, >= S): (batch, T, heads * dim); None where the kernel does not
+    apply (head size other than 64 or 128, a layout it does not read), for the caller to use SDPA."""
+    batch, heads, queries, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    if (heads % kv_heads or q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1 or mask.stride(-1) != 1
+            or mask.shape[0] not in (1, batch) or mask.shape[-1] < keys):
+        return None
+    out = q.new_empty(batch, queries, heads * dim)
+    mask_b = mask.stride(0) if mask.shape[0] > 1 else 0
+    mask_t = mask.stride(2) if mask.shape[2] > 1 else 0
+    done = lib.attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0),
+                         k.stride(1), k.stride(2), mask.data_ptr(), mask_b, mask_t, batch, heads, kv_heads, queries, keys,
+                         dim, scale, out.data_ptr())
+    return out if done == 0 else None

@@ -11,7 +11,8 @@ forward still serves `generate` (the hf-generate reference) and every model fami
 
 With the engine's CPU kernels given (`attach(model, lib)`, on CPU at float32 with lighter weights:
 model.py), a layer's glue runs in C++ too (kernels.cpp): RMSNorm, the residual add fused with the next
-RMSNorm, rotary in place on the fused q/k/v output, SiLU(gate) * up: 4 calls where ~40 torch ops were.
+RMSNorm, rotary in place on the fused q/k/v output, SiLU(gate) * up: 4 calls where ~40 torch ops were;
+and grouped-query attention over the slot cache (SDPA where its head size or layout does not fit).
 Rounding moves by ~1e-5 in the logits (sums of squares, exp); rotary is bit-equal.
 
 Only the engine's forwards use it (verify.forward), and only for models `attach` accepted.
@@ -84,6 +85,10 @@ class LeanForward:
         """Layer i's attention from rotated q, k and v, through the cache: o_proj's output (batch, tokens, hidden)."""
         attn = self.model.model.layers[i].self_attn
         keys, values = cache.layers[i].update(k, v)  # type: ignore[attr-defined]
+        if self.glue is not None:
+            out = kernels.attention(self.glue, q, keys, values, mask, attn.scaling)  # type: ignore[arg-type]
+            if out is not None:
+                return attn.o_proj(out)
         out = gqa_attention(q, keys, values, mask, attn.scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
 
