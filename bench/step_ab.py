@@ -1,7 +1,7 @@
 """One decoding step of the packaged model (`--width` tokens after a 300-token context) for each kind of
-weights and each lean-forward glue (torch ops or the engine's C++ kernels), interleaved so that the
-machine's drift falls on all alike; medians, milliseconds. Also the largest logit difference of each
-C++-glue variant from the torch-glue one on the same weights (same inputs).
+weights and each lean-forward glue: torch ops, the engine's C++ kernels with SDPA, and with its C++
+attention too; interleaved so that the machine's drift falls on all alike; medians, milliseconds.
+Also the largest logit difference of the all-C++ variant from the torch-glue one on the same weights.
 
     .venv/bin/python bench/step_ab.py > bench/results/step_ab.txt
 """
@@ -15,7 +15,7 @@ import time
 import torch
 
 from infra.settings import default_cache_dir
-from workers.engine import lean
+from workers.engine import kernels, lean
 from workers.engine.model import load_model
 from workers.engine.slots import SlotCache
 from workers.engine.verify import causal_mask, forward
@@ -33,11 +33,14 @@ def main() -> None:
     args = parser.parse_args()
     widths = [int(w) for w in args.width.split(",")]
     models = {w: load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights=w) for w in args.weights.split(",")}
-    variants = []  # (name, model, lean forward, glue library or None)
+    variants = []  # (name, model, lean forward, glue library or None, C++ attention)
     for kind, lm in models.items():
         lean_forward = lean.lean_forward(lm.model)
         assert lean_forward is not None and lean_forward.glue is not None, "the packaged model runs the lean forward with C++ glue"
-        variants += [(f"{kind}, torch glue", lm, lean_forward, None), (f"{kind}, C++ glue", lm, lean_forward, lean_forward.glue)]
+        variants += [(f"{kind}, torch glue", lm, lean_forward, None, False),
+                     (f"{kind}, C++ glue, SDPA", lm, lean_forward, lean_forward.glue, False),
+                     (f"{kind}, C++ glue + attention", lm, lean_forward, lean_forward.glue, True)]
+    cpp_attention = kernels.attention
     caches = {}
     for kind, lm in models.items():
         cache = SlotCache(lm.model)
@@ -49,8 +52,9 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {}
     logits: dict[tuple[str, int], torch.Tensor] = {}
     for _ in range(args.repeats + 1):  # the first round warms up
-        for name, lm, lean_forward, glue in variants:
+        for name, lm, lean_forward, glue, attention in variants:
             lean_forward.glue = glue
+            kernels.attention = cpp_attention if attention else lambda *_: None  # None: the lean forward uses SDPA
             cache = caches[lm.weights]
             for width in widths:
                 positions = torch.arange(CONTEXT, CONTEXT + width)[None]
@@ -63,11 +67,11 @@ def main() -> None:
                 logits.setdefault((name, width), out)
     print(f"# {next(iter(models.values())).model_id}, one step after {CONTEXT} tokens, {args.threads} threads, CPU "
           f"{torch.backends.cpu.get_cpu_capability()}; medians of {args.repeats} interleaved rounds, ms\n")
-    print("| tokens | " + " | ".join(name for name, *_ in variants) + " | logits, C++ vs torch glue: largest difference |")
+    print("| tokens | " + " | ".join(name for name, *_ in variants) + " | logits, all C++ vs torch glue: largest difference |")
     print("| ---: | " + " | ".join("---:" for _ in variants) + " | ---: |")
     for width in widths:
         medians = [1000 * statistics.median(times[(name, width)][1:]) for name, *_ in variants]
-        difference = max((logits[(f"{kind}, C++ glue", width)] - logits[(f"{kind}, torch glue", width)]).abs().max().item()
+        difference = max((logits[(f"{kind}, C++ glue + attention", width)] - logits[(f"{kind}, torch glue", width)]).abs().max().item()
                          for kind in models)
         print(f"| {width} | " + " | ".join(f"{m:.1f}" for m in medians) + f" | {difference:.1e} |")
 

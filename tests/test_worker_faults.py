@@ -98,14 +98,18 @@ def test_a_worker_joins_and_one_leaves_mid_backlog(kafka_settings, model_cache, 
     print(f"\n[faults] join + leave: {len(ids)} prompts, {sum(counts.values()) - len(counts)} duplicates")
 
 
-def test_worker_rides_out_a_broker_outage_mid_decode(model_cache, lm):
+def test_worker_rides_out_a_broker_outage_mid_decode(model_cache, lm, monkeypatch):
     """The broker goes away while a prompt decodes and comes back (empty: Tansu keeps topics in
     memory): the worker retries delivery with backoff, delivers, and serves new prompts."""
     import threading
 
     from infra.broker import EmbeddedBroker, free_port
     from infra.settings import Settings
+    from workers.engine.batch import BatchDecoder
     from workers.service import Worker
+
+    step = BatchDecoder.step
+    monkeypatch.setattr(BatchDecoder, "step", lambda self: time.sleep(0.05) or step(self))  # decoding outlasts the outage's start
 
     port = free_port()
     broker = EmbeddedBroker(port=port).start()
