@@ -8,7 +8,7 @@
 // M: a row's output does not depend on the rows beside it (one-token steps and verify steps agree).
 //
 // 2. A decoder layer's glue for the lean forward (lean.py): RMSNorm, residual add + RMSNorm, rotary
-// embedding in place, SiLU(gate) * up. Each is row-wise, so a row's output never depends on M either;
+// embedding in place, SiLU(gate) * up, attention. Each is row-wise, so a row's output never depends on M either;
 // they replace ~40 small torch ops a layer (~3 us of dispatch each on this CPU). Rounding: close to
 // torch's, not bit-equal (sums of squares in 8 lanes; exp by polynomial).
 //

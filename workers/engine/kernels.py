@@ -1,7 +1,7 @@
 """The engine's own CPU kernels (kernels.cpp: AVX2, float32), built on first use and called with ctypes.
 
-Two kinds: GEMMs over the GGUF's own Q4_1/Q8_0 blocks (blocks.py) and a decoder layer's glue for the
-lean forward (lean.py: RMSNorm, residual add + RMSNorm, rotary in place, SiLU(gate) * up). The source
+GEMMs over the GGUF's own Q4_1/Q8_0 blocks (blocks.py), and a decoder layer's glue for the lean forward
+(lean.py: RMSNorm, residual add + RMSNorm, rotary in place, SiLU(gate) * up, grouped-query attention). The source
 is compiled with the system's g++ (~2 s) into the cache directory once per source and flags, and
 loaded into this process; its OpenMP resolves to the runtime torch loaded, so both share threads.
 `unavailable()` says why the kernels cannot run here (no AVX2, no compiler).
@@ -41,7 +41,7 @@ def compiler() -> str | None:
 
 
 def unavailable() -> str | None:
-    """None when the block kernels can run here, else why not."""
+    """None when the engine's CPU kernels can run here, else why not."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the engine's CPU kernels need AVX2; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
     if compiler() is None:
