@@ -39,8 +39,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model directory (env DARE_MODEL; default: packaged SmolLM2-135M)")
     p.add_argument("--device", help="auto, cpu, cuda (env DARE_DEVICE)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="env DARE_DTYPE")
-    p.add_argument("--weights", choices=["auto", "blocks", "fp16", "full"],
-                   help="linear weights in decoding: the GGUF's blocks, fp16 packed (CPU) or full (env DARE_WEIGHTS; default auto)")
+    p.add_argument("--weights", choices=["auto", "blocks", "blocks-int8", "fp16", "full"],
+                   help="linear weights in decoding: the GGUF's blocks (blocks-int8: x int8 activations, lossy), fp16 packed "
+                        "(CPU) or full (env DARE_WEIGHTS; default auto)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (env DARE_THREADS)")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the decoding steps (env DARE_COMPILE; default auto)")
     p.add_argument("--max-new-tokens", type=positive_int, help="env DARE_MAX_NEW_TOKENS (default 128)")
@@ -151,7 +152,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         require_vllm()
         reexec_for_vllm()
     settings, stop = start_service(args)
-    worker = Worker(settings, load_lm(settings), mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager)
+    # with vLLM decoding, the transformers model serves only its tokenizer and config: no packed weights
+    lm = load_lm(settings.model_copy(update={"weights": "full"}) if args.backend == "vllm" else settings)
+    worker = Worker(settings, lm, mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager)
     worker.run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 

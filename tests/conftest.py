@@ -66,6 +66,13 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("dare-cache")
 
 
+@pytest.fixture(autouse=True)
+def _session_cache_dir(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings (and commands run in subprocesses) cache into this session's directory, never into the
+    user's ~/.cache/dare (a cost curve measured during the tests would steer later benches)."""
+    monkeypatch.setenv("DARE_CACHE_DIR", str(model_cache))
+
+
 @pytest.fixture(scope="session")
 def lm(model_cache: Path):  # type: ignore[no-untyped-def]
     import torch

@@ -71,7 +71,7 @@ CASES = [
 
 
 def run_dare(args, env, cwd):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DARE_") or k == "DARE_CACHE_DIR"}  # conftest's
     environment |= {"DARE_BROKER_TIMEOUT_S": "1", "DARE_LOG_FORMAT": "json"} | env
     return subprocess.run([sys.executable, "-m", "dare.cli", *args], env=environment, cwd=cwd, capture_output=True,
                           text=True, timeout=120, check=False)

@@ -54,6 +54,9 @@ class CostModel:
         slope = (self.seconds[sizes[-1]] - self.seconds[sizes[-2]]) / (sizes[-1] - sizes[-2])
         return self.seconds[sizes[-1]] + slope * (n - sizes[-1])
 
+    def milliseconds(self) -> dict[int, float]:
+        return {n: round(1000 * t, 1) for n, t in self.seconds.items()}
+
     @classmethod
     def flat(cls) -> CostModel:
         """A device where any tree up to 64 costs one step (e.g. a large GPU)."""
@@ -121,11 +124,10 @@ def cached_cost(path: Path | None, measure: Callable[[], CostModel]) -> CostMode
         if plausible(cost):
             return cost
         log.warning("stored cost curve is implausible (measured on a busy machine?): measuring again", path=str(path),
-                    ms={n: round(1000 * t, 1) for n, t in cost.seconds.items()})
+                    ms=cost.milliseconds())
     cost = measure()
     if not plausible(cost):
-        log.warning("cost curve implausible (is the machine busy?): measuring once more",
-                    ms={n: round(1000 * t, 1) for n, t in cost.seconds.items()})
+        log.warning("cost curve implausible (is the machine busy?): measuring once more", ms=cost.milliseconds())
         cost = measure()
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)

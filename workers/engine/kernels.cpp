@@ -141,6 +141,110 @@ extern "C" void q8_0_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q
     gemm<false>(x, M, K, qs, d, nullptr, N, y);
 }
 
+// ---- 1b. Block GEMMs with int8 activations (llama.cpp's arithmetic; lossy) ----
+// Each row of x is rounded per block of 32 to xq = round(x / dx), dx = max|x| / 127, so a block's dot
+// product is an integer one (AVX2 maddubs + madd: 32 products in 2 instructions), scaled by dw * dx;
+// Q4_1 adds m * sx with sx = dx * sum(xq). Activations lose ~8 bits; weights stay exact. Each output
+// runs the same operations in the same order whatever M is: rows do not depend on their neighbours.
+
+// x's row (K) as int8 blocks: q (K), d and s (K / 32).
+static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float* xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) {
+            const int v = (int)nearbyintf(xb[j] * inverse);
+            q[b * 32 + j] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = amax / 127.0f;
+        s[b] = d[b] * (float)sum;
+    }
+}
+
+// Block b's integer dot product of one weight row with xq (32 int8), as 8 float lanes.
+template <bool Q4>
+static inline __m256 block_dot(const uint8_t* q, int64_t b, __m256i xq) {
+    __m256i products;
+    if (Q4) {  // 0..15 unsigned: maddubs takes them as they are
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(q + b * 16)), nibble = _mm_set1_epi8(0x0F);
+        const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble), _mm_and_si128(raw, nibble));
+        products = _mm256_maddubs_epi16(w, xq);
+    } else {  // signed x signed: |w| times x with w's sign (|-128| reads as 128 unsigned)
+        const __m256i w = _mm256_loadu_si256((const __m256i*)(q + b * 32));
+        products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
+    }
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float sum = hsum(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+// R rows (xq, dx, sx) x T channels (q, d, m: the first channel's; rows `stride` bytes apart).
+template <bool Q4, int R>
+static inline void tile_int8(const int8_t* xq, const float* dx, const float* sx, int64_t K, const uint8_t* q, const float* d,
+                             const float* m, int64_t stride, int valid, float* y, int64_t ldy) {
+    const int64_t nb = K / 32;
+    __m256 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xs[R];
+        for (int r = 0; r < R; r++) xs[r] = _mm256_loadu_si256((const __m256i*)(xq + r * K + b * 32));
+        for (int t = 0; t < T; t++) {
+            const int c = t < valid ? t : 0;  // past the last channel: repeat the first, discarded
+            const float dw = d[c * nb + b];
+            for (int r = 0; r < R; r++)
+                acc[r][t] = _mm256_fmadd_ps(block_dot<Q4>(q + c * stride, b, xs[r]), _mm256_set1_ps(dw * dx[r * nb + b]), acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < valid; t++)
+            y[r * ldy + t] = hsum(acc[r][t]) + (Q4 ? dot_f32(m + t * nb, sx + r * nb, nb) : 0.0f);
+}
+
+template <bool Q4>
+static void gemm_int8(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
+    int8_t* xq = (int8_t*)malloc(M * K);
+    float* dx = (float*)malloc(2 * M * nb * sizeof(float));
+    float* sx = dx + M * nb;
+#pragma omp parallel for if (M >= 16)
+    for (int64_t r = 0; r < M; r++) quantize_row(x + r * K, K, xq + r * K, dx + r * nb, sx + r * nb);
+    constexpr int R = 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += T) {
+        const int valid = N - n < T ? (int)(N - n) : T;
+        const uint8_t* qn = qs + n * row_bytes;
+        const float* mn = Q4 ? m + n * nb : nullptr;
+        int64_t r = 0;
+        for (; r + R <= M; r += R)
+            tile_int8<Q4, R>(xq + r * K, dx + r * nb, sx + r * nb, K, qn, d + n * nb, mn, row_bytes, valid, y + r * N + n, N);
+        for (; r < M; r++)
+            tile_int8<Q4, 1>(xq + r * K, dx + r * nb, sx + r * nb, K, qn, d + n * nb, mn, row_bytes, valid, y + r * N + n, N);
+    }
+    free(xq);
+    free(dx);
+}
+
+extern "C" void q4_1_gemm_int8(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
+                               int64_t N, float* y) {
+    gemm_int8<true>(x, M, K, qs, d, m, N, y);
+}
+
+extern "C" void q8_0_gemm_int8(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, int64_t N, float* y) {
+    gemm_int8<false>(x, M, K, qs, d, nullptr, N, y);
+}
+
 // ---- 2. glue ----
 
 // Rows of at least this many elements in all are split over threads.

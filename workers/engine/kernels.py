@@ -50,7 +50,8 @@ def unavailable() -> str | None:
 
 
 def library(cache_dir: Path) -> ctypes.CDLL:
-    """The kernels, built into `cache_dir`/kernels once per source and compiler flags."""
+    """The kernels, built into `cache_dir`/kernels once per source and compiler flags. One library per
+    process: the first call builds or finds it; later calls return it whatever their `cache_dir`."""
     global _library
     with _lock:
         if _library is None:
@@ -84,13 +85,15 @@ def _load(path: Path) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.q4_1_gemm.argtypes = [p, i, i, p, p, p, i, p]
     lib.q8_0_gemm.argtypes = [p, i, i, p, p, i, p]
+    lib.q4_1_gemm_int8.argtypes = [p, i, i, p, p, p, i, p]
+    lib.q8_0_gemm_int8.argtypes = [p, i, i, p, p, i, p]
     lib.rms_norm.argtypes = [p, p, f, i, i, p]
     lib.add_rms_norm.argtypes = [p, p, p, f, i, i, p]
     lib.rope.argtypes = [p, p, p, i, i, i, i]
     lib.silu_mul.argtypes = [p, i, i, p]
     lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p]
     lib.attention.restype = ctypes.c_int
-    for name in ("q4_1_gemm", "q8_0_gemm", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
+    for name in ("q4_1_gemm", "q8_0_gemm", "q4_1_gemm_int8", "q8_0_gemm_int8", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
         getattr(lib, name).restype = None
     return lib
 

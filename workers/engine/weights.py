@@ -7,6 +7,9 @@ kernels read the weights at well under the memory's bandwidth. Two lighter kerne
   the engine's own AVX2 kernel. Every weight equals the loaded fp32 weight, sums are fp32, and a row's
   output does not depend on how many rows a call has. Only where the loaded weights are such blocks
   exactly (the packaged default is; a model from fp32/bf16 checkpoints is not).
+- `blocks-int8`: the same blocks, with each row of activations rounded to int8 per block of 32 and
+  integer dot products (llama.cpp's own arithmetic). Faster, lossy (activations keep ~8 bits); never
+  chosen by `auto`.
 - `fp16`: fbgemm's fp16 GEMM (`quantized::linear_dynamic_fp16`: weights rounded to fp16, prepacked;
   activations and accumulation fp32). Rounding weights to fp16 moves SmolLM2's logits by ~0.03.
 
@@ -30,7 +33,8 @@ import torch
 
 from workers.engine import blocks, kernels
 
-Weights = Literal["auto", "blocks", "fp16", "full"]
+Weights = Literal["auto", "blocks", "blocks-int8", "fp16", "full"]
+Packed = Literal["blocks", "blocks-int8", "fp16"]
 
 
 class NotBlocksError(ValueError):
@@ -46,27 +50,40 @@ class Fp16Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
-    def fuse(self, parts: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
-        return Fp16Kernel(weight, bias)
+    def fuse(self, parts: list[Kernel], linears: list[torch.nn.Linear]) -> Kernel | None:
+        return Fp16Kernel(stacked_weight(linears), stacked_bias(linears))
 
 
 class BlockKernel:
-    """The weights as their own Q4_1/Q8_0 blocks (blocks.py): exact, fp32 sums."""
+    """The weights as their own Q4_1/Q8_0 blocks (blocks.py): exact, fp32 sums; `int8`: activations
+    rounded to int8 per block, integer dot products."""
 
-    def __init__(self, weight_blocks: blocks.Blocks, bias: torch.Tensor | None, lib: object) -> None:
-        self.blocks, self.lib = weight_blocks, lib
+    def __init__(self, weight_blocks: blocks.Blocks, bias: torch.Tensor | None, lib: object, int8: bool = False) -> None:
+        self.blocks, self.lib, self.int8 = weight_blocks, lib, int8
         self.bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = blocks.matmul(self.lib, x, self.blocks)  # type: ignore[arg-type]
+        out = blocks.matmul(self.lib, x, self.blocks, self.int8)  # type: ignore[arg-type]
         return out if self.bias is None else out.add_(self.bias)
 
-    def fuse(self, parts: list[Kernel], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+    def fuse(self, parts: list[Kernel], linears: list[torch.nn.Linear]) -> Kernel | None:
         joined = blocks.concat([k.blocks for k in parts])  # type: ignore[union-attr]
-        return None if joined is None else BlockKernel(joined, bias, self.lib)
+        return None if joined is None else BlockKernel(joined, stacked_bias(linears), self.lib, self.int8)
 
 
 Kernel = Fp16Kernel | BlockKernel
+
+
+def stacked_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
+    """The layers' weights stacked by output rows."""
+    return torch.cat([m.weight.detach() for m in linears])
+
+
+def stacked_bias(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """The layers' biases stacked by output rows (zeros where a layer has none); None if none has one."""
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
 
 
 def run_kernel(kernel: Kernel, x: torch.Tensor) -> torch.Tensor:
@@ -105,16 +122,12 @@ class FusedLinear(torch.nn.Module):
     def __init__(self, layers: list[torch.nn.Module]) -> None:
         super().__init__()
         linears = [m.linear if isinstance(m, PackedLinear) else m for m in layers]
-        weight = torch.cat([m.weight.detach() for m in linears])
-        biases = [m.bias for m in linears]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
         self.sizes = [m.out_features for m in linears]
         self.kernel: Kernel | None = None
         if all(isinstance(m, PackedLinear) for m in layers):
             parts: list[Kernel] = [m.kernel for m in layers]  # type: ignore[misc]
-            self.kernel = parts[0].fuse(parts, weight, bias)
-        self.weight, self.bias = (None, None) if self.kernel is not None else (weight, bias)
+            self.kernel = parts[0].fuse(parts, linears)
+        self.weight, self.bias = (None, None) if self.kernel is not None else (stacked_weight(linears), stacked_bias(linears))
 
     def joined(self, x: torch.Tensor) -> torch.Tensor:
         """The outputs side by side, (..., sum of sizes)."""
@@ -135,7 +148,7 @@ def fp16_available() -> str | None:
     return None
 
 
-def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) -> Literal["blocks", "fp16", "full"]:
+def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) -> Packed | Literal["full"]:
     """What `setting` means for a model on `device` at `dtype`, before the weights are seen (auto may
     still fall back from blocks to fp16 at load: `pack_linears`); ValueError when the kind asked for cannot run."""
     if setting == "full":
@@ -146,22 +159,23 @@ def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) 
     elif dtype != torch.float32:
         general = f"needs float32 activations (dtype {str(dtype).removeprefix('torch.')})"
     why_not = {kind: general or reason() for kind, reason in (("blocks", kernels.unavailable), ("fp16", fp16_available))}
+    why_not["blocks-int8"] = why_not["blocks"]
     if setting != "auto":
         if why_not[setting] is not None:
-            alternative = "fp16" if setting == "blocks" and why_not["fp16"] is None else "full"
+            alternative = "fp16" if setting.startswith("blocks") and why_not["fp16"] is None else "full"
             raise ValueError(f"--weights {setting}: {why_not[setting]}; use --weights {alternative}")
         return setting
     return "blocks" if why_not["blocks"] is None else "fp16" if why_not["fp16"] is None else "full"
 
 
-def pack_linears(model: torch.nn.Module, kind: Literal["blocks", "fp16"] = "fp16", cache_dir: Path | None = None) -> int:
+def pack_linears(model: torch.nn.Module, kind: Packed = "fp16", cache_dir: Path | None = None) -> int:
     """Swap every `nn.Linear` in `model` for a `PackedLinear` of `kind`; returns how many. For blocks,
     NotBlocksError (nothing swapped) when some layer's weights are not exact Q4_1/Q8_0 blocks;
     `cache_dir` holds the built kernels."""
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
     chosen: list[Kernel] = []
-    if kind == "blocks":
+    if kind.startswith("blocks"):
         if cache_dir is None:
             raise ValueError("block kernels need a cache directory to be built into")
         lib = kernels.library(cache_dir)
@@ -170,7 +184,7 @@ def pack_linears(model: torch.nn.Module, kind: Literal["blocks", "fp16"] = "fp16
             found = blocks.derive(child.weight)
             if found is None:
                 raise NotBlocksError(f"{names[id(child)]}'s weights are not exact Q4_1/Q8_0 blocks")
-            chosen.append(BlockKernel(found, child.bias, lib))
+            chosen.append(BlockKernel(found, child.bias, lib, int8=kind == "blocks-int8"))
     else:
         chosen = [Fp16Kernel(child.weight, child.bias) for _, _, child in targets]
     for (parent, name, child), kernel in zip(targets, chosen):
