@@ -1,6 +1,5 @@
 """All linear layers of the packaged model, once, at a few rows: fp32 `F.linear` (MKL) vs the kernels
-the engine can use on CPU (weights.py): fbgemm's packed fp16 and the GGUF's own Q4_1/Q8_0 blocks, times
-fp32 activations (exact) and times int8 activations (blocks-int8, lossy);
+the engine can use on CPU (weights.py): fbgemm's packed fp16 and the GGUF's own Q4_1/Q8_0 blocks;
 and the time to read the fp32 weights once (the memory-bandwidth floor of a one-token fp32 step).
 Medians of 9 passes, milliseconds.
 
@@ -45,24 +44,22 @@ def main() -> None:
     lib = kernels.library(default_cache_dir())
     found = [blocks.derive(w) for w in weights]
     assert all(f is not None for f in found), "the packaged model's weights are Q4_1/Q8_0 blocks"
-    by_kind = {"fp16": [Fp16Kernel(w, None) for w in weights], "blocks": [BlockKernel(f, None, lib) for f in found],
-               "blocks-int8": [BlockKernel(f, None, lib, int8=True) for f in found]}
+    by_kind = {"fp16": [Fp16Kernel(w, None) for w in weights], "blocks": [BlockKernel(f, None, lib) for f in found]}
     megabytes = {"fp32": sum(w.numel() for w in weights) * 4 / 1e6, "fp16": sum(w.numel() for w in weights) * 2 / 1e6,
                  "blocks": sum(f.nbytes() for f in found) / 1e6}  # type: ignore[union-attr]
     print(f"# {lm.model_id}: {len(layers)} linear layers; weights read per pass: "
           + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in megabytes.items())
           + f"; {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}\n")
     print(f"read every fp32 weight once (sum): {median_ms(lambda: [w.sum() for w in weights]):.1f} ms\n")
-    print("| rows | fp32 `F.linear` ms | packed fp16 ms | blocks ms | blocks-int8 ms | fp16 vs fp32 | blocks vs fp32 "
-          "| blocks vs fp16 | blocks-int8 vs blocks |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| rows | fp32 `F.linear` ms | packed fp16 ms | blocks ms | fp16 vs fp32 | blocks vs fp32 | blocks vs fp16 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights}}
         full = median_ms(lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights])
-        fp16, block, int8 = (median_ms(lambda x=inputs, ks=by_kind[kind]: [k(x[w.shape[1]]) for k, w in zip(ks, weights)])
-                             for kind in ("fp16", "blocks", "blocks-int8"))
-        print(f"| {rows} | {full:.1f} | {fp16:.1f} | {block:.1f} | {int8:.1f} | {full / fp16:.2f}x | {full / block:.2f}x "
-              f"| {fp16 / block:.2f}x | {block / int8:.2f}x |", flush=True)
+        fp16, block = (median_ms(lambda x=inputs, ks=by_kind[kind]: [k(x[w.shape[1]]) for k, w in zip(ks, weights)])
+                       for kind in ("fp16", "blocks"))
+        print(f"| {rows} | {full:.1f} | {fp16:.1f} | {block:.1f} | {full / fp16:.2f}x | {full / block:.2f}x | {fp16 / block:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model directory (env DARE_MODEL; default: packaged SmolLM2-135M)")
     p.add_argument("--device", help="auto, cpu, cuda (env DARE_DEVICE)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="env DARE_DTYPE")
-    p.add_argument("--weights", choices=["auto", "blocks", "blocks-int8", "fp16", "full"],
-                   help="linear weights in decoding: the GGUF's blocks (blocks-int8: x int8 activations, lossy), fp16 packed "
-                        "(CPU) or full (env DARE_WEIGHTS; default auto)")
+    p.add_argument("--weights", choices=["auto", "blocks", "fp16", "full"],
+                   help="linear weights in decoding: the GGUF's blocks, fp16 packed (CPU) or full (env DARE_WEIGHTS; default auto)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (env DARE_THREADS)")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the decoding steps (env DARE_COMPILE; default auto)")
     p.add_argument("--max-new-tokens", type=positive_int, help="env DARE_MAX_NEW_TOKENS (default 128)")

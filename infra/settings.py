@@ -49,10 +49,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: auto is float32 on CPU (bf16 is slower there), bfloat16 on CUDA."
     )
-    weights: Literal["auto", "blocks", "blocks-int8", "fp16", "full"] = Field(
+    weights: Literal["auto", "blocks", "fp16", "full"] = Field(
         "auto", description="Linear layers' weights in decoding (CPU with AVX2, float32 dtype): blocks = the GGUF's own "
-        "Q4_1/Q8_0 blocks, exact, engine's AVX2 kernel (built with g++ on first use); blocks-int8 = the same blocks times "
-        "activations rounded to int8 per block of 32 (llama.cpp's arithmetic: faster, lossy); fp16 = fbgemm's packed fp16 GEMM; "
+        "Q4_1/Q8_0 blocks, exact, engine's AVX2 kernel (built with g++ on first use); fp16 = fbgemm's packed fp16 GEMM; "
         "full = at the dtype. auto: blocks where the weights are such blocks (the packaged model), else fp16 where it "
         "runs, else full. The hf-generate reference always runs full.",
     )

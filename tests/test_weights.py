@@ -26,13 +26,12 @@ from workers.engine.weights import (
 
 needs_fp16 = pytest.mark.skipif(fp16_available() is not None, reason=f"no packed fp16 here: {fp16_available()}")
 needs_blocks = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no block kernels here: {kernels.unavailable()}")
-KINDS = [pytest.param("fp16", marks=needs_fp16), pytest.param("blocks", marks=needs_blocks),
-         pytest.param("blocks-int8", marks=needs_blocks)]
+KINDS = [pytest.param("fp16", marks=needs_fp16), pytest.param("blocks", marks=needs_blocks)]
 
 
 def stock_tiny(kind):
     model = tiny_llama().to(torch.float32)
-    return as_blocks(model) if kind.startswith("blocks") else model
+    return as_blocks(model) if kind == "blocks" else model
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -44,13 +43,12 @@ def packed(request, tmp_path_factory):
 
 @torch.inference_mode()
 def test_packed_logits_are_the_kernels_and_full_weights_are_the_stock_model(packed):
-    kernel = packed.lm_head.kernel
-    kind = "fp16" if not isinstance(kernel, BlockKernel) else "blocks-int8" if kernel.int8 else "blocks"
+    kind = "blocks" if isinstance(packed.lm_head.kernel, BlockKernel) else "fp16"
     stock = stock_tiny(kind)
     ids = torch.tensor([[5, 9, 13, 2, 7, 30, 11]])
     reference = stock(ids).logits
     fast = packed(ids).logits
-    if kind != "blocks":  # weights rounded to fp16, or activations to int8
+    if kind == "fp16":  # weights rounded to fp16
         assert not torch.equal(fast, reference)  # the packed kernel really ran
         torch.testing.assert_close(fast, reference, atol=0.05, rtol=0.01)
     else:  # the same weights, only the order of fp32 sums differs
@@ -98,8 +96,6 @@ def test_weights_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_weights("auto", cpu, torch.float32) == ("blocks" if kernels.unavailable() is None else "fp16")
     assert resolve_weights("fp16", cpu, torch.float32) == "fp16"
-    if kernels.unavailable() is None:
-        assert resolve_weights("blocks-int8", cpu, torch.float32) == "blocks-int8"  # asked for only: lossy
     assert resolve_weights("full", cpu, torch.float32) == "full"
     assert resolve_weights("auto", cpu, torch.float64) == "full"
     assert resolve_weights("auto", cuda, torch.bfloat16) == "full"
@@ -109,8 +105,6 @@ def test_weights_setting():
         resolve_weights("fp16", cuda, torch.float32)
     with pytest.raises(ValueError, match="--weights blocks: needs float32 activations.*--weights full"):
         resolve_weights("blocks", cpu, torch.bfloat16)
-    with pytest.raises(ValueError, match="--weights blocks-int8: a CPU kernel.*--weights full"):
-        resolve_weights("blocks-int8", cuda, torch.float32)
 
 
 @needs_blocks
@@ -120,9 +114,8 @@ def test_a_model_not_made_of_blocks_loads_fp16_on_auto_and_fails_clearly_on_bloc
     tiny_llama().to(torch.float32).save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
     assert load_model(str(tmp_path), "cpu", "float32", tmp_path / "cache").weights == "fp16"
-    for kind in ("blocks", "blocks-int8"):
-        with pytest.raises(ModelLoadError, match=f"--weights {kind}: lm_head's weights are not exact .*; use --weights fp16"):
-            load_model(str(tmp_path), "cpu", "float32", tmp_path / "cache", weights=kind)
+    with pytest.raises(ModelLoadError, match="--weights blocks: lm_head's weights are not exact .*; use --weights fp16"):
+        load_model(str(tmp_path), "cpu", "float32", tmp_path / "cache", weights="blocks")
 
 
 @needs_fp16

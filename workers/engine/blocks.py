@@ -95,17 +95,15 @@ def concat(parts: list[Blocks]) -> Blocks | None:
     return Blocks(parts[0].kind, torch.cat([p.q for p in parts]), torch.cat([p.d for p in parts]), m)
 
 
-def matmul(lib: ctypes.CDLL, x: torch.Tensor, blocks: Blocks, int8: bool = False) -> torch.Tensor:
-    """x (rows, in) float32 @ the blocks' weight^T: (rows, out) float32. `int8`: x rounded to int8 per
-    block of 32 and integer dot products (llama.cpp's arithmetic: faster, lossy)."""
+def matmul(lib: ctypes.CDLL, x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """x (rows, in) float32 @ the blocks' weight^T: (rows, out) float32."""
     x = x.contiguous()
     out_features, in_features = blocks.shape
     y = torch.empty(x.shape[0], out_features)
-    suffix = "_int8" if int8 else ""
     if blocks.kind == "q4_1":
-        getattr(lib, "q4_1_gemm" + suffix)(x.data_ptr(), x.shape[0], in_features, blocks.q.data_ptr(), blocks.d.data_ptr(),
-                                           blocks.m.data_ptr(), out_features, y.data_ptr())  # type: ignore[union-attr]
+        lib.q4_1_gemm(x.data_ptr(), x.shape[0], in_features, blocks.q.data_ptr(), blocks.d.data_ptr(),
+                      blocks.m.data_ptr(), out_features, y.data_ptr())  # type: ignore[union-attr]
     else:
-        getattr(lib, "q8_0_gemm" + suffix)(x.data_ptr(), x.shape[0], in_features, blocks.q.data_ptr(), blocks.d.data_ptr(),
-                                           out_features, y.data_ptr())
+        lib.q8_0_gemm(x.data_ptr(), x.shape[0], in_features, blocks.q.data_ptr(), blocks.d.data_ptr(),
+                      out_features, y.data_ptr())
     return y

@@ -85,15 +85,13 @@ def _load(path: Path) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.q4_1_gemm.argtypes = [p, i, i, p, p, p, i, p]
     lib.q8_0_gemm.argtypes = [p, i, i, p, p, i, p]
-    lib.q4_1_gemm_int8.argtypes = [p, i, i, p, p, p, i, p]
-    lib.q8_0_gemm_int8.argtypes = [p, i, i, p, p, i, p]
     lib.rms_norm.argtypes = [p, p, f, i, i, p]
     lib.add_rms_norm.argtypes = [p, p, p, f, i, i, p]
     lib.rope.argtypes = [p, p, p, i, i, i, i]
     lib.silu_mul.argtypes = [p, i, i, p]
     lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p]
     lib.attention.restype = ctypes.c_int
-    for name in ("q4_1_gemm", "q8_0_gemm", "q4_1_gemm_int8", "q8_0_gemm_int8", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
+    for name in ("q4_1_gemm", "q8_0_gemm", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
         getattr(lib, name).restype = None
     return lib
 

@@ -44,14 +44,13 @@ class LoadedModel:
     dtype: torch.dtype
     load_s: float
     steps: StepForward  # the decoding steps' forward (compiled or eager)
-    weights: str = "full"  # the linear layers' weights in decoding: "blocks", "blocks-int8", "fp16" or "full" (at `dtype`): weights.py
+    weights: str = "full"  # the linear layers' weights in decoding: "blocks", "fp16" or "full" (at `dtype`): weights.py
     forward: str = "transformers"  # the engine's forward: "lean" or "lean+glue" (lean.py), or "transformers"
 
     def describe(self) -> str:
         """Device and precision, as the benches print them."""
         dtype = str(self.dtype).removeprefix("torch.")
-        weights = {"blocks": "Q4_1/Q8_0 block weights", "blocks-int8": "Q4_1/Q8_0 block weights x int8 activations",
-                   "fp16": "fp16 weights"}.get(self.weights, f"{dtype} weights")
+        weights = {"blocks": "Q4_1/Q8_0 block weights", "fp16": "fp16 weights"}.get(self.weights, f"{dtype} weights")
         steps = "compiled" if self.steps.compiled else f"eager {self.forward}"
         return f"{self.device} ({torch.get_num_threads()} threads, {dtype}, {weights}, {steps} steps)"
 
@@ -165,12 +164,12 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if packed in ("blocks", "blocks-int8"):
+    if packed == "blocks":
         try:
-            pack_linears(lm, packed, cache_dir)
+            pack_linears(lm, "blocks", cache_dir)
         except (NotBlocksError, KernelBuildError) as exc:
-            if weights != "auto":
-                raise ModelLoadError(f"--weights {weights}: {exc}; use --weights fp16") from None
+            if weights == "blocks":
+                raise ModelLoadError(f"--weights blocks: {exc}; use --weights fp16") from None
             packed = "fp16" if fp16_available() is None else "full"
             log.info("weights are not blocks", reason=str(exc), weights=packed)
     if packed == "fp16":

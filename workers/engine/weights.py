@@ -7,9 +7,6 @@ kernels read the weights at well under the memory's bandwidth. Two lighter kerne
   the engine's own AVX2 kernel. Every weight equals the loaded fp32 weight, sums are fp32, and a row's
   output does not depend on how many rows a call has. Only where the loaded weights are such blocks
   exactly (the packaged default is; a model from fp32/bf16 checkpoints is not).
-- `blocks-int8`: the same blocks, with each row of activations rounded to int8 per block of 32 and
-  integer dot products (llama.cpp's own arithmetic). Faster, lossy (activations keep ~8 bits); never
-  chosen by `auto`.
 - `fp16`: fbgemm's fp16 GEMM (`quantized::linear_dynamic_fp16`: weights rounded to fp16, prepacked;
   activations and accumulation fp32). Rounding weights to fp16 moves SmolLM2's logits by ~0.03.
 
@@ -33,8 +30,8 @@ import torch
 
 from workers.engine import blocks, kernels
 
-Weights = Literal["auto", "blocks", "blocks-int8", "fp16", "full"]
-Packed = Literal["blocks", "blocks-int8", "fp16"]
+Weights = Literal["auto", "blocks", "fp16", "full"]
+Packed = Literal["blocks", "fp16"]
 
 
 class NotBlocksError(ValueError):
@@ -55,20 +52,19 @@ class Fp16Kernel:
 
 
 class BlockKernel:
-    """The weights as their own Q4_1/Q8_0 blocks (blocks.py): exact, fp32 sums; `int8`: activations
-    rounded to int8 per block, integer dot products."""
+    """The weights as their own Q4_1/Q8_0 blocks (blocks.py): exact, fp32 sums."""
 
-    def __init__(self, weight_blocks: blocks.Blocks, bias: torch.Tensor | None, lib: object, int8: bool = False) -> None:
-        self.blocks, self.lib, self.int8 = weight_blocks, lib, int8
+    def __init__(self, weight_blocks: blocks.Blocks, bias: torch.Tensor | None, lib: object) -> None:
+        self.blocks, self.lib = weight_blocks, lib
         self.bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = blocks.matmul(self.lib, x, self.blocks, self.int8)  # type: ignore[arg-type]
+        out = blocks.matmul(self.lib, x, self.blocks)  # type: ignore[arg-type]
         return out if self.bias is None else out.add_(self.bias)
 
     def fuse(self, parts: list[Kernel], linears: list[torch.nn.Linear]) -> Kernel | None:
         joined = blocks.concat([k.blocks for k in parts])  # type: ignore[union-attr]
-        return None if joined is None else BlockKernel(joined, stacked_bias(linears), self.lib, self.int8)
+        return None if joined is None else BlockKernel(joined, stacked_bias(linears), self.lib)
 
 
 Kernel = Fp16Kernel | BlockKernel
@@ -159,10 +155,9 @@ def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) 
     elif dtype != torch.float32:
         general = f"needs float32 activations (dtype {str(dtype).removeprefix('torch.')})"
     why_not = {kind: general or reason() for kind, reason in (("blocks", kernels.unavailable), ("fp16", fp16_available))}
-    why_not["blocks-int8"] = why_not["blocks"]
     if setting != "auto":
         if why_not[setting] is not None:
-            alternative = "fp16" if setting.startswith("blocks") and why_not["fp16"] is None else "full"
+            alternative = "fp16" if setting == "blocks" and why_not["fp16"] is None else "full"
             raise ValueError(f"--weights {setting}: {why_not[setting]}; use --weights {alternative}")
         return setting
     return "blocks" if why_not["blocks"] is None else "fp16" if why_not["fp16"] is None else "full"
@@ -175,7 +170,7 @@ def pack_linears(model: torch.nn.Module, kind: Packed = "fp16", cache_dir: Path 
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
     chosen: list[Kernel] = []
-    if kind.startswith("blocks"):
+    if kind == "blocks":
         if cache_dir is None:
             raise ValueError("block kernels need a cache directory to be built into")
         lib = kernels.library(cache_dir)
@@ -184,7 +179,7 @@ def pack_linears(model: torch.nn.Module, kind: Packed = "fp16", cache_dir: Path 
             found = blocks.derive(child.weight)
             if found is None:
                 raise NotBlocksError(f"{names[id(child)]}'s weights are not exact Q4_1/Q8_0 blocks")
-            chosen.append(BlockKernel(found, child.bias, lib, int8=kind == "blocks-int8"))
+            chosen.append(BlockKernel(found, child.bias, lib))
     else:
         chosen = [Fp16Kernel(child.weight, child.bias) for _, _, child in targets]
     for (parent, name, child), kernel in zip(targets, chosen):
