@@ -3,24 +3,46 @@ and compiled, on the packaged model: where a step's time goes.
 
     .venv/bin/python bench/profile_step.py --width 8 --threads 2 > bench/results/profile_step.txt
     .venv/bin/python bench/profile_step.py --width 1,8 --weights fp16 --eager-only > bench/results/profile_step_fp16.txt
+    .venv/bin/python bench/profile_step.py --width 1,8 --weights blocks --eager-only > bench/results/profile_step_blocks.txt
+
+The engine's own C++ kernels (kernels.py, called through ctypes) are invisible to torch's profiler; each
+entry point is wrapped in a `record_function` labelled `cpp::<name>` here so that the table shows them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from infra.settings import default_cache_dir
+from workers.engine import blocks, kernels
 from workers.engine.model import load_model
 from workers.engine.slots import SlotCache
 from workers.engine.steps import StepForward
 from workers.engine.verify import causal_mask, forward
 
 CONTEXT = 300
+
+
+def labelled(name: str, function: Callable[..., object]) -> Callable[..., object]:
+    @functools.wraps(function)
+    def run(*args: object, **kwargs: object) -> object:
+        with record_function(f"cpp::{name}"):
+            return function(*args, **kwargs)
+    return run
+
+
+def label_cpp_kernels() -> None:
+    """The C++ entry points as the lean forward reaches them (module attributes, looked up per call)."""
+    blocks.matmul = labelled("block_gemm", blocks.matmul)  # type: ignore[assignment]
+    for name in ("rms_norm", "add_rms_norm", "rope_", "silu_mul", "attention"):
+        setattr(kernels, name, labelled(name, getattr(kernels, name)))
 
 
 @torch.inference_mode()
@@ -68,6 +90,7 @@ def main() -> None:
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled step (minutes to compile)")
     parser.add_argument("--rows", type=int, default=12, help="profiler table rows")
     args = parser.parse_args()
+    label_cpp_kernels()
     lm = load_model(None, "cpu", args.dtype, default_cache_dir(), args.threads, weights=args.weights)
     print(f"# {lm.model_id}, {lm.describe()}, CPU {torch.backends.cpu.get_cpu_capability()}\n")
     for width in (int(w) for w in args.width.split(",")):
