@@ -61,7 +61,10 @@ static inline void dot_row(const float* x, int64_t K, const uint8_t* q, const fl
     const int64_t nb = K / 32;
     __m256 acc[T];
     for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    constexpr int64_t block_bytes = Q4 ? 16 : 32;
     for (int64_t b = 0; b < nb; b++) {
+        if (b * block_bytes % 64 == 0)  // the same line of the next T channels (this thread's next pass; past the end, a prefetch never faults)
+            for (int t = 0; t < T; t++) _mm_prefetch((const char*)(q + (T + t) * stride + b * block_bytes), _MM_HINT_T0);
         const float* xb = x + b * 32;
         const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8), x2 = _mm256_loadu_ps(xb + 16),
                      x3 = _mm256_loadu_ps(xb + 24);
