@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from linear_kernels import packaged_blocks  # bench/ is on the path of a script run from it
 
-from infra.settings import default_cache_dir
 from workers.engine import blocks, kernels
-from workers.engine.model import load_model
 
 
 def build(source: str, directory: Path, name: str) -> object:
@@ -43,11 +42,8 @@ def main() -> None:
                          text=True, cwd=kernels.SOURCE.parent).stdout
     with tempfile.TemporaryDirectory() as tmp:
         libs = {args.old: build(old, Path(tmp), "old"), "working tree": build(kernels.SOURCE.read_text(), Path(tmp), "new")}
-        lm = load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights="full")
-        weights = [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
-        found = [blocks.derive(w) for w in weights]
-        assert all(f is not None for f in found), "the packaged model's weights are Q4_1/Q8_0 blocks"
-        head = next(f for f in found if f.kind == "q8_0")  # type: ignore[union-attr]
+        lm, weights, found = packaged_blocks(args.threads)
+        head = next(f for f in found if f.kind == "q8_0")
         print(f"# {lm.model_id}: block GEMMs of kernels.cpp at {args.old} vs the working tree, {args.threads} threads, "
               f"medians of {args.rounds} interleaved rounds, ms\n")
         print(f"| rows | all layers, {args.old} | all layers, working tree | ratio | head, {args.old} | head, working tree | ratio |")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from infra.settings import default_cache_dir
 from workers.engine import blocks, kernels
-from workers.engine.model import load_model
+from workers.engine.model import LoadedModel, load_model
 from workers.engine.weights import BlockKernel, Fp16Kernel
 
 
@@ -32,22 +32,27 @@ def median_ms(run: Callable[[], object], passes: int = 9) -> float:
     return 1000 * statistics.median(times)
 
 
+def packaged_blocks(threads: int) -> tuple[LoadedModel, list[torch.Tensor], list[blocks.Blocks]]:
+    """The packaged model (weights as loaded), its linear layers' fp32 weights, and those as their blocks."""
+    lm = load_model(None, "cpu", "float32", default_cache_dir(), threads, weights="full")
+    weights = [m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+    found = [blocks.derive(w) for w in weights]
+    assert all(f is not None for f in found), "the packaged model's weights are Q4_1/Q8_0 blocks"
+    return lm, weights, found  # type: ignore[return-value]
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="1,2,4,8,16,32")
     args = parser.parse_args()
-    lm = load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights="full")
-    layers = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
-    weights = [m.weight for m in layers]
+    lm, weights, found = packaged_blocks(args.threads)
     lib = kernels.library(default_cache_dir())
-    found = [blocks.derive(w) for w in weights]
-    assert all(f is not None for f in found), "the packaged model's weights are Q4_1/Q8_0 blocks"
     by_kind = {"fp16": [Fp16Kernel(w, None) for w in weights], "blocks": [BlockKernel(f, None, lib) for f in found]}
     megabytes = {"fp32": sum(w.numel() for w in weights) * 4 / 1e6, "fp16": sum(w.numel() for w in weights) * 2 / 1e6,
                  "blocks": sum(f.nbytes() for f in found) / 1e6}  # type: ignore[union-attr]
-    print(f"# {lm.model_id}: {len(layers)} linear layers; weights read per pass: "
+    print(f"# {lm.model_id}: {len(weights)} linear layers; weights read per pass: "
           + ", ".join(f"{kind} {mb:.0f} MB" for kind, mb in megabytes.items())
           + f"; {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}\n")
     print(f"read every fp32 weight once (sum): {median_ms(lambda: [w.sum() for w in weights]):.1f} ms\n")

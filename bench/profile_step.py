@@ -45,15 +45,21 @@ def label_cpp_kernels() -> None:
         setattr(kernels, name, labelled(name, getattr(kernels, name)))
 
 
+def cached_context(model: torch.nn.Module, room: int, generator: torch.Generator) -> SlotCache:
+    """A one-row slot cache holding a random `CONTEXT`-token prompt, with `room` more columns."""
+    cache = SlotCache(model)
+    cache.reserve(1, CONTEXT + room)
+    cache.prepare(0, torch.arange(CONTEXT)[None], CONTEXT)
+    prompt = torch.randint(0, model.config.vocab_size, (1, CONTEXT), generator=generator)
+    forward(model, cache, prompt, torch.arange(CONTEXT)[None], causal_mask(CONTEXT, 0, next(model.parameters()).dtype))
+    return cache
+
+
 @torch.inference_mode()
 def profile_steps(model: torch.nn.Module, steps: StepForward, width: int, rows: int) -> None:
     vocab, dtype = model.config.vocab_size, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
-    cache = SlotCache(model)
-    cache.reserve(1, CONTEXT + 80)
-    cache.prepare(0, torch.arange(CONTEXT)[None], CONTEXT)
-    forward(model, cache, torch.randint(0, vocab, (1, CONTEXT), generator=generator), torch.arange(CONTEXT)[None],
-            causal_mask(CONTEXT, 0, dtype))
+    cache = cached_context(model, 80, generator)
     padded = steps.width(width)
     span = steps.span(cache, CONTEXT + padded)
     ids = torch.randint(0, vocab, (1, padded), generator=generator)

@@ -13,14 +13,12 @@ import statistics
 import time
 
 import torch
+from profile_step import CONTEXT, cached_context  # bench/ is on the path of a script run from it
 
 from infra.settings import default_cache_dir
 from workers.engine import kernels, lean
 from workers.engine.model import load_model
-from workers.engine.slots import SlotCache
-from workers.engine.verify import causal_mask, forward
-
-CONTEXT = 300
+from workers.engine.verify import causal_mask
 
 
 @torch.inference_mode()
@@ -41,14 +39,7 @@ def main() -> None:
                      (f"{kind}, C++ glue, SDPA", lm, lean_forward, lean_forward.glue, False),
                      (f"{kind}, C++ glue + attention", lm, lean_forward, lean_forward.glue, True)]
     cpp_attention = kernels.attention
-    caches = {}
-    for kind, lm in models.items():
-        cache = SlotCache(lm.model)
-        cache.reserve(1, CONTEXT + max(widths))
-        cache.prepare(0, torch.arange(CONTEXT)[None], CONTEXT)
-        prompt = torch.randint(0, lm.model.config.vocab_size, (1, CONTEXT), generator=torch.Generator().manual_seed(0))
-        forward(lm.model, cache, prompt, torch.arange(CONTEXT)[None], causal_mask(CONTEXT, 0, torch.float32))
-        caches[kind] = cache
+    caches = {kind: cached_context(lm.model, max(widths), torch.Generator().manual_seed(0)) for kind, lm in models.items()}
     times: dict[tuple[str, int], list[float]] = {}
     logits: dict[tuple[str, int], torch.Tensor] = {}
     for _ in range(args.repeats + 1):  # the first round warms up
