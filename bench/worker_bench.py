@@ -93,9 +93,9 @@ def run_workers(settings: Settings, count: int, backlog: list[PromptRequest], ba
         while not all(ready(p) for p in ports):  # joined, partitions split, pools loaded
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 tails = []
-                for log in logs:
+                for proc, log in zip(procs, logs):
                     log.seek(0)
-                    tails.append(log.read().decode(errors="replace")[-3000:])
+                    tails.append(f"(exit status {proc.poll()})\n" + log.read().decode(errors="replace")[-3000:])
                 raise RuntimeError("workers did not get ready; their stderr ends:\n" + "\n---\n".join(tails))
             time.sleep(0.5)
         time.sleep(2)  # let the last rebalance settle

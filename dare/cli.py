@@ -278,7 +278,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.backend == "vllm":
         require_vllm()
     settings = settings_from(args)
-    methods = parse_methods(args.methods) if args.backend == "transformers" else []
+    if args.backend == "vllm":
+        from dare.vllm_bench import available_methods
+
+        methods = available_methods(args.methods)
+    else:
+        methods = parse_methods(args.methods or DEFAULT_METHODS)
     pool_path = args.pool or POOL_PATH
     pool = read_pool(pool_path)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts(SPEC_PATH)
@@ -287,10 +292,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lm = load_lm(settings)
     check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
     if args.backend == "vllm":
-        from dare.vllm_bench import available_methods, format_vllm_table, run_vllm_bench
+        from dare.vllm_bench import format_vllm_table, run_vllm_bench
         from workers.engine.model import cached_default_model
 
-        methods = available_methods()
         model_dir = Path(settings.model).expanduser() if settings.model else cached_default_model(settings.cache_dir)
         print(f"bench: {len(prompts)} prompts, {', '.join(methods)}; batch 1 and the whole backlog, {settings.max_new_tokens} "
               f"new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
@@ -456,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
     p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    p.add_argument("--methods", help=f"comma-separated (default {DEFAULT_METHODS}; with --backend vllm: all of "
+                                     "vllm-greedy,vllm-ngram,vllm-suffix,dare-strict,dare-relaxed,hf-dare-relaxed)")
     p.add_argument("--limit", type=positive_int, help="first N prompts only")
     p.add_argument("--batch", type=batch_sizes, metavar="B[,B...]",
                    help="batched: hf-generate at batch 1..32 (sweep) vs dare-ar/strict/relaxed at each batch size B")
@@ -542,10 +547,21 @@ def one_line(exc: BaseException) -> str:
     return f"unexpected error: {exc!r} (run with --log-level debug for the traceback)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `dare consume ... | head` ends quietly, like any Unix tool
+# Commands whose output is made to be piped: `dare consume ... | head` ends quietly, like any Unix tool.
+# Everything else keeps Python's SIGPIPE handling: a service (worker, pool builder, broker, demo, the
+# bench's engines) that writes to a closed socket or pipe gets an error it can handle instead of dying
+# silently (a vLLM worker died so, exit status -13, while compiling).
+PIPED_COMMANDS = ("config", "schemas", "consume", "generate")
+
+
+def pipe_signal(command: str) -> None:
+    if command in PIPED_COMMANDS and hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    pipe_signal(args.command)
     if args.command in ("worker", "pool-builder"):
         from infra.process import die_with_parent
 

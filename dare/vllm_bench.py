@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dare.workload import BenchPrompt
+from dare.workload import BenchPrompt, WorkloadError
 from workers.engine.decode import PoolTexts
 from workers.engine.draft import DraftConfig
 from workers.engine.model import chat_input_ids
@@ -51,12 +51,17 @@ class Figures:
         }
 
 
-def available_methods() -> list[str]:
-    names = list(VLLM_METHODS)
-    if importlib.util.find_spec("arctic_inference") is None:
+def available_methods(asked: str | None = None) -> list[str]:
+    """The methods to run: `asked` (comma-separated) or all; vllm-suffix only with arctic-inference."""
+    known = [*VLLM_METHODS, HF_METHOD]
+    names = [m.strip() for m in asked.split(",") if m.strip()] if asked else known
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise WorkloadError(f"unknown method(s) {', '.join(unknown) or '(none given)'} for --backend vllm; choose from {', '.join(known)}")
+    if "vllm-suffix" in names and importlib.util.find_spec("arctic_inference") is None:
         names.remove("vllm-suffix")
-        print("bench: vllm-suffix skipped: arctic-inference is not installed", file=sys.stderr)
-    return [*names, HF_METHOD]
+        print("bench: vllm-suffix skipped: arctic-inference is not installed (`make install-vllm` builds it)", file=sys.stderr)
+    return names
 
 
 def run_vllm_methods(model_dir: Path, prompt_ids: list[list[int]], segments: list[str], pool_texts: dict[str, list[str]],
@@ -71,7 +76,7 @@ def run_vllm_methods(model_dir: Path, prompt_ids: list[list[int]], segments: lis
     from workers.engine.vllm_backend import runtime_env
 
     os.environ.update(runtime_env() or {})  # Intel OpenMP preloaded into the engines' processes (not this one)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs to stdout, where the table goes
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     by_engine: dict[str, list[str]] = {}
     for name in methods:
         by_engine.setdefault(VLLM_METHODS[name][0], []).append(name)
@@ -87,7 +92,11 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
                    pool_texts: dict[str, list[str]], max_new_tokens: int, repeat: int, eager: bool, k: int,
                    cache_dir: Path | None) -> dict[str, Figures]:
     """One vLLM engine's methods: every prompt alone (batch 1), then all at once (the backlog)."""
+    import os
+
     from transformers import AutoTokenizer
+
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM logs to stdout: keep the parent's table alone there
 
     from workers.engine.vllm_backend import VllmEngine, load_or_probe
 
@@ -103,6 +112,14 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
     if method == "dare":
         print("bench: vLLM's step cost curve (probed once, ~25 s, then cached)", file=sys.stderr, flush=True)
         engine.set_cost(load_or_probe(engine, cache_dir))
+    # vLLM's suffix drafter learns from every answer it sees: before each pass its cache holds the pool
+    # texts (what DARE drafts from) and no answer of an earlier pass over the same prompts.
+    seed = [texts.tokenizer.encode(t, add_special_tokens=False) for t in dict.fromkeys(t for ts in pool_texts.values() for t in ts)]
+
+    def fresh_pass() -> None:
+        if method == "suffix":
+            engine.seed_suffix_cache(seed)
+
     engine.add(None, prompt_ids[0], 8)  # warm-up, outside the figures
     engine.run()
     figures = {m: Figures() for m in names}
@@ -110,6 +127,7 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
         for name in names:
             mode, f = VLLM_METHODS[name][1], figures[name]
             outputs, tokens, steps, wall = [], 0, 0, 0.0
+            fresh_pass()
             for n, (ids, pools) in enumerate(zip(prompt_ids, sources)):
                 t = time.perf_counter()
                 engine.add(n, ids, max_new_tokens, mode, pools)
@@ -120,6 +138,7 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
                 steps += done.stats.steps
             f.batch1_tps.append(tokens / wall)
             f.outputs, f.tokens, f.steps = outputs, f.tokens + tokens, f.steps + steps
+            fresh_pass()
             t = time.perf_counter()
             for n, (ids, pools) in enumerate(zip(prompt_ids, sources)):
                 engine.add(n, ids, max_new_tokens, mode, pools)

@@ -125,3 +125,12 @@ def test_batched_bench_strict_rows_match_greedy_on_smollm(lm, model_cache):
     assert set(report["best"]) == {"hf-generate", "dare-ar", "dare-strict", "dare-relaxed"}
     assert all(r["tokens_per_s"] > 0 for r in report["runs"]) and runs[("dare-relaxed", 2)]["mean_accepted"] >= 1.0
     assert "| dare-relaxed | 2 |" in format_batch_table(report) and "best of each: hf-generate " in format_batch_table(report)
+
+
+def test_vllm_bench_methods_are_checked():
+    from dare.vllm_bench import HF_METHOD, VLLM_METHODS, available_methods
+
+    assert available_methods("vllm-greedy, dare-relaxed") == ["vllm-greedy", "dare-relaxed"]
+    assert set(available_methods()) <= {*VLLM_METHODS, HF_METHOD} and "dare-relaxed" in available_methods()
+    with pytest.raises(WorkloadError, match="unknown method.*fast.*choose from"):
+        available_methods("vllm-greedy,fast")

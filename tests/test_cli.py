@@ -22,3 +22,21 @@ def test_bad_environment_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("DARE_MAX_NEW_TOKENS", "lots")
     assert main(["generate", "--prompt", "hi"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_only_piped_commands_die_quietly_on_a_closed_pipe():
+    """Services keep Python's SIGPIPE handling (an error they can handle, not a silent death)."""
+    import signal
+
+    from dare.cli import pipe_signal
+
+    before = signal.getsignal(signal.SIGPIPE)
+    try:
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # what Python sets at start-up
+        for command in ("worker", "pool-builder", "broker", "demo", "bench", "generate-all", "produce"):
+            pipe_signal(command)
+            assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN, command
+        pipe_signal("consume")
+        assert signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGPIPE, before)

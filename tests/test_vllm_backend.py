@@ -193,6 +193,55 @@ def test_relaxed_in_vllm_emits_only_tokens_the_rule_allows(engines, tiny_dir):
         segment.remove(f"v{n}")
 
 
+# vLLM 0.32 starts at most two engines in one process: the `suffix` engine runs in a child.
+SUFFIX_RUN = """
+import json, sys
+from workers.engine.vllm_backend import VllmEngine
+engine = VllmEngine(sys.argv[1], "suffix", max_model_len=512, tokenizer=False, max_num_seqs=16)
+prompts, answers = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+
+def run(prompt):
+    engine.add(0, prompt, 40)
+    steps = 0
+    while engine.engine.has_unfinished_requests():
+        [done] = engine.step() or [None]
+        steps += 1
+    return {"tokens": done.token_ids, "steps": steps}
+
+runs = {"first": [run(p) for p in prompts]}  # the cache fills with these answers
+engine.seed_suffix_cache([])
+runs["forgotten"] = [run(p) for p in prompts]
+engine.seed_suffix_cache(answers)
+runs["seeded"] = [run(p) for p in prompts]
+open(sys.argv[4], "w").write(json.dumps(runs))
+"""
+
+
+@vllm_only
+def test_vllm_suffix_baseline_equals_greedy_and_its_cache_is_reset(engines, tiny_dir, tmp_path):
+    """The bench's `vllm-suffix` baseline (vLLM's suffix decoding; `make install-vllm` builds arctic-inference):
+    exact greedy tokens; `seed_suffix_cache` forgets earlier answers (a second pass decodes in exactly as many
+    steps as the first) and caches the given ones (prompts whose answers it holds decode in a few steps)."""
+    pytest.importorskip("arctic_inference", reason="vLLM's suffix drafter needs arctic-inference (`make install-vllm`)")
+    import json
+    import subprocess
+    import sys
+
+    greedy, _, _ = engines
+    rng = random.Random(11)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(5, 30))] for _ in range(3)]
+    reference = [f.token_ids for f in _run(greedy, prompts, "ar", 40, batched=False)]
+    out = tmp_path / "suffix.json"
+    subprocess.run([sys.executable, "-c", SUFFIX_RUN, str(tiny_dir), json.dumps(prompts), json.dumps(reference), str(out)],
+                   check=True, timeout=600)
+    runs = json.loads(out.read_text())
+    for name in ("first", "forgotten", "seeded"):
+        assert [r["tokens"] for r in runs[name]] == reference, name
+    assert [r["steps"] for r in runs["forgotten"]] == [r["steps"] for r in runs["first"]]
+    seeded = sum(r["steps"] for r in runs["seeded"])
+    assert seeded * 3 < sum(map(len, reference)) and seeded < sum(r["steps"] for r in runs["first"]), runs
+
+
 @vllm_only
 @pytest.mark.integration
 def test_vllm_worker_sigkill_mid_backlog_then_restart_loses_nothing(kafka_settings, model_cache, lm):

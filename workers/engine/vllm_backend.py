@@ -288,7 +288,7 @@ class VllmEngine:
             "greedy": None,
             "dare": {"method": "custom_class", "model": f"{__name__}.DareProposer", "num_speculative_tokens": k},
             "ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
-            "suffix": {"method": "suffix", "num_speculative_tokens": k},
+            "suffix": {"method": "suffix"},  # vLLM's defaults: up to 24 tokens, as many as the match supports
         }[method]
         self.method, self.k = method, k
         self.label = f"{Path(model_dir).name}-{dtype}-{'eager' if eager else 'compiled'}-k{k}"  # names its cost curve
@@ -323,6 +323,17 @@ class VllmEngine:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def seed_suffix_cache(self, responses: Sequence[Sequence[int]]) -> None:
+        """`suffix` engines, between passes: forget every cached response (the answers of requests run
+        before) and cache `responses` instead, as a service's earlier outputs would be."""
+        cache = self.proposer.suffix_cache
+        for request_id in list(cache.cached_requests):
+            cache.evict_cached_response(request_id)
+        for n, tokens in enumerate(responses):
+            cache.start_request(f"seed-{n}", [])
+            cache.add_active_response(f"seed-{n}", list(tokens))
+            cache.stop_request(f"seed-{n}")
 
     def add(self, key: Hashable, prompt_ids: Sequence[int], max_new_tokens: int, mode: str = "ar",
             sources: Sequence[Source] = ()) -> str:
