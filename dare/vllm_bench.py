@@ -96,10 +96,9 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
 
     from transformers import AutoTokenizer
 
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM logs to stdout: keep the parent's table alone there
-
     from workers.engine.vllm_backend import VllmEngine, load_or_probe
 
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM logs to stdout: keep the parent's table alone there
     texts = PoolTexts(AutoTokenizer.from_pretrained(model_dir), DraftConfig())
     segment_pools = {s: texts.pool(t) for s, t in pool_texts.items()}
     global_pool = texts.pool(list(dict.fromkeys(t for ts in pool_texts.values() for t in ts)))
@@ -209,8 +208,8 @@ def run_vllm_bench(lm, model_dir: Path, prompts: list[BenchPrompt], pool_texts: 
     return {
         "backend": "vllm",
         "model": lm.model_id,
-        "device": f"cpu ({torch.backends.cpu.get_cpu_capability()}); vLLM float32 {'eager' if eager else 'compiled'}, k={k}; "
-                  f"{HF_METHOD}: {hf_device}",
+        "device": f"cpu ({torch.backends.cpu.get_cpu_capability()}); vLLM float32 {'eager' if eager else 'compiled'}, k={k}"
+                  + (f"; {HF_METHOD}: {hf_device}" if HF_METHOD in methods else ""),
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "repeat": repeat,
@@ -228,10 +227,10 @@ def format_vllm_table(report: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, m in methods.items():
-        b1 = m["batch1_tokens_per_s"] / greedy["batch1_tokens_per_s"] if greedy else 0.0
-        bl = m["backlog_tokens_per_s"] / greedy["backlog_tokens_per_s"] if greedy else 0.0
+        b1 = f"{m['batch1_tokens_per_s'] / greedy['batch1_tokens_per_s']:.2f}x" if greedy else "—"
+        bl = f"{m['backlog_tokens_per_s'] / greedy['backlog_tokens_per_s']:.2f}x" if greedy else "—"
         accepted = f"{m['mean_accepted']:.2f}" if m["mean_accepted"] is not None else "—"
         same = f"{100 * m['same_as_vllm_greedy']:.0f}%" if "same_as_vllm_greedy" in m else "—"
-        lines.append(f"| {name} | {m['batch1_tokens_per_s']:.1f} | {b1:.2f}x | {m['backlog_tokens_per_s']:.1f} | {bl:.2f}x | "
+        lines.append(f"| {name} | {m['batch1_tokens_per_s']:.1f} | {b1} | {m['backlog_tokens_per_s']:.1f} | {bl} | "
                      f"{accepted} | {same} |")
     return "\n".join(lines)

@@ -134,3 +134,14 @@ def test_vllm_bench_methods_are_checked():
     assert set(available_methods()) <= {*VLLM_METHODS, HF_METHOD} and "dare-relaxed" in available_methods()
     with pytest.raises(WorkloadError, match="unknown method.*fast.*choose from"):
         available_methods("vllm-greedy,fast")
+
+
+def test_vllm_table_ratios_only_beside_vllm_greedy():
+    from dare.vllm_bench import format_vllm_table
+
+    row = {"batch1_tokens_per_s": 50.0, "backlog_tokens_per_s": 90.0, "mean_accepted": 4.0}
+    report = {"model": "m", "device": "cpu", "prompts": 2, "max_new_tokens": 8, "repeat": 1,
+              "methods": {"dare-relaxed": row}}
+    assert "| dare-relaxed | 50.0 | — | 90.0 | — | 4.00 | — |" in format_vllm_table(report)
+    report["methods"]["vllm-greedy"] = {"batch1_tokens_per_s": 25.0, "backlog_tokens_per_s": 100.0, "mean_accepted": 1.0}
+    assert "| dare-relaxed | 50.0 | 2.00x | 90.0 | 0.90x | 4.00 | — |" in format_vllm_table(report)
