@@ -16,6 +16,7 @@ import time
 
 from transformers import AutoTokenizer
 
+from dare.vllm_bench import pool_sources
 from dare.workload import POOL_PATH, SPEC_PATH, default_prompts, read_pool
 from infra.settings import Settings
 from workers.engine.decode import PoolTexts
@@ -39,10 +40,7 @@ def main() -> None:
     prompts = default_prompts(SPEC_PATH)[: args.prompts]
     pool_texts = read_pool(POOL_PATH)
     prompt_ids = [chat_input_ids(tokenizer, p.prompt) for p in prompts]
-    texts = PoolTexts(tokenizer, DraftConfig())
-    segment_pools = {s: texts.pool(t) for s, t in pool_texts.items()}
-    global_pool = texts.pool(list(dict.fromkeys(t for ts in pool_texts.values() for t in ts)))
-    sources = [[(segment_pools[p.segment], 1.0), (global_pool, 1.0)] for p in prompts]
+    sources = pool_sources(PoolTexts(tokenizer, DraftConfig()), pool_texts, [p.segment for p in prompts])
     engine = VllmEngine(str(model_dir), "dare", k=8, eager=False, prefix_caching=False)
     engine.set_cost(load_or_probe(engine, cache_dir))
     costs = ", ".join(f"{n}: {engine.cost.cost(n) * 1000:.0f}" for n in (1, 4, 8, 12, 16, 24, 32, 48, 64, 96, 144))

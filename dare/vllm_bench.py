@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dare.workload import BenchPrompt, WorkloadError
 from workers.engine.decode import PoolTexts
-from workers.engine.draft import DraftConfig
+from workers.engine.draft import DraftConfig, Source
 from workers.engine.model import chat_input_ids
 
 # name -> (vLLM engine method, request mode)
@@ -64,6 +64,18 @@ def available_methods(asked: str | None = None) -> list[str]:
     return names
 
 
+def global_texts(pool_texts: dict[str, list[str]]) -> list[str]:
+    """Every pool text once: the global pool's texts."""
+    return list(dict.fromkeys(t for ts in pool_texts.values() for t in ts))
+
+
+def pool_sources(texts: PoolTexts, pool_texts: dict[str, list[str]], segments: list[str]) -> list[list[Source]]:
+    """Each prompt's pools, as the worker gives them: its segment's and the global one, equally weighted."""
+    segment_pools = {s: texts.pool(t) for s, t in pool_texts.items()}
+    global_pool = texts.pool(global_texts(pool_texts))
+    return [[(segment_pools[s], 1.0), (global_pool, 1.0)] for s in segments]
+
+
 def run_vllm_methods(model_dir: Path, prompt_ids: list[list[int]], segments: list[str], pool_texts: dict[str, list[str]],
                      methods: list[str], max_new_tokens: int, repeat: int, eager: bool, k: int, cache_dir: Path | None
                      ) -> dict[str, Figures]:
@@ -100,9 +112,7 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
 
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM logs to stdout: keep the parent's table alone there
     texts = PoolTexts(AutoTokenizer.from_pretrained(model_dir), DraftConfig())
-    segment_pools = {s: texts.pool(t) for s, t in pool_texts.items()}
-    global_pool = texts.pool(list(dict.fromkeys(t for ts in pool_texts.values() for t in ts)))
-    sources = [[(segment_pools[s], 1.0), (global_pool, 1.0)] for s in segments]
+    sources = pool_sources(texts, pool_texts, segments)
     start = time.perf_counter()
     # No prefix caching: every method meets every prompt for the first time, as a knowledge job does
     # (with it, whichever pass runs second would skip its prefills).
@@ -113,10 +123,10 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
         engine.set_cost(load_or_probe(engine, cache_dir))
     # vLLM's suffix drafter learns from every answer it sees: before each pass its cache holds the pool
     # texts (what DARE drafts from) and no answer of an earlier pass over the same prompts.
-    seed = [texts.tokenizer.encode(t, add_special_tokens=False) for t in dict.fromkeys(t for ts in pool_texts.values() for t in ts)]
+    seed = [texts.tokenizer.encode(t, add_special_tokens=False) for t in global_texts(pool_texts)] if method == "suffix" else None
 
     def fresh_pass() -> None:
-        if method == "suffix":
+        if seed is not None:
             engine.seed_suffix_cache(seed)
 
     engine.add(None, prompt_ids[0], 8)  # warm-up, outside the figures
@@ -155,7 +165,7 @@ def run_hf(lm, prompt_ids: list[list[int]], segments: list[str], pool_texts: dic
 
     dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm, cache_dir), steps=lm.steps)
     segment_pools = {s: dare.pool(t) for s, t in pool_texts.items()}
-    global_pool = dare.pool(list(dict.fromkeys(t for ts in pool_texts.values() for t in ts)))
+    global_pool = dare.pool(global_texts(pool_texts))
     f = Figures()
     dare.generate(prompt_ids[0], [(global_pool, 1.0)], "relaxed", 4)  # warm-up
     for r in range(repeat):
