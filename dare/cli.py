@@ -153,7 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings, stop = start_service(args)
     # with vLLM decoding, the transformers model serves only its tokenizer and config: no packed weights
     lm = load_lm(settings.model_copy(update={"weights": "full"}) if args.backend == "vllm" else settings)
-    worker = Worker(settings, lm, mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager)
+    worker = Worker(settings, lm, mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager, learn=not args.no_learn)
     worker.run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 
@@ -320,6 +320,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load_bench(args: argparse.Namespace) -> int:
+    from dare.load_bench import DEFAULT_LOAD, format_table, git_commit, machine, parse_methods, plot, run_load_bench, write_report
+    from dare.pipeline import pipeline, prepare_model
+    from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
+
+    methods = parse_methods(args.methods)
+    pool = read_pool(args.pool or POOL_PATH)
+    prompts = read_prompts(args.prompts) if args.prompts else default_prompts(SPEC_PATH)
+    check_segments(prompts, pool, args.prompts or SPEC_PATH)
+    settings = settings_from(args)
+    fractions = None if args.rates else list(args.load or DEFAULT_LOAD)
+    threads = settings.threads or os.cpu_count() or 1
+    prepare_model(settings, threads)
+    with pipeline(settings, "load-bench", timeout_s=1800) as run:
+        report = run_load_bench(run, prompts, pool, methods, fractions, args.rates, args.prompts_per_point, args.batch,
+                                args.max_new_tokens or 96, seed=args.seed, repeat=args.repeat, threads=threads)
+    report |= {"commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+               "command": "dare load-bench " + " ".join(sys.argv[2:])}
+    print(format_table(report))
+    if args.json:
+        write_report(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def numbers(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers like 0.5 or 0.5,0.8,1.2, got {text!r}")
+    return values
+
+
 def require_vllm() -> None:
     from workers.engine.vllm_backend import require_vllm as check
 
@@ -425,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="vllm: DARE inside vLLM (continuous batching up to --batch; needs `make install-vllm`)")
     p.add_argument("--eager", action="store_true", help="with --backend vllm: no torch.compile in vLLM (starts ~2 min sooner, decodes slower)")
+    p.add_argument("--no-learn", action="store_true",
+                   help="do not add generated texts to this worker's own pools (benches that repeat prompts)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("consume", help="print a topic's messages")
@@ -475,6 +515,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-tokens", type=positive_int, default=8, metavar="K", help="with --backend vllm: most draft tokens per step (default 8)")
     p.add_argument("--json", type=output_file, help="write the full report here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("load-bench", help="latency against offered load: Poisson arrivals through the broker and a real worker")
+    add_kafka_flags(p)
+    add_model_flags(p)
+    p.add_argument("--prompts", type=Path, help='JSONL lines {"id", "segment", "prompt"} (default: the MovieLens workload)')
+    p.add_argument("--pool", type=Path, help='JSONL lines {"segment", "text"} (default: bench/pool.jsonl)')
+    p.add_argument("--methods", default="dare-ar,dare-strict,dare-relaxed",
+                   help="comma-separated, the first sets the load fractions' 100%% (default dare-ar,dare-strict,dare-relaxed)")
+    rates = p.add_mutually_exclusive_group()
+    rates.add_argument("--load", type=numbers, metavar="F[,F...]",
+                       help="offered loads as fractions of the first method's saturation rate (default 0.5,0.8,1.2)")
+    rates.add_argument("--rates", type=numbers, metavar="R[,R...]", help="offered loads in prompts/s instead")
+    p.add_argument("--prompts-per-point", type=positive_int, default=60, metavar="N", help="prompts per (method, rate) point (default 60)")
+    p.add_argument("--batch", type=positive_int, default=16, help="the worker's most rows decoded together (default 16)")
+    p.add_argument("--repeat", type=positive_int, default=1, metavar="N", help="every point N times (rounds), medians reported")
+    p.add_argument("--seed", type=int, default=0, help="arrival times and prompt order (default 0)")
+    p.add_argument("--json", type=output_file, help="write the report (with a top-level \"points\" list) here")
+    p.add_argument("--plot", type=output_file, help="write latency against offered load (PNG) here")
+    p.set_defaults(func=cmd_load_bench)
 
     p = sub.add_parser("workload", help="regenerate the default benchmark workload (bench/workload.json, bench/pool.jsonl)")
     p.add_argument("action", choices=["make"])

@@ -70,6 +70,19 @@ def test_kernel_is_the_exact_weights_product_and_rows_do_not_depend_on_the_batch
             assert torch.equal(blocks.matmul(lib, x[start:start + rows], found), out[start:start + rows])
 
 
+@pytest.mark.parametrize("in_features", [1536, 4096])
+def test_wide_calls_in_row_chunks_give_every_row_the_bits_it_has_alone(lib, in_features):
+    """Hundreds of rows (a prefill) run in chunks of rows that fit a core's cache; a row's bits stay those it
+    gets alone or in a one-chunk call (the chunk sizes differ with the input width)."""
+    torch.manual_seed(3)
+    weight = q4_1_round_trip(torch.randn(10, in_features) * 0.05)
+    found = blocks.derive(weight)
+    x = torch.randn(301, in_features)
+    out = blocks.matmul(lib, x, found)
+    for start, rows in ((0, 1), (7, 1), (299, 1), (0, 9), (40, 48), (100, 201)):
+        assert torch.equal(blocks.matmul(lib, x[start:start + rows], found), out[start:start + rows])
+
+
 def test_concat_stacks_outputs(lib):
     torch.manual_seed(2)
     parts = [q4_1_round_trip(torch.randn(n, 64)) for n in (4, 2, 2)]

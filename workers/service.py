@@ -51,6 +51,8 @@ SPEEDUP = Gauge("dare_worker_speedup_estimate",
                 "Last prompt's speedup over greedy from the cost curve: tokens per step x cost(1) / mean cost of its verify steps")
 LAG = Gauge("dare_worker_consumer_lag", "Prompts waiting in this worker's partitions (high watermark - position)")
 READY = Gauge("dare_worker_ready", "1 once the worker has its pools and has joined the group")
+STEPS = Counter("dare_worker_steps_total", "Decoding steps (one forward over every row the decoder holds)")
+STEP_ROWS = Counter("dare_worker_step_rows_total", "Rows summed over decoding steps (/ steps = mean batch occupancy)")
 
 
 class PromptRejected(ValueError):
@@ -83,8 +85,11 @@ class InFlight:
 
 class Worker:
     def __init__(self, settings: Settings, lm: LoadedModel, mode: Mode = "ar", worker_id: str | None = None,
-                 batch: int = 1, backend: str = "transformers", eager: bool = False) -> None:
+                 batch: int = 1, backend: str = "transformers", eager: bool = False, learn: bool = True) -> None:
+        """`learn`: a generated text joins this worker's own pools at once (the paper's code does); benches that
+        repeat prompts turn it off, or a repeated prompt would draft its own earlier answer."""
         self.settings = settings
+        self.learn = learn
         self.batch = batch
         self.lm = lm
         self.mode = mode
@@ -155,7 +160,7 @@ class Worker:
     def record(self, request: PromptRequest, segment: str | None, mode: Mode, token_ids: list[int], s: RequestStats
                ) -> KnowledgeRecord:
         text = self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
-        if text.strip():  # the paper's code: a generated text drafts for the next request at once
+        if self.learn and text.strip():  # the paper's code: a generated text drafts for the next request at once
             self.pools.add_text(segment, f"{request.entity_kind}-{request.entity_id}", text)
         cost = self.cost
         verify_s = sum(cost.cost(1 + n) for n in s.drafted)
@@ -227,6 +232,9 @@ class Worker:
                 key = (record.topic, record.partition, record.offset)
                 self._add(decoder, key, input_ids, max_new, mode, segment)
                 self.in_flight[key] = InFlight(record, request, mode, segment)
+            if len(decoder):
+                STEPS.inc()
+                STEP_ROWS.inc(len(decoder))
             for finished in decoder.step():
                 f = self.in_flight.pop(finished.key)  # type: ignore[arg-type]
                 with structlog.contextvars.bound_contextvars(request_id=f.request.request_id, partition=f.record.partition,

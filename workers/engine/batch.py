@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget, allocate
-from workers.engine.draft import Drafter
+from workers.engine.budget import Budget, DraftPause, allocate
+from workers.engine.draft import Drafter, DraftTree, NoDrafter
 from workers.engine.slots import SlotCache
 from workers.engine.steps import StepForward
 from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
@@ -78,6 +78,10 @@ class Row:
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
 
+    @property
+    def drafts(self) -> bool:
+        return not isinstance(self.drafter, NoDrafter)
+
 
 class BatchDecoder:
     def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1, prefix: Sequence[int] = (),
@@ -96,6 +100,8 @@ class BatchDecoder:
         self.cache = SlotCache(model)
         self.prefix = list(prefix)
         self.prefix_kv: torch.Tensor | None = None
+        self.pause = DraftPause()
+        self.keep_s = {False: 0.0, True: 0.0}  # acceptance and cache bookkeeping per step, without / with drafts
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.joining)
@@ -175,10 +181,7 @@ class BatchDecoder:
         if not self.rows:
             return []
         t0 = time.perf_counter()
-        candidates = [row.drafter.get_candidates(row.context) for row in self.rows]
-        sizes = allocate([c.scores[: r.budget.max_tokens] for c, r in zip(candidates, self.rows)],
-                         [r.budget.calibration for r in self.rows], self.rows[0].budget.cost)
-        trees = [c.prefix(n) for c, n in zip(candidates, sizes)]
+        trees, drafting = self._draft()
         t1 = time.perf_counter()
         ids, positions, mask = self._inputs(trees)
         logits = self.steps(self.cache, ids, positions, mask)
@@ -192,6 +195,7 @@ class BatchDecoder:
             row.pending = bonus
         self._keep_paths(paths)
         t3 = time.perf_counter()
+        self.keep_s[drafting] = 0.8 * self.keep_s[drafting] + 0.2 * (t3 - t2)
         for row in self.rows:  # the shared forward's time is every row's time
             row.stats.retrieval_s += (t1 - t0) / len(self.rows)
             row.stats.forward_s += t2 - t1
@@ -204,6 +208,22 @@ class BatchDecoder:
         if finished:
             self._leave({i for i, r in enumerate(self.rows) if r.done})
         return finished
+
+    def _draft(self) -> tuple[list[DraftTree], bool]:
+        """Each row's draft tree, cut to what pays (`allocate`); whether retrieval ran. Retrieval runs unless
+        drafting has lately not paid for its overhead at this batch (`DraftPause`)."""
+        if not any(row.drafts for row in self.rows) or not self.pause.drafting(len(self.rows)):
+            return [DraftTree() for _ in self.rows], False
+        start = time.perf_counter()
+        candidates = [row.drafter.get_candidates(row.context) if row.drafts else DraftTree() for row in self.rows]
+        retrieval_s = time.perf_counter() - start
+        scores = [c.scores[: r.budget.max_tokens] for c, r in zip(candidates, self.rows)]
+        calibrations = [r.budget.calibration for r in self.rows]
+        cost = self.rows[0].budget.cost
+        sizes = allocate(scores, calibrations, cost)  # retrieval is spent: send what pays from here on
+        overhead = retrieval_s + max(0.0, self.keep_s[True] - self.keep_s[False])
+        self.pause.judge(any(allocate(scores, calibrations, cost, overhead)), len(self.rows))
+        return [c.prefix(n) for c, n in zip(candidates, sizes)], True
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
         """Input ids, position ids and the additive 4D mask for one step; tells the cache where each row writes."""

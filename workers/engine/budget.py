@@ -13,7 +13,6 @@ measured batch costs; it overestimates 2-4 tokens per row): `allocate` picks the
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,10 +63,12 @@ class CostModel:
 
 
 @torch.inference_mode()
-def measure_cost(steps: StepForward, device: torch.device, context: int = 300, repeats: int = 3,
+def measure_cost(steps: StepForward, device: torch.device, context: int = 300, repeats: int = 5,
                  sizes: tuple[int, ...] = PROBE_SIZES) -> CostModel:
-    """Median time of a decoding step of each draft size after a `context`-token prefill, through the
-    steps' own forward (compiled steps: at their padded width, reading the whole cache)."""
+    """Fastest of `repeats` timings of a decoding step of each draft size after a `context`-token prefill,
+    through the steps' own forward (compiled steps: at their padded width, reading the whole cache). The
+    fastest, not the median: another process on the cores only ever adds time, and a curve measured so is
+    cached for every later run."""
     model = steps.model
     vocab, dtype = model.config.vocab_size, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +94,7 @@ def measure_cost(steps: StepForward, device: torch.device, context: int = 300, r
             if device.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - start)
-        seconds[n] = statistics.median(samples[1:])
+        seconds[n] = min(samples[1:])
     return CostModel(seconds, str(device))
 
 
@@ -107,10 +108,10 @@ def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
     return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))
 
 
-def plausible(cost: CostModel, slack: float = 1.5) -> bool:
+def plausible(cost: CostModel, slack: float = 1.15) -> bool:
     """Whether no probe costs more than `slack` times the next larger one: a step of more tokens is never
-    much cheaper. A curve measured while something else ran on the cores is usually not (e.g. 1 token
-    374 ms, 2 tokens 122 ms)."""
+    much cheaper. A curve measured while something else ran on the cores is usually not (seen: 1 token
+    374 ms, 2 tokens 122 ms; 1 token 100 ms, 2 tokens 80 ms, 16 tokens 281 ms, 24 tokens 264 ms)."""
     sizes = sorted(cost.seconds)
     return all(cost.seconds[a] <= slack * cost.seconds[b] for a, b in pairwise(sizes))
 
@@ -154,17 +155,49 @@ class Budget:
         self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio
 
 
-def allocate(scores: list[list[float]], calibrations: list[float], cost: CostModel) -> list[int]:
+def allocate(scores: list[list[float]], calibrations: list[float], cost: CostModel, overhead_s: float = 0.0) -> list[int]:
     """Draft sizes for a batch verified in one padded forward, whose cost is set by its widest row:
     cost(rows x width). The width maximises the batch's expected tokens per second,
-    (rows + each row's calibrated scores up to the width) / cost(rows x width); every row whose
-    drafts can pass fills it (padding costs the same), a row whose drafts never pass sends none."""
+    (rows + each row's calibrated scores up to the width) / (cost(rows x width) + overhead_s), against
+    rows / cost(rows) for no drafts at all; `overhead_s` is what drafting adds to a step besides the
+    forward (retrieval, relaxed acceptance). Every row whose drafts can pass fills the width (padding
+    costs the same); a row whose drafts never pass sends none."""
     rows = len(scores)
     best_rate, best_width = rows / cost.cost(rows), 0
     expected = float(rows)
     for width in range(1, max((len(s) for s in scores), default=0) + 1):
         expected += sum(c * s[width - 1] for s, c in zip(scores, calibrations) if len(s) >= width)
-        rate = expected / cost.cost(rows * (width + 1))
+        rate = expected / (cost.cost(rows * (width + 1)) + overhead_s)
         if rate > best_rate:
             best_rate, best_width = rate, width
     return [min(best_width, len(s)) if c > 0 else 0 for s, c in zip(scores, calibrations)]
+
+
+@dataclass
+class DraftPause:
+    """When drafting does not pay for the batch (a compute-bound device at a wide batch), retrieval is
+    skipped too: after a drafting step that would not have paid with its own overhead counted, the next
+    `backoff` steps draft nothing, and the backoff doubles (to `longest`) while that repeats. A step that
+    pays, or a batch that has shrunk since the pause began, resumes drafting at once."""
+
+    longest: int = 16
+    backoff: int = 1
+    remaining: int = 0
+    rows_at_pause: int = 0
+
+    def drafting(self, rows: int) -> bool:
+        """Whether this step retrieves drafts (counts a paused step down)."""
+        if self.remaining and rows < self.rows_at_pause:
+            self.remaining, self.backoff = 0, 1
+        if self.remaining:
+            self.remaining -= 1
+            return False
+        return True
+
+    def judge(self, paid: bool, rows: int) -> None:
+        """After a drafting step: whether its drafts paid for their overhead."""
+        if paid:
+            self.backoff = 1
+            return
+        self.remaining, self.rows_at_pause = self.backoff, rows
+        self.backoff = min(2 * self.backoff, self.longest)

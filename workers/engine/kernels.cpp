@@ -100,6 +100,9 @@ static inline void tile(const float* x, int64_t K, const float* w, int valid, fl
         for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(a[r][t]);
 }
 
+constexpr int64_t ROW_CHUNK_BYTES = 192 * 1024;  // inputs per chunk of rows: within a core's L2 (512 KiB on Zen 3)
+constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
+
 // x: M x K (row-major), y: M x N; K a multiple of 32.
 template <bool Q4>
 static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
@@ -112,24 +115,32 @@ static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const 
         }
         return;
     }
+    // Rows in chunks whose inputs stay in a core's L2 (every channel group reads all of them); each
+    // chunk de-quantises the weights again, which costs less than streaming the inputs from L3.
+    const int64_t chunk = M <= ROW_CHUNK_MIN ? M : (ROW_CHUNK_BYTES / (K * (int64_t)sizeof(float))) / 3 * 3 + 3;
 #pragma omp parallel
     {
         float* w = (float*)aligned_alloc(32, T * K * sizeof(float));
+        for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+            const int64_t rows = M - r0 < chunk ? M - r0 : chunk;
+            const float* xc = x + r0 * K;
+            float* yc = y + r0 * N;
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n += T) {
-            const int valid = N - n < T ? (int)(N - n) : T;
-            for (int t = 0; t < T; t++) {
-                const int64_t c = n + (t < valid ? t : 0);
-                for (int64_t b = 0; b < nb; b++) {
-                    __m256 v[4];
-                    dequant<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
-                    for (int i = 0; i < 4; i++) _mm256_store_ps(w + t * K + b * 32 + 8 * i, v[i]);
+            for (int64_t n = 0; n < N; n += T) {
+                const int valid = N - n < T ? (int)(N - n) : T;
+                for (int t = 0; t < T; t++) {
+                    const int64_t c = n + (t < valid ? t : 0);
+                    for (int64_t b = 0; b < nb; b++) {
+                        __m256 v[4];
+                        dequant<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
+                        for (int i = 0; i < 4; i++) _mm256_store_ps(w + t * K + b * 32 + 8 * i, v[i]);
+                    }
                 }
+                int64_t r = 0;
+                for (; r + 3 <= rows; r += 3) tile<3>(xc + r * K, K, w, valid, yc + r * N + n, N);
+                if (rows - r == 2) tile<2>(xc + r * K, K, w, valid, yc + r * N + n, N);
+                else if (rows - r == 1) tile<1>(xc + r * K, K, w, valid, yc + r * N + n, N);
             }
-            int64_t r = 0;
-            for (; r + 3 <= M; r += 3) tile<3>(x + r * K, K, w, valid, y + r * N + n, N);
-            if (M - r == 2) tile<2>(x + r * K, K, w, valid, y + r * N + n, N);
-            else if (M - r == 1) tile<1>(x + r * K, K, w, valid, y + r * N + n, N);
         }
         free(w);
     }
@@ -299,4 +310,25 @@ extern "C" int attention(const float* q, int64_t qb, int64_t qh, int64_t qt, con
     else if (D == 128) attention_impl<16>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out);
     else return -1;
     return 0;
+}
+
+// ---- 3. the roof ----
+
+// For benches: fp32 FLOP/s of independent FMAs on every thread (10 chains each, in registers), the
+// ceiling a GEMM here is measured against.
+extern "C" double fma_roof(int64_t iterations) {
+    double flops = 0;
+#pragma omp parallel reduction(+ : flops)
+    {
+        __m256 a[10], x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
+        for (int i = 0; i < 10; i++) a[i] = _mm256_set1_ps((float)i);
+        for (int64_t n = 0; n < iterations; n++)
+            for (int i = 0; i < 10; i++) a[i] = _mm256_fmadd_ps(a[i], x, y);
+        float sink[8];
+        __m256 s = a[0];
+        for (int i = 1; i < 10; i++) s = _mm256_add_ps(s, a[i]);
+        _mm256_storeu_ps(sink, s);
+        flops += (double)iterations * 10 * 16 + (sink[0] == 12345.f);  // 8 lanes x 2 flops per FMA
+    }
+    return flops;
 }

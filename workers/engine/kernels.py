@@ -91,6 +91,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [p, i, i, p]
     lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p]
     lib.attention.restype = ctypes.c_int
+    lib.fma_roof.argtypes = [i]
+    lib.fma_roof.restype = ctypes.c_double
     for name in ("q4_1_gemm", "q8_0_gemm", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
         getattr(lib, name).restype = None
     return lib
@@ -125,6 +127,18 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+
+
+def fma_roof(lib: ctypes.CDLL, seconds: float = 0.5) -> float:
+    """This CPU's fp32 FMA roof, FLOP/s on torch's threads (benches divide GEMM rates by it)."""
+    iterations = 1_000_000
+    while True:
+        start = time.perf_counter()
+        flops = lib.fma_roof(iterations)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return flops / elapsed
+        iterations *= 4
 
 
 def attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
