@@ -153,7 +153,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings, stop = start_service(args)
     # with vLLM decoding, the transformers model serves only its tokenizer and config: no packed weights
     lm = load_lm(settings.model_copy(update={"weights": "full"}) if args.backend == "vllm" else settings)
-    worker = Worker(settings, lm, mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager, learn=not args.no_learn)
+    worker = Worker(settings, lm, mode=args.mode, batch=args.batch, backend=args.backend, eager=args.eager, learn=not args.no_learn,
+                    vllm_method=args.vllm_method)
     worker.run(stop, max_prompts=args.max_prompts, idle_timeout_s=args.idle_exit)
     return 0
 
@@ -248,6 +249,7 @@ def number_type(allow_zero: bool, what: str):  # type: ignore[no-untyped-def]
 
 seconds = number_type(False, "a number of seconds above 0")
 non_negative = number_type(True, "a number of at least 0")
+positive_number = number_type(False, "a number above 0")
 
 
 def output_file(text: str) -> Path:
@@ -335,7 +337,8 @@ def cmd_load_bench(args: argparse.Namespace) -> int:
     prepare_model(settings, threads)
     with pipeline(settings, "load-bench", timeout_s=1800) as run:
         report = run_load_bench(run, prompts, pool, methods, fractions, args.rates, args.prompts_per_point, args.batch,
-                                args.max_new_tokens or 96, seed=args.seed, repeat=args.repeat, threads=threads)
+                                settings.max_new_tokens, seed=args.seed, repeat=args.repeat, threads=threads,
+                                saturation=args.saturation)
     report |= {"commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                "command": "dare load-bench " + " ".join(sys.argv[2:])}
     print(format_table(report))
@@ -463,8 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="vllm: DARE inside vLLM (continuous batching up to --batch; needs `make install-vllm`)")
     p.add_argument("--eager", action="store_true", help="with --backend vllm: no torch.compile in vLLM (starts ~2 min sooner, decodes slower)")
+    p.add_argument("--vllm-method", choices=["dare", "greedy", "ngram", "suffix"], default="dare",
+                   help="with --backend vllm: DARE inside vLLM (default), or vLLM's own greedy/ngram/suffix decoding for every prompt")
     p.add_argument("--no-learn", action="store_true",
-                   help="do not add generated texts to this worker's own pools (benches that repeat prompts)")
+                   help="nothing decoded earlier speeds up a later prompt: no generated text joins the pools (vLLM: no prefix "
+                        "cache, suffix forgets answers); for benches that repeat prompts")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("consume", help="print a topic's messages")
@@ -527,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     rates.add_argument("--load", type=numbers, metavar="F[,F...]",
                        help="offered loads as fractions of the first method's saturation rate (default 0.5,0.8,1.2)")
     rates.add_argument("--rates", type=numbers, metavar="R[,R...]", help="offered loads in prompts/s instead")
+    p.add_argument("--saturation", type=positive_number, metavar="R",
+                   help="with --load: the 100%% in prompts/s, from an earlier run (default: the first method's backlog, measured first)")
     p.add_argument("--prompts-per-point", type=positive_int, default=60, metavar="N", help="prompts per (method, rate) point (default 60)")
     p.add_argument("--batch", type=positive_int, default=16, help="the worker's most rows decoded together (default 16)")
     p.add_argument("--repeat", type=positive_int, default=1, metavar="N", help="every point N times (rounds), medians reported")

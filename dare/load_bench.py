@@ -21,6 +21,7 @@ the pools topic as the pool builder would.
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -38,7 +39,17 @@ from infra.broker import free_port
 from infra.kafka import make_producer
 from schemas import PoolText, PoolUpdate, PromptRequest, encode
 
-METHODS = {"dare-ar": "ar", "dare-strict": "strict", "dare-relaxed": "relaxed"}  # bench name → the wire's mode
+# bench name → (the worker that serves it: engine and method, the wire's mode of its requests)
+METHODS = {
+    "dare-ar": ("transformers", "ar"),  # this project's engine (`ar`: its own greedy decoding)
+    "dare-strict": ("transformers", "strict"),
+    "dare-relaxed": ("transformers", "relaxed"),
+    "vllm-greedy": ("vllm:greedy", "ar"),  # vLLM's own methods: what a user would run instead
+    "vllm-ngram": ("vllm:ngram", "ar"),
+    "vllm-suffix": ("vllm:suffix", "ar"),
+    "vllm-dare-strict": ("vllm:dare", "strict"),  # DARE inside vLLM
+    "vllm-dare-relaxed": ("vllm:dare", "relaxed"),
+}
 DEFAULT_METHODS = "dare-ar,dare-strict,dare-relaxed"
 DEFAULT_LOAD = (0.5, 0.8, 1.2)
 LATENCY_OBJECTIVE_S = 60.0  # the highest rate served with p99 within this is reported per method
@@ -135,6 +146,7 @@ def scrape(port: int) -> dict[str, float]:
 class Sent:
     request: PromptRequest
     at: float  # wall clock when produced
+    late_s: float  # how long after its scheduled time
 
 
 @dataclass
@@ -160,10 +172,10 @@ class Producer:
                 delay = start + due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                now = time.time()
+                now, late = time.time(), time.monotonic() - start - due
                 request = request.model_copy(update={"created_at": now})
                 producer.send(self.run.topics.prompts, key=request.entity_id.encode(), value=encode(request))
-                self.sent.append(Sent(request, now))
+                self.sent.append(Sent(request, now, late))
             producer.flush()
             producer.close()
         except BaseException as exc:  # noqa: BLE001 (reported by the main thread)
@@ -234,6 +246,7 @@ def point_figures(method: str, sent: list[Sent], arrived: dict[str, tuple[float,
         "tokens_per_step": tokens / steps if steps else 0.0,
         "batch_occupancy": d_rows / d_steps if d_steps else None,
         "wall_s": window,
+        "schedule_late_max_s": max((s.late_s for s in sent), default=0.0),  # the producer kept to the arrivals
     }
 
 
@@ -252,49 +265,93 @@ def median_point(tries: list[dict]) -> dict:
 
 def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, list[str]], methods: list[str],
                    fractions: list[float] | None, rates: list[float] | None, per_point: int, batch: int, max_new: int,
-                   seed: int = 0, repeat: int = 1, threads: int | None = None, worker_args: tuple[str, ...] = ()) -> dict:
-    """Every method's backlog point and rate points, `repeat` times (rounds); medians per point.
-    One worker process serves every method (each request names its mode)."""
+                   seed: int = 0, repeat: int = 1, threads: int | None = None, saturation: float | None = None) -> dict:
+    """Every method's backlog point and rate points, `repeat` times; medians per point. Methods that one
+    worker serves (its engine and method; each request names its mode) run together, one worker at a
+    time; the first method's backlog sets the rates that `fractions` ask for. Every method meets the same
+    arrival times and prompt order at a given rate. `saturation`: the 100 % of `fractions`, measured in an
+    earlier run (e.g. `dare-ar`'s, for the vLLM methods run from their own environment's worker)."""
     publish_pools(run, pool)
-    port = free_port()
-    run.start_workers(1, threads, "--batch", str(batch), "--metrics-port", str(port), "--no-learn", *worker_args)
-    wait_ready(run, port)
-    # warm-up: every method once (kernels, caches, the first compiled shapes), not counted
-    warm = [r for i, m in enumerate(methods) for r in requests_for(prompts, 2, METHODS[m], max_new, f"warm-{i}", seed)]
-    run_point(run, "warm-up", warm, [0.0] * len(warm), None, 600, run.progress.show)
-    run.progress.done()
     samples: dict[tuple[str, float | None], list[dict]] = {}
-    saturation: list[float] = []
-    for round_ in range(repeat):
-        points: list[tuple[str, float | None, float | None]] = []  # method, load fraction, rate
-        for m_index, method in enumerate(methods):
-            tag = f"r{round_}-{method}"
-            backlog = requests_for(prompts, per_point, METHODS[method], max_new, f"{tag}-backlog", seed + round_)
-            point = run_point(run, method, backlog, [0.0] * per_point, port, 1800, run.progress.show)
-            run.progress.done()
-            print(format_point(point | {"load_fraction": None, "offered_prompts_per_s": None}), flush=True)
-            samples.setdefault((method, None), []).append(point | {"load_fraction": None, "offered_prompts_per_s": None})
-            if m_index == 0:
-                saturation.append(point["achieved_prompts_per_s"])
-                points = [(m, f, f * point["achieved_prompts_per_s"]) for m in methods for f in fractions] if fractions else \
-                         [(m, None, r) for m in methods for r in rates or []]
-            for p_method, fraction, rate in points:
-                if p_method != method:
-                    continue
-                n = int(per_point)
-                schedule = arrivals(n, rate, seed + round_ * 1000 + int(1000 * (fraction or rate or 0)))
-                reqs = requests_for(prompts, n, METHODS[method], max_new, f"{tag}-{fraction or rate}", seed + round_)
-                point = run_point(run, method, reqs, schedule, port, 1800, run.progress.show)
+    saturations: list[float] = [saturation] if saturation else []
+    targets: list[tuple[float | None, float]] = [(None, r) for r in rates or []]  # (load fraction, prompts/s)
+    if saturation and fractions:
+        targets = [(f, f * saturation) for f in fractions]
+    for group, group_methods in worker_groups(methods).items():
+        port = start_worker(run, group, batch, threads)
+        # warm-up: every method once (kernels, caches, the first compiled shapes), not counted
+        warm = [r for m in group_methods for r in requests_for(prompts, 2, METHODS[m][1], max_new, f"warm-{m}", seed)]
+        run_point(run, "warm-up", warm, [0.0] * len(warm), None, 600, run.progress.show)
+        run.progress.done()
+        for round_ in range(repeat):
+            for method in group_methods:
+                mode, tag = METHODS[method][1], f"r{round_}-{method}"
+                backlog = requests_for(prompts, per_point, mode, max_new, f"{tag}-backlog", seed + round_)
+                point = run_point(run, method, backlog, [0.0] * per_point, port, 1800, run.progress.show)
+                point |= {"load_fraction": None, "offered_prompts_per_s": None}
                 run.progress.done()
-                point |= {"load_fraction": fraction, "offered_prompts_per_s": rate}
                 print(format_point(point), flush=True)
-                samples.setdefault((method, fraction if fractions else rate), []).append(point)
-    report_points = [median_point(tries) | {"backend": "transformers", "samples_latency_p50_s": [t["latency_p50_s"] for t in tries]}
-                     for tries in samples.values()]
+                samples.setdefault((method, None), []).append(point)
+                if method == methods[0] and not saturation:
+                    saturations.append(point["achieved_prompts_per_s"])
+                    if fractions and round_ == 0:  # the rates, fixed for every method and round
+                        targets = [(f, f * point["achieved_prompts_per_s"]) for f in fractions]
+                for fraction, rate in targets:
+                    schedule = arrivals(per_point, rate, seed + round_ * 1000 + int(1000 * rate))
+                    reqs = requests_for(prompts, per_point, mode, max_new, f"{tag}-{rate:.4f}", seed + round_)
+                    point = run_point(run, method, reqs, schedule, port, 1800, run.progress.show)
+                    point |= {"load_fraction": fraction, "offered_prompts_per_s": rate}
+                    run.progress.done()
+                    print(format_point(point), flush=True)
+                    samples.setdefault((method, rate), []).append(point)
+        run.processes.stop()  # the next worker gets the cores to itself
+    report_points = []
+    for (method, _), tries in samples.items():
+        backend, name = point_name(method)
+        report_points.append(median_point(tries) | {"backend": backend, "method": name, "bench_method": method,
+                                                    "samples_latency_p50_s": [t["latency_p50_s"] for t in tries]})
     return {"prompts_per_point": per_point, "batch": batch, "max_new_tokens": max_new, "repeat": repeat, "seed": seed,
-            "methods": methods, "ar_saturation_prompts_per_s": statistics.median(saturation) if saturation else None,
+            "methods": methods, "ar_saturation_prompts_per_s": statistics.median(saturations) if saturations else None,
             "latency_objective_s": LATENCY_OBJECTIVE_S, "points": report_points,
             "highest_rate_within_objective": highest_rates(report_points)}
+
+
+def worker_groups(methods: list[str]) -> dict[str, list[str]]:
+    """Methods by the worker that serves them, in the order the methods come."""
+    groups: dict[str, list[str]] = {}
+    for method in methods:
+        groups.setdefault(METHODS[method][0], []).append(method)
+    return groups
+
+
+def point_name(method: str) -> tuple[str, str]:
+    """(backend, method) as the report's points name them: DARE inside vLLM is backend vllm, method dare-*."""
+    group = METHODS[method][0]
+    if group == "vllm:dare":
+        return "vllm", method.removeprefix("vllm-")
+    return ("vllm" if group.startswith("vllm") else "transformers"), method
+
+
+def vllm_python() -> str:
+    """The Python of the vLLM environment (`make install-vllm`), or $DARE_VLLM_PYTHON."""
+    path = os.environ.get("DARE_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+    if not Path(path).is_file():
+        raise LoadBenchError(f"vLLM methods run in the vLLM environment and {path} is missing: run `make install-vllm` "
+                             "(or set DARE_VLLM_PYTHON)")
+    return path
+
+
+def start_worker(run: Pipeline, group: str, batch: int, threads: int | None) -> int:
+    """One worker for `group` ("transformers" or "vllm:<method>"), ready; returns its metrics port."""
+    port = free_port()
+    args = ["--batch", str(batch), "--metrics-port", str(port), "--no-learn"]
+    python = None
+    if group.startswith("vllm:"):
+        args += ["--backend", "vllm", "--vllm-method", group.split(":", 1)[1]]
+        python = vllm_python()
+    run.start_workers(1, threads, *args, python=python)
+    wait_ready(run, port)
+    return port
 
 
 def wait_ready(run: Pipeline, port: int, timeout_s: float = 600) -> None:
@@ -313,9 +370,10 @@ def highest_rates(points: list[dict]) -> dict[str, float | None]:
     """Per method: the highest offered rate whose p99 latency is within the objective (None: none is)."""
     out: dict[str, float | None] = {}
     for p in points:
-        out.setdefault(p["method"], None)
+        method = p["bench_method"]
+        out.setdefault(method, None)
         if p["offered_prompts_per_s"] is not None and p["latency_p99_s"] <= LATENCY_OBJECTIVE_S and not p["lost"]:
-            out[p["method"]] = max(out[p["method"]] or 0.0, p["offered_prompts_per_s"])
+            out[method] = max(out[method] or 0.0, p["offered_prompts_per_s"])
     return out
 
 
@@ -333,11 +391,11 @@ def format_table(report: dict) -> str:
              ("| method | load | offered prompts/s | achieved tokens/s | p50 s | p90 s | p99 s | queue p50 s | decode p50 s "
              "| tokens/step | rows/step | answered | lost | dup |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for p in sorted(report["points"], key=lambda p: (report["methods"].index(p["method"]), p["offered_prompts_per_s"] or 1e9)):
+    for p in sorted(report["points"], key=lambda p: (report["methods"].index(p["bench_method"]), p["offered_prompts_per_s"] or 1e9)):
         load = "backlog" if p["offered_prompts_per_s"] is None else (f"{p['load_fraction']:.2f}x" if p["load_fraction"] else "—")
         offered = "—" if p["offered_prompts_per_s"] is None else f"{p['offered_prompts_per_s']:.3f}"
         occupancy = f"{p['batch_occupancy']:.1f}" if p.get("batch_occupancy") is not None else "—"
-        lines.append(f"| {p['method']} | {load} | {offered} | {p['achieved_tokens_per_s']:.1f} | {p['latency_p50_s']:.1f} "
+        lines.append(f"| {p['bench_method']} | {load} | {offered} | {p['achieved_tokens_per_s']:.1f} | {p['latency_p50_s']:.1f} "
                      f"| {p['latency_p90_s']:.1f} | {p['latency_p99_s']:.1f} | {p['queue_p50_s']:.1f} | {p['decode_p50_s']:.1f} "
                      f"| {p['tokens_per_step']:.2f} | {occupancy} | {p['answered']} | {p['lost']} | {p['duplicates']} |")
     best = ", ".join(f"{m} {'—' if r is None else f'{r:.3f}'}" for m, r in report["highest_rate_within_objective"].items())
@@ -354,13 +412,13 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n, method in enumerate(report["methods"]):
-        pts = sorted((p for p in report["points"] if p["method"] == method and p["offered_prompts_per_s"] is not None),
+        pts = sorted((p for p in report["points"] if p["bench_method"] == method and p["offered_prompts_per_s"] is not None),
                      key=lambda p: p["offered_prompts_per_s"])
         if not pts:
             continue
         x = [p["offered_prompts_per_s"] for p in pts]
         colour = f"C{n}"
-        ax.plot(x, [p["latency_p50_s"] for p in pts], "o-", color=colour, label=f"{pts[0]['backend']} {method} p50")
+        ax.plot(x, [p["latency_p50_s"] for p in pts], "o-", color=colour, label=f"{method} p50")
         ax.plot(x, [p["latency_p99_s"] for p in pts], "s--", color=colour, label=f"{method} p99")
     ax.axhline(report["latency_objective_s"], color="grey", lw=0.8, ls=":")
     if report["ar_saturation_prompts_per_s"]:

@@ -49,9 +49,10 @@ class Processes:
     log_dir: Path
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, *args: str, threads: int | None = None) -> None:
+    def start(self, name: str, *args: str, threads: int | None = None, python: str | None = None) -> None:
+        """`python`: another environment's interpreter (the vLLM worker's); this one's by default."""
         settings = self.settings.model_copy(update={"threads": threads}) if threads else self.settings
-        command = [sys.executable, "-P", "-m", "dare.cli", "--log-format", "json", *args,  # -P: not from the cwd
+        command = [python or sys.executable, "-P", "-m", "dare.cli", "--log-format", "json", *args,  # -P: not from the cwd
                    "--bootstrap-servers", str(settings.bootstrap_servers), "--topic-prefix", settings.topic_prefix]
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("ab") as out:
@@ -166,9 +167,9 @@ class Pipeline:
     def start_pool_builder(self, *args: str) -> None:
         self.processes.start("pool-builder", "pool-builder", "--state-dir", str(self.log_dir / "pool-builder-state"), *args)
 
-    def start_workers(self, count: int, threads: int, *args: str) -> None:
+    def start_workers(self, count: int, threads: int | None, *args: str, python: str | None = None) -> None:
         for n in range(1, count + 1):
-            self.processes.start(f"worker-{n}", "worker", *args, threads=threads)
+            self.processes.start(f"worker-{n}", "worker", *args, threads=threads, python=python)
 
     def replay_events(self, ratings: int | None = None) -> set[str]:
         """Item then user events into Kafka; returns the users whose ratings were replayed."""

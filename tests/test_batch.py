@@ -121,3 +121,63 @@ def test_the_batch_budget_picks_a_width_the_cost_curve_pays_for():
     assert len(set(confident)) == 1 and 0 < allocate(unlikely, [1.0] * 3, cpu_like)[0] < confident[0] < 8  # likely drafts buy a wider tree
     assert allocate(likely, [0.2] * 3, cpu_like)[0] < confident[0]  # rows whose drafts failed lately: narrower
     assert allocate(scores, [1.0, 0.0, 1.0], flat) == [4, 0, 2]  # a row whose drafts never pass sends none
+
+
+def test_drafting_overhead_counts_against_the_drafts():
+    from workers.engine.budget import allocate
+
+    likely = [[0.9, 0.8]] * 4
+    mild = CostModel({1: 1.0, 4: 1.0, 8: 1.3, 12: 1.6})  # 4 rows: each draft per row adds 30 %
+    assert allocate(likely, [1.0] * 4, mild) == [2, 2, 2, 2]  # 10.8 tokens in 1.6 beat 4 in 1
+    assert allocate(likely, [1.0] * 4, mild, overhead_s=0.5) == [2, 2, 2, 2]  # ... and in 2.1
+    assert allocate(likely, [1.0] * 4, mild, overhead_s=2.0) == [0, 0, 0, 0]  # not in 3.6: retrieval costing 2 steps
+
+
+def test_a_drafting_pause_backs_off_while_drafts_do_not_pay_and_ends_when_they_do():
+    from workers.engine.budget import DraftPause
+
+    pause = DraftPause(longest=4)
+    seen = []
+    for _ in range(12):
+        drafting = pause.drafting(rows=8)
+        seen.append(drafting)
+        if drafting:
+            pause.judge(False, rows=8)
+    assert seen == [True, False, True, False, False, True, False, False, False, False, True, False]  # pauses of 1, 2, 4, 4
+    pause.judge(True, rows=8)
+    assert pause.backoff == 1
+    pause.judge(False, rows=8)
+    assert pause.remaining == 1 and pause.drafting(rows=5)  # the batch shrank: draft again at once  # the batch shrank: draft again at once
+
+
+class CountingDrafter(RetrievalDrafter):
+    calls = 0
+
+    def get_candidates(self, context):
+        CountingDrafter.calls += 1
+        return super().get_candidates(context)
+
+
+@pytest.mark.parametrize(("cost", "retrieves"), [(CostModel({1: 1.0, 512: 1.0}), "every step"),
+                                                 (CostModel({1: 1.0, 512: 512.0}), "seldom")])
+def test_the_scheduler_retrieves_only_while_drafts_pay(tiny, cost, retrieves):
+    """Steps flat in tokens (a GPU): drafts every step. Steps linear in tokens (a compute-bound CPU at a
+    wide batch): after a probe, retrieval pauses, and the output is still each row's greedy decoding."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 12))] for _ in range(4)]
+    pool = pools_with_answers(tiny, prompts, rng)
+    decoder = BatchDecoder(tiny, {EOS})
+    CountingDrafter.calls = 0
+    for i, prompt in enumerate(prompts):
+        decoder.add(i, prompt, CountingDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt), Budget(cost), Acceptance("strict"), 40)
+    results, steps = {}, 0
+    while len(decoder):
+        results.update({f.key: f for f in decoder.step()})
+        steps += 1
+    row_steps = sum(r.stats.steps for r in results.values())
+    if retrieves == "every step":
+        assert CountingDrafter.calls == row_steps and all(r.stats.mean_accepted > 1.5 for r in results.values())
+    else:
+        assert CountingDrafter.calls <= row_steps / 4 and sum(sum(r.stats.drafted) for r in results.values()) == 0
+    for i, prompt in enumerate(prompts):
+        assert results[i].token_ids == greedy(tiny, prompt, 40)[: len(results[i].token_ids)]

@@ -31,7 +31,7 @@ from infra.kafka import ensure_topics, group_id, make_consumer
 from infra.settings import Settings
 from schemas import DecodeStats, KnowledgeRecord, Mode, PromptRequest, SchemaError, Topics, decode, encode
 from workers.engine.batch import RequestStats
-from workers.engine.budget import load_or_measure
+from workers.engine.budget import CostModel, load_or_measure
 from workers.engine.decode import Dare, PoolTexts
 from workers.engine.draft import DraftConfig
 from workers.engine.model import LoadedModel, cached_default_model, chat_input_ids
@@ -85,9 +85,13 @@ class InFlight:
 
 class Worker:
     def __init__(self, settings: Settings, lm: LoadedModel, mode: Mode = "ar", worker_id: str | None = None,
-                 batch: int = 1, backend: str = "transformers", eager: bool = False, learn: bool = True) -> None:
-        """`learn`: a generated text joins this worker's own pools at once (the paper's code does); benches that
-        repeat prompts turn it off, or a repeated prompt would draft its own earlier answer."""
+                 batch: int = 1, backend: str = "transformers", eager: bool = False, learn: bool = True,
+                 vllm_method: str = "dare") -> None:
+        """`learn`: what was decoded earlier speeds up later prompts (a generated text joins this worker's
+        pools at once, as in the paper's code; vLLM caches prefixes, its suffix drafter keeps answers).
+        Benches that repeat prompts turn it off, or a repeated prompt would draft its own earlier answer.
+        `vllm_method` (backend vllm): `dare`, or vLLM's own `greedy`/`ngram`/`suffix` (every prompt then
+        decodes greedily, mode `ar`, whatever it asks for: the peers a user would run instead)."""
         self.settings = settings
         self.learn = learn
         self.batch = batch
@@ -104,9 +108,11 @@ class Worker:
 
             self.context_limit = min(self.context_limit, VLLM_CONTEXT)
             model_dir = str(Path(settings.model).expanduser() if settings.model else cached_default_model(settings.cache_dir))
-            self.vllm = VllmEngine(model_dir, "dare", eager=eager, max_model_len=self.context_limit, max_num_seqs=batch)
-            self.cost = load_or_probe(self.vllm, settings.cache_dir)
-            self.vllm.set_cost(self.cost)
+            self.vllm = VllmEngine(model_dir, vllm_method, eager=eager, max_model_len=self.context_limit, max_num_seqs=batch,
+                                   prefix_caching=learn, forget_answers=not learn)
+            self.cost = load_or_probe(self.vllm, settings.cache_dir) if vllm_method == "dare" else CostModel.flat()
+            if vllm_method == "dare":
+                self.vllm.set_cost(self.cost)
         elif backend == "transformers":
             self.cost = load_or_measure(lm, settings.cache_dir)
             self.dare = Dare(lm.model, lm.tokenizer, self.cost, steps=lm.steps)
@@ -129,7 +135,10 @@ class Worker:
         if self.follower is not None:
             self.follower.poll()  # pools as fresh as the topic
         segment = self.pools.segment_of(request.entity_kind, request.entity_id, request.segment)
-        return input_ids, max_new, request.mode or self.mode, segment
+        mode = request.mode or self.mode
+        if self.vllm is not None and self.vllm.method != "dare":
+            mode = "ar"  # vLLM's own method decodes every prompt (lossless: greedy's text)
+        return input_ids, max_new, mode, segment
 
     def answer(self, request: PromptRequest) -> KnowledgeRecord:
         """Decode one prompt into its knowledge record, outside Kafka (benches, tools)."""
@@ -192,6 +201,9 @@ class Worker:
         self.follower = PoolFollower(self.settings, self.pools)
         applied = self.follower.poll(timeout_ms=500)
         log.info("pools loaded", updates=applied, segments=len(self.pools.pools), assignments=len(self.pools.assignments))
+        if self.vllm is not None and self.vllm.method == "suffix":  # its drafts come from the same texts as DARE's
+            texts = [t for pool in self.pools.replica.pools.values() for t in pool.values()]
+            self.vllm.seed_suffix_cache([self.lm.tokenizer.encode(t, add_special_tokens=False) for t in texts])  # type: ignore[attr-defined]
         self.delivery = Delivery(self.settings, "worker", stop)
         # At most as many prompts per poll as the decoder has room for keeps the time between polls
         # to one decode (batch 1) or one batch step: no rebalance storms.

@@ -272,7 +272,7 @@ class VllmEngine:
     (vLLM's own drafters, exact greedy verification)."""
 
     def __init__(self, model_dir: str, method: str = "dare", *, k: int = 8, dtype: str = "float32", eager: bool = True,
-                 max_model_len: int = 2048, kv_cache_gib: int = 1, threads: int | None = None, max_num_seqs: int = 64, seed: int = 0, tokenizer: bool = True, prefix_caching: bool = True,
+                 max_model_len: int = 2048, kv_cache_gib: int = 1, threads: int | None = None, max_num_seqs: int = 64, seed: int = 0, tokenizer: bool = True, prefix_caching: bool = True, forget_answers: bool = False,
                  cost: CostModel | None = None, draft: DraftConfig | None = None,
                  self_weight: float = 1.0, top_k: int = 2, min_prob: float = 0.1) -> None:
         if method not in METHODS:
@@ -291,6 +291,7 @@ class VllmEngine:
             "suffix": {"method": "suffix"},  # vLLM's defaults: up to 24 tokens, as many as the match supports
         }[method]
         self.method, self.k = method, k
+        self.forget_answers = forget_answers  # suffix: no answer drafts for a later request (seeded texts do)
         self.label = f"{Path(model_dir).name}-{dtype}-{'eager' if eager else 'compiled'}-k{k}"  # names its cost curve
         self.llm = LLM(model=model_dir, dtype=dtype, enforce_eager=eager, max_model_len=max_model_len, seed=seed,
                        max_num_seqs=max_num_seqs, speculative_config=speculative, disable_log_stats=True,
@@ -356,6 +357,10 @@ class VllmEngine:
     def step(self) -> list[Finished]:
         """One engine step (vLLM schedules, verifies, accepts, drafts); the requests it finished."""
         done = []
+        if self.forget_answers and self.method == "suffix":  # answers are cached a step after they finish
+            cache = self.proposer.suffix_cache
+            for request_id in [r for r in cache.cached_requests if not str(r).startswith("seed-")]:
+                cache.evict_cached_response(request_id)
         for out in self.engine.step():
             if not out.finished:
                 continue
