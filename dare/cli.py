@@ -323,10 +323,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_load_bench(args: argparse.Namespace) -> int:
-    from dare.load_bench import DEFAULT_LOAD, format_table, git_commit, machine, parse_methods, plot, run_load_bench, write_report
+    from dare.load_bench import DEFAULT_LOAD, git_commit, machine, merge_reports, parse_methods, run_load_bench
     from dare.pipeline import pipeline, prepare_model
     from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
 
+    if args.merge:
+        report = merge_reports([json.loads(path.read_text()) for path in args.merge])
+        return write_load_outputs(report, args)
     methods = parse_methods(args.methods)
     pool = read_pool(args.pool or POOL_PATH)
     prompts = read_prompts(args.prompts) if args.prompts else default_prompts(SPEC_PATH)
@@ -341,6 +344,12 @@ def cmd_load_bench(args: argparse.Namespace) -> int:
                                 saturation=args.saturation)
     report |= {"commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                "command": "dare load-bench " + " ".join(sys.argv[2:])}
+    return write_load_outputs(report, args)
+
+
+def write_load_outputs(report: dict, args: argparse.Namespace) -> int:
+    from dare.load_bench import format_table, plot, write_report
+
     print(format_table(report))
     if args.json:
         write_report(report, args.json)
@@ -540,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=positive_int, default=1, metavar="N", help="every point N times (rounds), medians reported")
     p.add_argument("--seed", type=int, default=0, help="arrival times and prompt order (default 0)")
     p.add_argument("--json", type=output_file, help="write the report (with a top-level \"points\" list) here")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
+                   help="run nothing: merge these --json reports (e.g. this engine's and vLLM's) into one table, --json and --plot")
     p.add_argument("--plot", type=output_file, help="write latency against offered load (PNG) here")
     p.set_defaults(func=cmd_load_bench)
 

@@ -243,7 +243,7 @@ def point_figures(method: str, sent: list[Sent], arrived: dict[str, tuple[float,
         "queue_p99_s": percentile(queue, 99),
         "decode_p50_s": percentile(decode, 50),
         "decode_p99_s": percentile(decode, 99),
-        "tokens_per_step": tokens / steps if steps else 0.0,
+        "tokens_per_step": tokens / steps if steps else None,  # None: the engine does not count its steps (vLLM ngram/suffix)
         "batch_occupancy": d_rows / d_steps if d_steps else None,
         "wall_s": window,
         "schedule_late_max_s": max((s.late_s for s in sent), default=0.0),  # the producer kept to the arrivals
@@ -377,11 +377,15 @@ def highest_rates(points: list[dict]) -> dict[str, float | None]:
     return out
 
 
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def format_point(p: dict) -> str:
     load = "backlog" if p["offered_prompts_per_s"] is None else f"{p['offered_prompts_per_s']:.3f}/s"
     occupancy = f"{p['batch_occupancy']:.1f}" if p.get("batch_occupancy") is not None else "—"
     return (f"  {p['method']} {load}: {p['achieved_tokens_per_s']:.1f} tok/s, p50 {p['latency_p50_s']:.1f}s "
-            f"(queue {p['queue_p50_s']:.1f}), p99 {p['latency_p99_s']:.1f}s, {p['tokens_per_step']:.2f} tok/step, "
+            f"(queue {p['queue_p50_s']:.1f}), p99 {p['latency_p99_s']:.1f}s, {fmt(p['tokens_per_step'])} tok/step, "
             f"rows {occupancy}, {p['answered']}/{p['prompts']} answered")
 
 
@@ -397,7 +401,7 @@ def format_table(report: dict) -> str:
         occupancy = f"{p['batch_occupancy']:.1f}" if p.get("batch_occupancy") is not None else "—"
         lines.append(f"| {p['bench_method']} | {load} | {offered} | {p['achieved_tokens_per_s']:.1f} | {p['latency_p50_s']:.1f} "
                      f"| {p['latency_p90_s']:.1f} | {p['latency_p99_s']:.1f} | {p['queue_p50_s']:.1f} | {p['decode_p50_s']:.1f} "
-                     f"| {p['tokens_per_step']:.2f} | {occupancy} | {p['answered']} | {p['lost']} | {p['duplicates']} |")
+                     f"| {fmt(p['tokens_per_step'])} | {occupancy} | {p['answered']} | {p['lost']} | {p['duplicates']} |")
     best = ", ".join(f"{m} {'—' if r is None else f'{r:.3f}'}" for m, r in report["highest_rate_within_objective"].items())
     lines.append(f"highest offered rate with p99 ≤ {report['latency_objective_s']:.0f} s (prompts/s): {best}")
     return "\n".join(lines)
@@ -451,6 +455,24 @@ def machine() -> str:
     flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     cores = info.count("processor\t:")
     return f"{name}, {cores} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2, no AVX-512'}"
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Runs of the same workload into one report (e.g. this engine's from .venv and vLLM's peers from
+    .venv-vllm, the latter run with --saturation of the former): the first run's settings and saturation,
+    every run's points (a method measured twice: the later run's)."""
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("prompts_per_point", "batch", "max_new_tokens", "seed"):
+            if other[key] != first[key]:
+                raise LoadBenchError(f"cannot merge runs with different {key}: {first[key]} and {other[key]}")
+    points = {(p["bench_method"], p["offered_prompts_per_s"] and round(p["offered_prompts_per_s"], 6)): p
+              for r in reports for p in r["points"]}
+    methods = list(dict.fromkeys(m for r in reports for m in r["methods"]))
+    merged = dict(first) | {"methods": methods, "points": list(points.values()),
+                            "runs": [{k: r.get(k) for k in ("commit", "machine", "date", "command")} for r in reports]}
+    merged["highest_rate_within_objective"] = highest_rates(merged["points"])
+    return merged
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -133,21 +133,36 @@ def test_drafting_overhead_counts_against_the_drafts():
     assert allocate(likely, [1.0] * 4, mild, overhead_s=2.0) == [0, 0, 0, 0]  # not in 3.6: retrieval costing 2 steps
 
 
+def test_retrieval_that_does_not_pay_is_valued_below_one():
+    from workers.engine.budget import drafting_value
+
+    mild = CostModel({1: 1.0, 4: 1.0, 8: 1.3, 12: 1.6})
+    assert drafting_value([[0.9, 0.8]] * 4, [1.0] * 4, mild, 0.1, 0.0) == pytest.approx((10.8 / 1.7) / 4)
+    assert drafting_value([[0.1]] * 4, [1.0] * 4, mild, 0.25, 0.0) == pytest.approx(1 / 1.25)  # a plain step, 0.25 later
+
+
 def test_a_drafting_pause_backs_off_while_drafts_do_not_pay_and_ends_when_they_do():
     from workers.engine.budget import DraftPause
 
     pause = DraftPause(longest=4)
     seen = []
-    for _ in range(12):
+    for _ in range(16):
         drafting = pause.drafting(rows=8)
         seen.append(drafting)
         if drafting:
-            pause.judge(False, rows=8)
-    assert seen == [True, False, True, False, False, True, False, False, False, False, True, False]  # pauses of 1, 2, 4, 4
-    pause.judge(True, rows=8)
-    assert pause.backoff == 1
-    pause.judge(False, rows=8)
-    assert pause.remaining == 1 and pause.drafting(rows=5)  # the batch shrank: draft again at once  # the batch shrank: draft again at once
+            pause.judge(0.5, rows=8)
+    # the optimistic start absorbs one bad step; then pauses of 1, 2, 4, 4 steps between probes
+    assert seen == [True, True, False, True, False, False, True, False, False, False, False, True, False, False, False, False]
+    for _ in range(4):
+        pause.judge(2.0, rows=8)  # drafting pays again: no pause, the backoff starts over
+    assert pause.value >= 1.0 and pause.backoff == 1 and pause.remaining == 0
+    while not pause.remaining:
+        pause.judge(0.1, rows=8)
+    assert pause.remaining == 1 and pause.drafting(rows=5)  # the batch shrank: draft again at once
+    one_bad = DraftPause()
+    for value in (2.0, 2.0, 0.9, 2.0, 0.9, 2.0):  # batch 1 passing a stretch its pools do not cover
+        one_bad.judge(value, rows=1)
+    assert one_bad.remaining == 0  # occasional weak trees do not pause a request whose drafts pay
 
 
 class CountingDrafter(RetrievalDrafter):
@@ -158,11 +173,12 @@ class CountingDrafter(RetrievalDrafter):
         return super().get_candidates(context)
 
 
-@pytest.mark.parametrize(("cost", "retrieves"), [(CostModel({1: 1.0, 512: 1.0}), "every step"),
-                                                 (CostModel({1: 1.0, 512: 512.0}), "seldom")])
+@pytest.mark.parametrize(("cost", "retrieves"), [(CostModel({1: 0.001, 512: 0.001}), "every step"),
+                                                 (CostModel({1: 0.001, 512: 0.512}), "seldom")])
 def test_the_scheduler_retrieves_only_while_drafts_pay(tiny, cost, retrieves):
     """Steps flat in tokens (a GPU): drafts every step. Steps linear in tokens (a compute-bound CPU at a
-    wide batch): after a probe, retrieval pauses, and the output is still each row's greedy decoding."""
+    wide batch; 1 ms a token, so retrieval's own time counts): no drafts are sent, retrieval pauses after a
+    few probes, and the output is still each row's greedy decoding."""
     rng = random.Random(5)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 12))] for _ in range(4)]
     pool = pools_with_answers(tiny, prompts, rng)

@@ -98,3 +98,22 @@ def test_a_small_load_run_answers_every_prompt_once_on_schedule(kafka_settings, 
     assert all(p["schedule_late_max_s"] < 0.5 for p in points)  # produced on the seeded schedule
     assert all(p["latency_p50_s"] > 0 and p["batch_occupancy"] >= 1 for p in points)
     assert next(p for p in points if p["method"] == "dare-relaxed")["tokens_per_step"] >= 1.0
+
+
+def test_reports_from_two_environments_merge_into_one_table():
+    from dare.load_bench import format_table, merge_reports
+
+    def report(methods, rate, p50, **settings):
+        points = [{"bench_method": m, "method": m, "backend": "transformers", "offered_prompts_per_s": r, "load_fraction": None,
+                   "latency_p50_s": p50, "latency_p90_s": p50, "latency_p99_s": p50, "queue_p50_s": 0.1, "decode_p50_s": p50,
+                   "achieved_tokens_per_s": 50.0, "tokens_per_step": None, "batch_occupancy": 2.0, "answered": 6, "lost": 0,
+                   "duplicates": 0} for m in methods for r in (None, rate)]
+        return {"prompts_per_point": 6, "batch": 4, "max_new_tokens": 8, "seed": 0, "repeat": 1, "methods": methods,
+                "ar_saturation_prompts_per_s": 0.5, "latency_objective_s": 60.0, "points": points, **settings}
+
+    merged = merge_reports([report(["dare-ar"], 0.25, 3.0), report(["vllm-greedy"], 0.25, 9.0)])
+    assert merged["methods"] == ["dare-ar", "vllm-greedy"] and len(merged["points"]) == 4
+    assert merged["highest_rate_within_objective"] == {"dare-ar": 0.25, "vllm-greedy": 0.25}
+    assert "| vllm-greedy | backlog |" in format_table(merged)
+    with pytest.raises(LoadBenchError, match="different max_new_tokens"):
+        merge_reports([report(["dare-ar"], 0.25, 3.0), report(["vllm-greedy"], 0.25, 9.0) | {"max_new_tokens": 96}])

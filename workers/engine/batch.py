@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget, DraftPause, allocate
+from workers.engine.budget import Budget, DraftPause, allocate, drafting_value
 from workers.engine.draft import Drafter, DraftTree, NoDrafter
 from workers.engine.slots import SlotCache
 from workers.engine.steps import StepForward
@@ -211,7 +211,7 @@ class BatchDecoder:
 
     def _draft(self) -> tuple[list[DraftTree], bool]:
         """Each row's draft tree, cut to what pays (`allocate`); whether retrieval ran. Retrieval runs unless
-        drafting has lately not paid for its overhead at this batch (`DraftPause`)."""
+        it has lately not paid for itself at this batch (`DraftPause`)."""
         if not any(row.drafts for row in self.rows) or not self.pause.drafting(len(self.rows)):
             return [DraftTree() for _ in self.rows], False
         start = time.perf_counter()
@@ -221,8 +221,8 @@ class BatchDecoder:
         calibrations = [r.budget.calibration for r in self.rows]
         cost = self.rows[0].budget.cost
         sizes = allocate(scores, calibrations, cost)  # retrieval is spent: send what pays from here on
-        overhead = retrieval_s + max(0.0, self.keep_s[True] - self.keep_s[False])
-        self.pause.judge(any(allocate(scores, calibrations, cost, overhead)), len(self.rows))
+        accept_s = max(0.0, self.keep_s[True] - self.keep_s[False])
+        self.pause.judge(drafting_value(scores, calibrations, cost, retrieval_s, accept_s), len(self.rows))
         return [c.prefix(n) for c, n in zip(candidates, sizes)], True
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]

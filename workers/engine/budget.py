@@ -155,6 +155,16 @@ class Budget:
         self.calibration = self.decay * self.calibration + (1 - self.decay) * ratio
 
 
+def _rates(scores: list[list[float]], calibrations: list[float], cost: CostModel, overhead_s: float) -> list[float]:
+    """Expected tokens per second of the batch by draft width (index 0: no drafts, no overhead)."""
+    rows = len(scores)
+    rates, expected = [rows / cost.cost(rows)], float(rows)
+    for width in range(1, max((len(s) for s in scores), default=0) + 1):
+        expected += sum(c * s[width - 1] for s, c in zip(scores, calibrations) if len(s) >= width)
+        rates.append(expected / (cost.cost(rows * (width + 1)) + overhead_s))
+    return rates
+
+
 def allocate(scores: list[list[float]], calibrations: list[float], cost: CostModel, overhead_s: float = 0.0) -> list[int]:
     """Draft sizes for a batch verified in one padded forward, whose cost is set by its widest row:
     cost(rows x width). The width maximises the batch's expected tokens per second,
@@ -162,25 +172,32 @@ def allocate(scores: list[list[float]], calibrations: list[float], cost: CostMod
     rows / cost(rows) for no drafts at all; `overhead_s` is what drafting adds to a step besides the
     forward (retrieval, relaxed acceptance). Every row whose drafts can pass fills the width (padding
     costs the same); a row whose drafts never pass sends none."""
-    rows = len(scores)
-    best_rate, best_width = rows / cost.cost(rows), 0
-    expected = float(rows)
-    for width in range(1, max((len(s) for s in scores), default=0) + 1):
-        expected += sum(c * s[width - 1] for s, c in zip(scores, calibrations) if len(s) >= width)
-        rate = expected / (cost.cost(rows * (width + 1)) + overhead_s)
-        if rate > best_rate:
-            best_rate, best_width = rate, width
+    rates = _rates(scores, calibrations, cost, overhead_s)
+    best_width = max(range(len(rates)), key=lambda w: (rates[w], -w))
     return [min(best_width, len(s)) if c > 0 else 0 for s, c in zip(scores, calibrations)]
+
+
+def drafting_value(scores: list[list[float]], calibrations: list[float], cost: CostModel, retrieval_s: float,
+                   accept_s: float) -> float:
+    """What retrieving drafts did for a step, as a ratio of tokens per second to a step that did not
+    retrieve: the best width's expected rate with the overhead counted (`retrieval_s` + `accept_s`), or, if
+    no width pays, a plain step slowed by the retrieval already spent. Below 1: retrieval lost time."""
+    rates = _rates(scores, calibrations, cost, retrieval_s + accept_s)
+    rows = len(scores)
+    plain = rows / (cost.cost(rows) + retrieval_s)
+    return max([plain, *rates[1:]]) / rates[0]
 
 
 @dataclass
 class DraftPause:
-    """When drafting does not pay for the batch (a compute-bound device at a wide batch), retrieval is
-    skipped too: after a drafting step that would not have paid with its own overhead counted, the next
-    `backoff` steps draft nothing, and the backoff doubles (to `longest`) while that repeats. A step that
-    pays, or a batch that has shrunk since the pause began, resumes drafting at once."""
+    """Retrieval is skipped while it does not pay for the batch (a compute-bound device at a wide batch,
+    or requests whose pools hold nothing like them): the value of recent drafting steps (`drafting_value`,
+    averaged) below 1 pauses retrieval for `backoff` steps, doubling (to `longest`) while probes after a
+    pause still do not pay. A batch that has shrunk since the pause began drafts again at once."""
 
     longest: int = 16
+    decay: float = 0.7
+    value: float = 1.5  # optimistic at first: drafting is tried
     backoff: int = 1
     remaining: int = 0
     rows_at_pause: int = 0
@@ -188,15 +205,16 @@ class DraftPause:
     def drafting(self, rows: int) -> bool:
         """Whether this step retrieves drafts (counts a paused step down)."""
         if self.remaining and rows < self.rows_at_pause:
-            self.remaining, self.backoff = 0, 1
+            self.remaining, self.backoff, self.value = 0, 1, 1.5
         if self.remaining:
             self.remaining -= 1
             return False
         return True
 
-    def judge(self, paid: bool, rows: int) -> None:
-        """After a drafting step: whether its drafts paid for their overhead."""
-        if paid:
+    def judge(self, value: float, rows: int) -> None:
+        """After a drafting step: its `drafting_value`."""
+        self.value = self.decay * self.value + (1 - self.decay) * value
+        if self.value >= 1.0:
             self.backoff = 1
             return
         self.remaining, self.rows_at_pause = self.backoff, rows

@@ -91,8 +91,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.silu_mul.argtypes = [p, i, i, p]
     lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p]
     lib.attention.restype = ctypes.c_int
-    lib.fma_roof.argtypes = [i]
-    lib.fma_roof.restype = ctypes.c_double
+    if hasattr(lib, "fma_roof"):  # absent from older builds, which benches load beside the current one
+        lib.fma_roof.argtypes = [i]
+        lib.fma_roof.restype = ctypes.c_double
     for name in ("q4_1_gemm", "q8_0_gemm", "rms_norm", "add_rms_norm", "rope", "silu_mul"):
         getattr(lib, name).restype = None
     return lib
