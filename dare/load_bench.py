@@ -451,10 +451,12 @@ def machine() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return sys.platform
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    def field(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), "?")
+
     cores = info.count("processor\t:")
-    return f"{name}, {cores} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2, no AVX-512'}"
+    simd = "AVX-512" if "avx512f" in field("flags").split() else "AVX2, no AVX-512"
+    return f"{field('model name')} (family {field('cpu family')}, model {field('model')}), {cores} cores, {simd}"
 
 
 def merge_reports(reports: list[dict]) -> dict:

@@ -59,6 +59,11 @@ CASES = [
                    id=f"{command}-vllm-without-the-extra",
                    marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here"))
       for command in ("bench", "worker")],
+    ("load-bench-unknown-method", ["load-bench", "--methods", "dare-ar,nope"], {}, "nope"),
+    ("load-bench-zero-load", ["load-bench", "--load", "0.5,0"], {}, "--load"),
+    ("load-bench-missing-prompts", ["load-bench", "--prompts", "{root}/missing.jsonl"], {}, "{root}/missing.jsonl"),
+    ("load-bench-unwritable-plot", ["load-bench", "--plot", "{root}/a-file/load.png"], {}, "{root}/a-file/load.png"),
+    ("load-bench-merge-missing-report", ["load-bench", "--merge", "{root}/missing.json"], {}, "{root}/missing.json"),
     ("workload-zero-segments", ["workload", "make", "--segments", "0"], {}, "--segments"),
     ("generate-all-unwritable-out", ["generate-all", "--out", "{root}/a-file/k.jsonl"], {}, "{root}/a-file/k.jsonl"),
     ("generate-all-zero-batch", ["generate-all", "--batch", "0"], {}, "--batch"),
