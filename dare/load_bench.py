@@ -277,6 +277,17 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
     targets: list[tuple[float | None, float]] = [(None, r) for r in rates or []]  # (load fraction, prompts/s)
     if saturation and fractions:
         targets = [(f, f * saturation) for f in fractions]
+
+    def measure(method: str, reqs: list[PromptRequest], schedule: list[float], fraction: float | None, rate: float | None,
+                port: int) -> dict:
+        """One point, printed and kept among its method's and rate's samples."""
+        point = run_point(run, method, reqs, schedule, port, 1800, run.progress.show)
+        point |= {"load_fraction": fraction, "offered_prompts_per_s": rate}
+        run.progress.done()
+        print(format_point(point), flush=True)
+        samples.setdefault((method, rate), []).append(point)
+        return point
+
     for group, group_methods in worker_groups(methods).items():
         port = start_worker(run, group, batch, threads)
         # warm-up: every method once (kernels, caches, the first compiled shapes), not counted
@@ -287,11 +298,7 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
             for method in group_methods:
                 mode, tag = METHODS[method][1], f"r{round_}-{method}"
                 backlog = requests_for(prompts, per_point, mode, max_new, f"{tag}-backlog", seed + round_)
-                point = run_point(run, method, backlog, [0.0] * per_point, port, 1800, run.progress.show)
-                point |= {"load_fraction": None, "offered_prompts_per_s": None}
-                run.progress.done()
-                print(format_point(point), flush=True)
-                samples.setdefault((method, None), []).append(point)
+                point = measure(method, backlog, [0.0] * per_point, None, None, port)
                 if method == methods[0] and not saturation:
                     saturations.append(point["achieved_prompts_per_s"])
                     if fractions and round_ == 0:  # the rates, fixed for every method and round
@@ -299,11 +306,7 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
                 for fraction, rate in targets:
                     schedule = arrivals(per_point, rate, seed + round_ * 1000 + int(1000 * rate))
                     reqs = requests_for(prompts, per_point, mode, max_new, f"{tag}-{rate:.4f}", seed + round_)
-                    point = run_point(run, method, reqs, schedule, port, 1800, run.progress.show)
-                    point |= {"load_fraction": fraction, "offered_prompts_per_s": rate}
-                    run.progress.done()
-                    print(format_point(point), flush=True)
-                    samples.setdefault((method, rate), []).append(point)
+                    measure(method, reqs, schedule, fraction, rate, port)
         run.processes.stop()  # the next worker gets the cores to itself
     report_points = []
     for (method, _), tries in samples.items():
