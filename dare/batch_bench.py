@@ -18,7 +18,6 @@ from typing import get_args
 
 from dare.workload import BenchPrompt
 from schemas import Mode
-from workers.engine.batch import BatchDecoder
 from workers.engine.budget import load_or_measure
 from workers.engine.decode import Dare
 from workers.engine.model import LoadedModel, chat_input_ids
@@ -39,16 +38,18 @@ def run_hf(lm: LoadedModel, inputs: list[list[int]], batch: int, max_new: int) -
             "mean_accepted": 1.0, "outputs": outputs}
 
 
-def run_dare(lm: LoadedModel, dare: Dare, prompts: list[BenchPrompt], inputs: list[list[int]], pools: dict, global_pool,  # type: ignore[no-untyped-def]
+def run_dare(dare: Dare, segments: list[str], inputs: list[list[int]], pools: dict, global_pool,  # type: ignore[no-untyped-def]
              mode: str, batch: int, max_new: int) -> dict:
-    decoder = BatchDecoder(lm.model, dare.eos_token_ids, rows=batch, prefix=dare.prompt_prefix)
+    """The backlog through one BatchDecoder of `batch` rows, each row refilled from the queue as soon as
+    it finishes (continuous batching); prompt i drafts from its segment's pool and the global pool."""
+    decoder = dare.decoder(rows=batch)
     waiting = deque(range(len(inputs)))
     results = {}
     start = time.perf_counter()
     while waiting or len(decoder):
         while waiting and len(decoder) < batch:  # continuous batching: the batch stays full
             i = waiting.popleft()
-            sources = [(pools[prompts[i].segment], 1.0), (global_pool, 1.0)]
+            sources = [(pools[segments[i]], 1.0), (global_pool, 1.0)]
             decoder.add(i, inputs[i], *dare.request(inputs[i], sources, mode), max_new)
         for finished in decoder.step():
             results[finished.key] = finished
@@ -78,7 +79,7 @@ def run_batch_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dic
                 print(f"  {REFERENCE} batch {size}: {samples[REFERENCE, size][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
         for mode in MODES:
             for size in sizes:
-                samples.setdefault((f"dare-{mode}", size), []).append(run_dare(lm, dare, prompts, inputs, pools, global_pool, mode, size, max_new))
+                samples.setdefault((f"dare-{mode}", size), []).append(run_dare(dare, [p.segment for p in prompts], inputs, pools, global_pool, mode, size, max_new))
                 print(f"  dare-{mode} batch {size}: {samples[f'dare-{mode}', size][-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     runs = []
     for tries in samples.values():

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dare.batch_bench import run_dare
 from dare.workload import BenchPrompt, WorkloadError
 from workers.engine.decode import PoolTexts
 from workers.engine.draft import DraftConfig, Source
@@ -176,14 +177,11 @@ def run_hf(lm, prompt_ids: list[list[int]], segments: list[str], pool_texts: dic
             tokens, steps, wall = tokens + len(out.token_ids), steps + out.stats.steps, wall + out.stats.wall_s
         f.batch1_tps.append(tokens / wall)
         f.outputs, f.tokens, f.steps = outputs, f.tokens + tokens, f.steps + steps
-        decoder = dare.decoder(rows=min(HF_BACKLOG_BATCH, len(prompt_ids)))
-        t = time.perf_counter()
-        for n, (ids, segment) in enumerate(zip(prompt_ids, segments)):
-            decoder.add(n, ids, *dare.request(ids, [(segment_pools[segment], 1.0), (global_pool, 1.0)], "relaxed"), max_new_tokens)
-        done = []
-        while len(done) < len(prompt_ids):
-            done.extend(decoder.step())
-        f.backlog_tps.append(sum(len(d.token_ids) for d in done) / (time.perf_counter() - t))
+        # At most HF_BACKLOG_BATCH rows at once, refilled as rows finish: as `dare bench --batch 16` runs it.
+        # (Until 2026-12-02 this queued the whole backlog into one decoder, i.e. ran it at batch 24, and read
+        # half of `dare bench --batch 16`'s figure.)
+        backlog = run_dare(dare, segments, prompt_ids, segment_pools, global_pool, "relaxed", HF_BACKLOG_BATCH, max_new_tokens)
+        f.backlog_tps.append(backlog["tokens_per_s"])
         print(f"bench: [{r + 1}/{repeat}] {HF_METHOD}: batch 1 {f.batch1_tps[-1]:.1f} tok/s, "
               f"backlog {f.backlog_tps[-1]:.1f} tok/s", file=sys.stderr, flush=True)
     return f
