@@ -3,7 +3,7 @@ revision, both built here and loaded into one process, timed interleaved over al
 the packaged model (and its Q8_0 head alone); medians, milliseconds, and each one's rate over all layers
 as a share of this CPU's fp32 FMA roof (measured first). Also checks that both give the same bits.
 
-    .venv/bin/python bench/kernels_ab.py --old HEAD~1 > bench/results/kernels_ab_prefetch.txt
+    .venv/bin/python bench/kernels_ab.py --old HEAD~1 > bench/results/kernels_ab_row_chunks.txt
 """
 
 from __future__ import annotations

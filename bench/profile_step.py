@@ -2,7 +2,6 @@
 and compiled, on the packaged model: where a step's time goes.
 
     .venv/bin/python bench/profile_step.py --width 8 --threads 2 > bench/results/profile_step.txt
-    .venv/bin/python bench/profile_step.py --width 1,8 --weights fp16 --eager-only > bench/results/profile_step_fp16.txt
     .venv/bin/python bench/profile_step.py --width 1,8 --weights blocks --eager-only > bench/results/profile_step_blocks.txt
 
 The engine's own C++ kernels (kernels.py, called through ctypes) are invisible to torch's profiler; each

@@ -35,6 +35,24 @@ def add_kafka_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topic-prefix", help="topic name prefix (env DARE_TOPIC_PREFIX, default 'dare.')")
 
 
+def cut_off(text: str) -> int | str:
+    """--as-of: eval, none or Unix seconds."""
+    if text in ("eval", "none"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: eval, none or a Unix timestamp in seconds") from None
+
+
+def add_catalogue_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", type=Path, metavar="DIR",
+                   help="a catalogue in RecBole atomic files: DIR/NAME.inter, DIR/NAME.item, optionally DIR/NAME.user, "
+                        "NAME being DIR's name (default: MovieLens-100k from the recbole package)")
+    p.add_argument("--templates", type=Path, metavar="DIR",
+                   help="prompt templates DIR/user.txt and DIR/item.txt with {placeholders} (default: dare/templates/, KAR's prompts)")
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face model directory (env DARE_MODEL; default: packaged SmolLM2-135M)")
     p.add_argument("--device", help="auto, cpu, cuda (env DARE_DEVICE)")
@@ -49,7 +67,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     """Commands that run the whole pipeline as processes (demo, generate-all)."""
     p.add_argument("--workers", type=positive_int, default=1, help="generator worker processes (CPU threads are split among them)")
-    p.add_argument("--ratings", type=positive_int, help="replay only the first N of MovieLens-100k's 100,000 ratings")
+    p.add_argument("--ratings", type=positive_int, help="replay only the first N ratings (MovieLens-100k has 100,000)")
     p.add_argument("--broker-port", type=port, help="embedded broker port (default: a free one)")
 
 
@@ -187,15 +205,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_all(args: argparse.Namespace) -> int:
+    from dare.data import load_catalogue
     from dare.generate_all import default_output, run_generate_all
 
     settings = settings_from(args)
     if args.log_level is None and "DARE_LOG_LEVEL" not in os.environ:  # the progress bar talks; services log to files
         configure_logging(settings.log_format, "warning")
-    out = args.out or default_output(args.mode)
+    catalogue = load_catalogue(args.dataset, args.templates)  # a bad catalogue or template stops here, before anything starts
+    out = args.out or default_output(args.mode, catalogue.name)
     summary = run_generate_all(settings, args.mode, out, batch=args.batch, workers=args.workers, users=args.users,
                                items=args.items, max_entities=args.max_entities, ratings=args.ratings, stall_s=args.stall_timeout,
-                               broker_port=args.broker_port)
+                               broker_port=args.broker_port, catalogue=catalogue, as_of=args.as_of)
     print(f"{out}: {summary['entities']} entities ({summary['users']} users, {summary['items']} items), "
           f"{summary['tokens']} tokens in {summary['wall_s']:.0f}s of decoding = {summary['tokens_per_s']:.1f} tokens/s, "
           f"mean accepted {summary['mean_accepted']:.2f}, lost {summary['lost']}, duplicates {summary['duplicates']}, "
@@ -204,15 +224,17 @@ def cmd_generate_all(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_quality(args: argparse.Namespace) -> int:
+    from dare.data import load_catalogue
     from dare.generate_all import default_output
     from dare.quality import format_report, plot, run_quality
 
     settings_from(args)
-    ar, relaxed = args.ar or default_output("ar"), args.relaxed or default_output("relaxed")
+    catalogue = load_catalogue(args.dataset, args.templates)
+    ar, relaxed = args.ar or default_output("ar", catalogue.name), args.relaxed or default_output("relaxed", catalogue.name)
     for path in (ar, relaxed):
         if not path.is_file():
             raise FileNotFoundError(2, "no such knowledge file (make it with `dare generate-all --mode ...`)", str(path))
-    report = run_quality(ar, relaxed, seeds=args.seeds)
+    report = run_quality(ar, relaxed, seeds=args.seeds, catalogue=catalogue)
     print(format_report(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -388,7 +410,8 @@ def reexec_for_vllm() -> None:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from dare.replay import file_messages, movielens_messages, topic_for
+    from dare.data import load_catalogue
+    from dare.replay import catalogue_messages, file_messages, topic_for
     from infra.kafka import produce, wait_for_broker
 
     settings = settings_from(args)
@@ -400,7 +423,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                                                    "PromptRequest": "prompts", "KnowledgeRecord": "knowledge"}.get(args.type, "prompts"))
         messages = list(file_messages(args.file, args.type))  # the whole file checked before anything is sent
     else:
-        attribute, messages = movielens_messages(args.source, args.limit, args.mode)
+        attribute, messages = catalogue_messages(load_catalogue(args.dataset, args.templates), args.source, args.limit, args.mode)
         topic = args.topic or topic_for(settings, attribute)
     wait_for_broker(settings)
     start = time.perf_counter()
@@ -490,9 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print raw JSON values, one per line")
     p.set_defaults(func=cmd_consume)
 
-    p = sub.add_parser("produce", help="MovieLens events/prompts, or a JSONL file of schema messages, into Kafka")
+    p = sub.add_parser("produce", help="a catalogue's events or user prompts (default MovieLens-100k), or a JSONL file of schema "
+                                       "messages, into Kafka")
     add_kafka_flags(p)
     p.add_argument("source", choices=["user-events", "item-events", "prompts", "file"])
+    add_catalogue_flags(p)
     p.add_argument("--limit", type=positive_int, help="first N only")
     p.add_argument("--mode", choices=MODES, help="prompts: decoding mode to ask for")
     p.add_argument("--file", type=Path, help="file: JSONL, one message per line")
@@ -562,11 +587,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=positive_int, default=3, help="held-out prompts per segment")
     p.set_defaults(func=cmd_workload)
 
-    p = sub.add_parser("generate-all", help="knowledge for every MovieLens-100k user and item, through the pipeline (resumable)")
+    p = sub.add_parser("generate-all", help="knowledge for every user and item of a catalogue (default MovieLens-100k), "
+                                            "through the pipeline (resumable)")
     add_kafka_flags(p)
     add_model_flags(p)
     p.add_argument("--mode", choices=MODES, default="relaxed", help="decoding mode of every prompt (default relaxed)")
-    p.add_argument("--out", type=output_file, help="JSONL of knowledge records (default results/knowledge/ml-100k-MODE.jsonl)")
+    add_catalogue_flags(p)
+    p.add_argument("--as-of", type=cut_off, default="eval", metavar="eval|none|TIMESTAMP",
+                   help="user prompts list only ratings before this time: eval (default: the CTR test's train/validation "
+                        "boundary, so no test-period rating reaches a prompt), none (every rating), or Unix seconds")
+    p.add_argument("--out", type=output_file, help="JSONL of knowledge records (default results/knowledge/CATALOGUE-MODE.jsonl)")
     p.add_argument("--batch", type=positive_int, default=16, help="rows each worker decodes together (default 16)")
     add_pipeline_flags(p)
     p.add_argument("--users", type=positive_int, help="only the first N users")
@@ -577,9 +607,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="downstream checks of generated knowledge")
     eval_sub = p.add_subparsers(dest="eval_command", required=True)
-    e = eval_sub.add_parser("quality", help="CTR AUC/LogLoss with no, ar and relaxed knowledge (DeepFM, seeds), text agreement")
-    e.add_argument("--ar", type=Path, help="ar knowledge JSONL (default results/knowledge/ml-100k-ar.jsonl)")
-    e.add_argument("--relaxed", type=Path, help="relaxed knowledge JSONL (default results/knowledge/ml-100k-relaxed.jsonl)")
+    e = eval_sub.add_parser("quality", help="CTR AUC/LogLoss with no knowledge, controls, ar and relaxed knowledge (DeepFM, "
+                                            "seeds; whole test set and cold start), text metrics")
+    add_catalogue_flags(e)
+    e.add_argument("--ar", type=Path, help="ar knowledge JSONL (default results/knowledge/CATALOGUE-ar.jsonl)")
+    e.add_argument("--relaxed", type=Path, help="relaxed knowledge JSONL (default results/knowledge/CATALOGUE-relaxed.jsonl)")
     e.add_argument("--seeds", type=positive_int, default=5, help="seeds per variant (default 5)")
     e.add_argument("--json", type=output_file, default=Path("results/quality.json"), help="the report (default results/quality.json)")
     e.add_argument("--plot", type=output_file, default=Path("results/quality.png"), help="AUC per variant (default results/quality.png)")

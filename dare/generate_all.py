@@ -1,12 +1,19 @@
-"""`dare generate-all`: knowledge for every user and item of a data set, through the system itself.
+"""`dare generate-all`: knowledge for every user and item of a catalogue, through the system itself.
 
-    replay the events → the pool builder forms segments and pools → one KAR prompt per entity to the
-    prompts topic → N workers decode (continuous batching) → the knowledge topic, read as a downstream
-    consumer would → results/knowledge/<dataset>-<mode>.jsonl, one knowledge record per entity
+    replay the events → the pool builder forms segments and pools → one prompt per entity (the
+    catalogue's templates) to the prompts topic → N workers decode (continuous batching) → the knowledge
+    topic, read as a downstream consumer would → results/knowledge/<catalogue>-<mode>.jsonl, one
+    knowledge record per entity
+
+The catalogue is MovieLens-100k, or any directory of RecBole atomic files (`--dataset`, `dare.data`).
 
 Users and items are interleaved (user 1, item 1, user 2, item 2, ..., then the remaining items):
 both kinds of pools fill from the start, so drafting conditions do not change half-way, and a batch
 always mixes long user prompts with short item prompts, so the progress rate (and its ETA) is steady.
+
+As of a cut-off (`as_of`, default the CTR test's train/validation boundary, `Catalogue.time_cut(0.8)`): a
+user's prompt lists only ratings before it, so no knowledge text carries the ratings the downstream test
+predicts; users with no rating before it get no prompt (counted). The cut-off is recorded in the summary.
 
 Resumable: entities already in the output file are not asked again, and their records are first fed
 back to the knowledge topic, so the pools start where the previous run left them (the embedded broker
@@ -28,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dare.data import load_movielens, prompt_request
+from dare.data import Catalogue, load_movielens, prompt_request
 from dare.pipeline import Pipeline, PipelineError, pipeline, prepare_model
 from infra.kafka import produce
 from infra.settings import Settings
@@ -36,6 +43,7 @@ from schemas import KnowledgeRecord, Mode, PromptRequest, SchemaError, decode
 from workers.engine.model import model_id
 
 DATASET = "ml-100k"
+EVAL_SHARE = 0.8  # `dare eval quality` trains on the oldest 80 % of the ratings: prompts see only those by default
 
 
 class GenerateError(RuntimeError):
@@ -53,12 +61,31 @@ class Done:
         return {(r.entity_kind, r.entity_id) for r in self.records}
 
 
-def default_output(mode: str) -> Path:
-    return Path("results") / "knowledge" / f"{DATASET}-{mode}.jsonl"
+def default_output(mode: str, dataset: str = DATASET) -> Path:
+    return Path("results") / "knowledge" / f"{dataset}-{mode}.jsonl"
 
 
 def summary_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def resolve_as_of(catalogue: Catalogue, as_of: int | str | None) -> int | None:
+    """`eval` (the CTR test's train/validation boundary), None or "none" (every rating), or a timestamp."""
+    if as_of == "eval":
+        return catalogue.time_cut(EVAL_SHARE)
+    if as_of is None or as_of == "none":
+        return None
+    return int(as_of)
+
+
+def check_as_of(out: Path, as_of: int | None) -> None:
+    """One file holds prompts of one cut-off (files from before cut-offs existed count as none)."""
+    path = summary_path(out)
+    if out.exists() and path.exists():
+        earlier = json.loads(path.read_text()).get("as_of")
+        if earlier != as_of:
+            raise GenerateError(f"{out} was generated with prompts as of {earlier or 'none (every rating)'}; this run asks for "
+                                f"{as_of or 'none'}: one file holds one cut-off (use --out for another file, or --as-of {earlier or 'none'})")
 
 
 def read_done(out: Path, mode: str, model: str) -> Done:
@@ -100,34 +127,43 @@ def dead_request_id(letter_value_b64: str) -> str | None:
 def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16, workers: int = 1,
                      users: int | None = None, items: int | None = None, max_entities: int | None = None,
                      ratings: int | None = None, stall_s: float = 600.0, broker_port: int | None = None,
-                     requests: list[PromptRequest] | None = None) -> dict:
-    """Ask for every entity not yet in `out`; append their records as they arrive. `requests`
-    replaces the data set's prompts (tests)."""
+                     requests: list[PromptRequest] | None = None, catalogue: Catalogue | None = None,
+                     as_of: int | str | None = "eval") -> dict:
+    """Ask for every entity of `catalogue` (default MovieLens-100k) not yet in `out`, user prompts as of
+    `as_of` (see `resolve_as_of`); append their records as they arrive. `requests` replaces the
+    catalogue's prompts (tests)."""
     started = time.time()
     threads = settings.threads or max(1, (os.cpu_count() or 1) // workers)
-    ml = load_movielens()
+    ml = catalogue or load_movielens()
     model = model_id(settings.model)
-    done = read_done(out, mode, model)  # before anything starts: a file of another mode or model is refused at once
+    cut = resolve_as_of(ml, as_of)
+    check_as_of(out, cut)  # before anything starts: a file of another cut-off, mode or model is refused at once
+    done = read_done(out, mode, model)
     finished = done.entities
+    no_history = 0
     if requests is None:
-        entities = interleaved(sorted(ml.users, key=int)[:users], sorted(ml.items, key=int)[:items])
+        entities = interleaved(ml.user_ids()[:users], ml.item_ids()[:items])
+        if cut is not None:  # a user with no rating before the cut-off has nothing to reason from
+            no_history = sum(1 for kind, e in entities if kind == "user" and not ml.history(e, as_of=cut))
+            entities = [(kind, e) for kind, e in entities if kind == "item" or ml.history(e, as_of=cut)]
         todo = [e for e in entities if e not in finished][:max_entities]
-        requests = [prompt_request(ml, kind, entity_id, request_id=f"{DATASET}-{mode}-{kind}-{entity_id}-{int(started)}", mode=mode,
-                                   max_new_tokens=settings.max_new_tokens) for kind, entity_id in todo]
+        requests = [prompt_request(ml, kind, entity_id, request_id=f"{ml.name}-{mode}-{kind}-{entity_id}-{int(started)}", as_of=cut,
+                                   mode=mode, max_new_tokens=settings.max_new_tokens) for kind, entity_id in todo]
     else:
         requests = [r for r in requests if (r.entity_kind, r.entity_id) not in finished][:max_entities]
     print(f"{out}: {len(done.records)} entities done, {len(requests)} to ask for ({mode}, {model}, batch {batch}, "
-          f"{workers} worker(s), {settings.max_new_tokens} new tokens)", flush=True)
+          f"{workers} worker(s), {settings.max_new_tokens} new tokens, prompts as of {cut or 'every rating'}"
+          + (f"; {no_history} users have no rating before it and get no prompt" if no_history else "") + ")", flush=True)
     this_run = {"stamp": str(int(started)), "started": started, "batch": batch, "workers": workers,
                 "max_new_tokens": settings.max_new_tokens, "commit": commit(), "entities": 0, "tokens": 0, "wall_s": 0.0,
                 "duplicates": 0, "dead_lettered": {}, "lost": 0, "interrupted": False}
     if not requests:
-        return write_summary(out, mode, model, done.records, None)
+        return write_summary(out, mode, model, done.records, None, ml.name, cut)
     try:
         with pipeline(settings, "generate-all", stall_s, broker_port) as run:
             prepare_model(run.settings, threads)
             run.start_pool_builder("--refit-every", "5")
-            ratings_users = run.replay_events(ratings)
+            ratings_users = run.replay_events(ratings, ml)
             if done.records:  # the pools start where the previous runs left them
                 produce(run.settings, run.topics.knowledge, done.records)
             run.start_workers(workers, threads, "--batch", str(batch), "--mode", mode)
@@ -139,7 +175,7 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
         raise
     finally:  # an interrupted run is accounted for too: its records stay in the file
         if this_run["entities"] or not this_run["interrupted"]:
-            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run)
+            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run, ml.name, cut)
     return summary
 
 
@@ -206,7 +242,7 @@ def span(records: list[KnowledgeRecord]) -> float:
     return max(r.created_at for r in records) - min(r.created_at - r.stats.wall_s for r in records)
 
 
-RUN_STAMP = re.compile(rf"^{DATASET}-(?:ar|strict|relaxed)-(?:user|item)-[^-]+-(\d+)$")
+RUN_STAMP = re.compile(r"-(?:ar|strict|relaxed)-(?:user|item)-.+-(\d+)$")  # request ids: <catalogue>-<mode>-<kind>-<id>-<stamp>
 
 
 def recovered_runs(records: list[KnowledgeRecord], known: set[str]) -> list[dict]:  # type: ignore[type-arg]
@@ -214,14 +250,15 @@ def recovered_runs(records: list[KnowledgeRecord], known: set[str]) -> list[dict
     before it could write them): entities, tokens and decode span from the records themselves."""
     by_stamp: dict[str, list[KnowledgeRecord]] = {}
     for record in records:
-        match = RUN_STAMP.match(record.request_id)
+        match = RUN_STAMP.search(record.request_id)
         if match and match.group(1) not in known:
             by_stamp.setdefault(match.group(1), []).append(record)
     return [{"stamp": stamp, "entities": len(rs), "tokens": sum(r.token_count for r in rs), "wall_s": span(rs),
              "recovered_from_records": True} for stamp, rs in sorted(by_stamp.items())]
 
 
-def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecord], this_run: dict | None) -> dict:  # type: ignore[type-arg]
+def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecord], this_run: dict | None,  # type: ignore[type-arg]
+                  dataset: str = DATASET, as_of: int | None = None) -> dict:
     """Totals over every run that wrote to `out`; tokens/s = all tokens / the sum of the runs' decode spans."""
     path = summary_path(out)
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -232,7 +269,7 @@ def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecor
     steps = sum(r.stats.steps for r in records)
     wall = sum(r["wall_s"] for r in runs)
     summary = {
-        "dataset": DATASET, "mode": mode, "model": model, "file": str(out),
+        "dataset": dataset, "as_of": as_of, "mode": mode, "model": model, "file": str(out),
         "entities": len(records),
         "users": sum(r.entity_kind == "user" for r in records),
         "items": sum(r.entity_kind == "item" for r in records),

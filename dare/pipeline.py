@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dare.data import item_events, load_movielens, user_events
+from dare.data import Catalogue, item_events, load_movielens, user_events
 from infra.broker import EmbeddedBroker
 from infra.kafka import ensure_topics, produce, wait_for_broker
 from infra.process import child_env
@@ -171,13 +171,14 @@ class Pipeline:
         for n in range(1, count + 1):
             self.processes.start(f"worker-{n}", "worker", *args, threads=threads, python=python)
 
-    def replay_events(self, ratings: int | None = None) -> set[str]:
-        """Item then user events into Kafka; returns the users whose ratings were replayed."""
-        ml = load_movielens()
+    def replay_events(self, ratings: int | None = None, catalogue: Catalogue | None = None) -> set[str]:
+        """Item then user events of `catalogue` (default MovieLens-100k) into Kafka; returns the users
+        whose ratings were replayed."""
+        ml = catalogue or load_movielens()
         n_items = produce(self.settings, self.topics.item_events, item_events(ml))
         events = list(user_events(ml, ratings))
         n_ratings = produce(self.settings, self.topics.user_events, events)
-        print(f"replayed MovieLens-100k: {n_items} item events, {n_ratings} rating events", flush=True)
+        print(f"replayed {ml.name}: {n_items} item events, {n_ratings} rating events", flush=True)
         self.processes.check()
         return {e.user_id for e in events}
 

@@ -1,6 +1,6 @@
 """`dare eval quality`: is relaxed knowledge as useful downstream as greedy knowledge? (KAR style)
 
-CTR task on MovieLens-100k: label = rating >= 4. Split by time over all ratings: the oldest 80 %
+CTR task on MovieLens-100k (or any catalogue with ratings, `dare.data`): label = rating >= 4. Split by time over all ratings: the oldest 80 %
 train, the next 10 % validate (early stopping), the newest 10 % test: the model predicts the
 future from the past, as it would in production (a random split leaks later tastes into training).
 
@@ -13,10 +13,16 @@ embeddings). Knowledge enters as in KAR: each entity's text encoded once by the 
 (384-d, frozen), then a small adaptor MLP per side (384 → 64 → field size) whose output is one more
 field for the user and one for the item, trained with the CTR model.
 
-Variants: none (no knowledge fields), ar, relaxed; each seed trains every variant on the same
-split from the same seed, so relaxed and ar differ only in the texts behind their knowledge vectors. Reports AUC and LogLoss (mean ± std over
-seeds), a paired t-test and the per-seed differences of relaxed vs ar, and text-level agreement
-between the two knowledge files (MiniLM cosine, length ratio, share identical).
+Variants: none (no knowledge fields); two controls that tell whether the LLM added anything —
+prompt-only (each entity's prompt itself, as of the train/validation boundary, encoded the same way: what
+the LLM was given, without the LLM) and shuffled (each entity gets another entity's ar vector: knowledge-
+shaped input with no link to the entity) —; ar and relaxed. Each seed trains every variant on the same split
+from the same seed, so relaxed and ar differ only in the texts behind their knowledge vectors. Reported on
+the whole test set and on its cold-start slice (test rows whose user or item has at most `COLD_START`
+training rows), each as AUC and LogLoss (mean ± std over seeds) and, for relaxed − ar, the paired per-seed
+differences with a 95 % t interval. Also: text metrics per mode and entity kind (`dare.text_metrics`),
+agreement between the two files (MiniLM cosine, length ratio, share identical), and the files' prompt cut-off
+(`as_of`), checked against the test's boundary: a file whose prompts saw later ratings is reported as leaking.
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dare.data import MovieLens, load_movielens
+from dare.data import Catalogue, DataError, item_prompt, load_movielens, user_prompt
+from dare.text_metrics import text_metrics
 from schemas import KnowledgeRecord, decode
 
 FIELD_DIM = 16
 AGE_BUCKETS = (18, 25, 35, 45, 50, 56)
+TRAIN_SHARE = 0.8
+COLD_START = 5  # a test row is cold-start when its user or its item has at most this many training rows
 
 
 @dataclass
@@ -51,6 +60,14 @@ class CTRData:
     train: np.ndarray  # row indices
     valid: np.ndarray
     test: np.ndarray
+    cold: np.ndarray | None = None  # the test rows whose user or item is cold-start (row indices)
+
+    def __post_init__(self) -> None:
+        if self.cold is None:
+            seen_u = np.bincount(self.user_index[self.train], minlength=self.cardinalities[0])
+            seen_i = np.bincount(self.item_index[self.train], minlength=self.cardinalities[1])
+            test_u, test_i = self.user_index[self.test], self.item_index[self.test]
+            self.cold = self.test[(seen_u[test_u] <= COLD_START) | (seen_i[test_i] <= COLD_START)]
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -70,23 +87,27 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
-def movielens_ctr(ml: MovieLens, train_share: float = 0.8, valid_share: float = 0.1) -> tuple[CTRData, list[str], list[str]]:
-    """The CTR rows of every rating, split by time; also the user and item ids in index order."""
-    users = sorted(ml.users, key=int)
-    items = sorted(ml.items, key=int)
+def catalogue_ctr(ml: Catalogue, train_share: float = TRAIN_SHARE, valid_share: float = 0.1) -> tuple[CTRData, list[str], list[str]]:
+    """The CTR rows of every rating, split by time (the catalogue's order: `ml.time_cut(train_share)` is the
+    first validation row's time); also the user and item ids in index order. Fields the catalogue lacks
+    (age, gender, occupation, year, genres) are one constant value."""
+    if not ml.rated:
+        raise DataError(f"{ml.name}: `eval quality` needs ratings (its labels are rating >= 4); the interactions have none")
+    users = ml.user_ids()
+    items = ml.item_ids()
     u_index = {u: n for n, u in enumerate(users)}
     i_index = {i: n for n, i in enumerate(items)}
-    occupations = sorted({u.occupation for u in ml.users.values()})
-    genres = sorted({g for i in ml.items.values() for g in i.genres})
+    occupations = sorted({u.occupation or "" for u in ml.users.values()})
+    genres = sorted({g for i in ml.items.values() for g in i.genres}) or ["(none)"]
     years = [i.year for i in ml.items.values() if i.year]
-    year_edges = np.quantile(years, [0.2, 0.4, 0.6, 0.8])
-    ratings = sorted(ml.ratings, key=lambda r: r.timestamp)
+    year_edges = np.quantile(years, [0.2, 0.4, 0.6, 0.8]) if years else np.array([])
+    ratings = ml.ratings  # in time order
     rows, genre_rows, labels = [], np.zeros((len(ratings), len(genres)), np.float32), []
     for n, r in enumerate(ratings):
         user, item = ml.users[r.user_id], ml.items[r.item_id]
         year = 0 if not item.year else 1 + int(np.searchsorted(year_edges, item.year))
-        rows.append((u_index[r.user_id], i_index[r.item_id], int(np.searchsorted(AGE_BUCKETS, user.age)),
-                     int(user.gender == "F"), occupations.index(user.occupation), year))
+        age = 0 if user.age is None else int(np.searchsorted(AGE_BUCKETS, user.age))
+        rows.append((u_index[r.user_id], i_index[r.item_id], age, int(user.gender == "F"), occupations.index(user.occupation or ""), year))
         for g in item.genres:
             genre_rows[n, genres.index(g)] = 1.0 / len(item.genres)
         labels.append(1.0 if r.rating >= 4 else 0.0)
@@ -167,7 +188,10 @@ def train_and_test(data: CTRData, knowledge: tuple[np.ndarray, np.ndarray] | Non
     assert best_state is not None
     model.load_state_dict(best_state)
     probs = predict(data.test)
-    return {"auc": auc(data.labels[data.test], probs), "logloss": logloss(data.labels[data.test], probs), "valid_auc": best}
+    assert data.cold is not None
+    cold = np.isin(data.test, data.cold)
+    return {"auc": auc(data.labels[data.test], probs), "logloss": logloss(data.labels[data.test], probs), "valid_auc": best,
+            "cold_auc": auc(data.labels[data.test][cold], probs[cold]) if cold.any() else float("nan")}
 
 
 def read_knowledge(path: Path) -> dict[tuple[str, str], KnowledgeRecord]:
@@ -191,6 +215,49 @@ def knowledge_vectors(records: dict[tuple[str, str], KnowledgeRecord], users: li
     return side("user", users), side("item", items)
 
 
+def prompt_vectors(ml: Catalogue, users: list[str], items: list[str], as_of: int, encoder) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """The `prompt-only` control: each entity's prompt as of `as_of`, encoded like its knowledge (no LLM)."""
+    u = encoder.encode([user_prompt(ml, user, as_of=as_of) for user in users]).astype(np.float32)
+    i = encoder.encode([item_prompt(ml, item) for item in items]).astype(np.float32)
+    return u, i
+
+
+def shuffled(vectors: tuple[np.ndarray, np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The `shuffled` control: every entity with a vector gets another such entity's (one permutation per side)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for side in vectors:
+        side = side.copy()
+        present = np.flatnonzero(np.abs(side).sum(1) > 0)
+        side[present] = side[rng.permutation(present)]
+        out.append(side)
+    return out[0], out[1]
+
+
+def interval(diffs: list[float]) -> list[float]:
+    """The 95 % t interval of the mean of paired differences, [low, high]."""
+    from scipy.stats import t
+
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return [mean, mean]
+    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return [mean - half, mean + half]
+
+
+def file_texts(records: dict[tuple[str, str], KnowledgeRecord], summary: dict) -> dict:  # type: ignore[type-arg]
+    """Text metrics of one knowledge file, over all its texts and per entity kind; the token cap is the
+    largest limit of the file's runs."""
+    caps = [r["max_new_tokens"] for r in summary.get("runs", []) if r.get("max_new_tokens")]
+    cap = max(caps) if caps else None
+
+    def of(kind: str | None) -> dict:  # type: ignore[type-arg]
+        chosen = [r for (k, _), r in sorted(records.items()) if kind is None or k == kind]
+        return text_metrics([r.text for r in chosen], [r.token_count for r in chosen], cap)
+
+    return of(None) | {"token_cap": cap, "by_kind": {kind: of(kind) for kind in ("user", "item")}}
+
+
 def text_agreement(ar: dict, relaxed: dict, encoder) -> dict[str, float]:  # type: ignore[no-untyped-def,type-arg]
     """Per entity present in both: MiniLM cosine of the two texts, token-count ratio, identical or not."""
     both = sorted(ar.keys() & relaxed.keys())
@@ -203,11 +270,16 @@ def text_agreement(ar: dict, relaxed: dict, encoder) -> dict[str, float]:  # typ
             "identical_share": float(np.mean([ar[k].text == relaxed[k].text for k in both]))}
 
 
-def generation_figures(summary_file: Path) -> dict[str, float]:
-    if not summary_file.exists():
+def read_summary(knowledge_file: Path) -> dict:  # type: ignore[type-arg]
+    path = knowledge_file.with_name(knowledge_file.name.removesuffix(".jsonl") + ".summary.json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def generation_figures(summary: dict) -> dict[str, float]:  # type: ignore[type-arg]
+    if not summary:
         return {}
-    s = json.loads(summary_file.read_text())
-    return {"tokens_per_s": s["tokens_per_s"], "wall_s": s["wall_s"], "mean_accepted": s["mean_accepted"], "entities": s["entities"]}
+    return {"tokens_per_s": summary["tokens_per_s"], "wall_s": summary["wall_s"], "mean_accepted": summary["mean_accepted"],
+            "entities": summary["entities"]}
 
 
 def compare(data: CTRData, variants: dict[str, tuple[np.ndarray, np.ndarray] | None], seeds: int) -> dict:  # type: ignore[type-arg]
@@ -217,74 +289,126 @@ def compare(data: CTRData, variants: dict[str, tuple[np.ndarray, np.ndarray] | N
         for name, knowledge in variants.items():
             runs[name].append(train_and_test(data, knowledge, seed))
             print(f"  seed {seed} {name}: AUC {runs[name][-1]['auc']:.4f} LogLoss {runs[name][-1]['logloss']:.4f}", flush=True)
-    out = {"variants": {}}
+    def spread(values: list[float]) -> dict:  # type: ignore[type-arg]
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "ci95": interval(values)}
+
+    out: dict = {"variants": {}, "cold_start": {}}  # type: ignore[type-arg]
     for name, results in runs.items():
-        aucs, losses = [r["auc"] for r in results], [r["logloss"] for r in results]
-        out["variants"][name] = {"auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-                                 "logloss_mean": statistics.mean(losses),
-                                 "logloss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                                 "auc": aucs, "logloss": losses}
+        aucs, losses, cold = [r["auc"] for r in results], [r["logloss"] for r in results], [r["cold_auc"] for r in results]
+        a, loss, c = spread(aucs), spread(losses), spread(cold)
+        out["variants"][name] = {"auc_mean": a["mean"], "auc_std": a["std"], "auc_ci95": a["ci95"], "logloss_mean": loss["mean"],
+                                 "logloss_std": loss["std"], "auc": aucs, "logloss": losses}
+        out["cold_start"][name] = {"auc_mean": c["mean"], "auc_std": c["std"], "auc_ci95": c["ci95"], "auc": cold}
+    out["cold_start_rows"] = len(data.cold) if data.cold is not None else 0
     if "ar" in runs and "relaxed" in runs and seeds > 1:
         from scipy.stats import ttest_rel
 
-        diffs = [r["auc"] - a["auc"] for r, a in zip(runs["relaxed"], runs["ar"], strict=True)]
-        test = ttest_rel([r["auc"] for r in runs["relaxed"]], [a["auc"] for a in runs["ar"]])
-        out["relaxed_vs_ar"] = {"auc_diff_mean": statistics.mean(diffs), "auc_diff_std": statistics.stdev(diffs),
-                                "auc_diffs": diffs, "paired_t": float(test.statistic), "p_value": float(test.pvalue)}
+        for key, metric in (("relaxed_vs_ar", "auc"), ("relaxed_vs_ar_cold_start", "cold_auc")):
+            diffs = [r[metric] - a[metric] for r, a in zip(runs["relaxed"], runs["ar"], strict=True)]
+            test = ttest_rel([r[metric] for r in runs["relaxed"]], [a[metric] for a in runs["ar"]])
+            out[key] = {"auc_diff_mean": statistics.mean(diffs), "auc_diff_std": statistics.stdev(diffs), "ci95": interval(diffs),
+                        "auc_diffs": diffs, "paired_t": float(test.statistic), "p_value": float(test.pvalue)}
     return out
 
 
 def plot(report: dict, path: Path) -> None:  # type: ignore[type-arg]
+    """Left: test AUC per variant with 95 % intervals over seeds, whole test set and cold-start slice, on an
+    axis from 0.5 (chance). Right: relaxed − ar per seed and its 95 % interval, on an axis centred at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["variants"])
-    means = [report["variants"][n]["auc_mean"] for n in names]
-    stds = [report["variants"][n]["auc_std"] for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(names, means, yerr=stds, capsize=6, color=["#999999", "#4477aa", "#ee6677"][: len(names)])
-    low = min(m - s for m, s in zip(means, stds, strict=True))
-    ax.set_ylim(low - 0.01, max(m + s for m, s in zip(means, stds, strict=True)) + 0.005)
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title("DeepFM on MovieLens-100k, by knowledge", fontsize=11)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1.3]})
+    x = np.arange(len(names))
+    for offset, (label, key, colour) in zip((-0.2, 0.2), (("whole test set", "variants", "#4477aa"),
+                                                          ("cold-start slice", "cold_start", "#ee6677"))):
+        means = np.array([report[key][n]["auc_mean"] for n in names])
+        ci = np.array([report[key][n]["auc_ci95"] for n in names])
+        left.bar(x + offset, means - 0.5, 0.4, bottom=0.5, yerr=[means - ci[:, 0], ci[:, 1] - means], capsize=4, color=colour,
+                 label=label)
+    left.set_xticks(x, names)
+    left.set_ylim(0.5, max(0.8, max(report["variants"][n]["auc_ci95"][1] for n in names) + 0.02))
+    left.set_ylabel("test AUC (axis from 0.5 = chance)")
+    left.legend(fontsize=8, loc="upper left")
+    left.set_title(f"DeepFM on {report['setup']['dataset']}, by knowledge (95 % CI over seeds)", fontsize=10)
+    for n, key in enumerate(k for k in ("relaxed_vs_ar", "relaxed_vs_ar_cold_start") if k in report):
+        diff = report[key]
+        right.scatter([n] * len(diff["auc_diffs"]), diff["auc_diffs"], s=12, color="grey")
+        right.errorbar([n], [diff["auc_diff_mean"]], yerr=[[diff["auc_diff_mean"] - diff["ci95"][0]], [diff["ci95"][1] - diff["auc_diff_mean"]]],
+                       fmt="o", color="black", capsize=5)
+    right.axhline(0, color="black", lw=0.8)
+    for bound in (-0.002, 0.002):
+        right.axhline(bound, color="grey", lw=0.8, ls="--")
+    right.set_xticks([0, 1], ["whole", "cold start"])
+    right.set_xlim(-0.6, 1.6)
+    right.set_ylabel("relaxed − ar AUC (dashes: ±0.002)")
+    right.set_title("per seed, mean and 95 % CI", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5) -> dict:  # type: ignore[type-arg]
+def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5, catalogue: Catalogue | None = None) -> dict:  # type: ignore[type-arg]
+    """The whole downstream test on `catalogue` (default MovieLens-100k) with the two knowledge files."""
     from pool_builder.embeddings import TextEncoder
 
-    ml = load_movielens()
-    data, users, items = movielens_ctr(ml)
+    ml = catalogue or load_movielens()
+    data, users, items = catalogue_ctr(ml)
+    boundary = ml.time_cut(TRAIN_SHARE)
     encoder = TextEncoder()
     ar, relaxed = read_knowledge(ar_path), read_knowledge(relaxed_path)
-    print(f"CTR rows: {len(data.train)} train, {len(data.valid)} valid, {len(data.test)} test (split by time); "
-          f"knowledge: {len(ar)} ar, {len(relaxed)} relaxed entities", flush=True)
-    variants = {"none": None, "ar": knowledge_vectors(ar, users, items, encoder),
-                "relaxed": knowledge_vectors(relaxed, users, items, encoder)}
+    summaries = {"ar": read_summary(ar_path), "relaxed": read_summary(relaxed_path)}
+    as_of = {mode: summary.get("as_of") for mode, summary in summaries.items()}
+    leaking = [mode for mode, cut in as_of.items() if cut is None or cut > boundary]
+    print(f"CTR rows: {len(data.train)} train, {len(data.valid)} valid, {len(data.test)} test (split by time at {boundary}), "
+          f"{len(data.cold)} test rows cold-start; knowledge: {len(ar)} ar, {len(relaxed)} relaxed entities", flush=True)
+    if leaking:
+        print(f"warning: the {' and '.join(leaking)} prompts saw ratings after the train/validation boundary (as of "
+              f"{', '.join(str(as_of[m] or 'every rating') for m in leaking)}): the knowledge rows leak test-period ratings; "
+              "regenerate with `dare generate-all` (its default --as-of eval)", flush=True)
+    ar_vectors = knowledge_vectors(ar, users, items, encoder)
+    variants = {"none": None, "prompt-only": prompt_vectors(ml, users, items, boundary, encoder), "shuffled": shuffled(ar_vectors),
+                "ar": ar_vectors, "relaxed": knowledge_vectors(relaxed, users, items, encoder)}
     report = compare(data, variants, seeds)
-    report["text"] = text_agreement(ar, relaxed, encoder)
-    report["generation"] = {mode: generation_figures(path.with_name(path.name.removesuffix(".jsonl") + ".summary.json"))
-                            for mode, path in (("ar", ar_path), ("relaxed", relaxed_path))}
-    report["setup"] = {"model": "DeepFM", "field_dim": FIELD_DIM, "seeds": seeds, "split": "by time: 80% train, 10% valid, 10% test",
-                       "label": "rating >= 4", "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)}}
+    report["as_of"] = {"boundary": boundary, "files": as_of, "leaking": leaking}
+    report["text"] = {mode: file_texts(records, summaries[mode]) for mode, records in (("ar", ar), ("relaxed", relaxed))}
+    report["agreement"] = text_agreement(ar, relaxed, encoder)
+    report["generation"] = {mode: generation_figures(summary) for mode, summary in summaries.items()}
+    report["setup"] = {"dataset": ml.name, "model": "DeepFM", "field_dim": FIELD_DIM, "seeds": seeds, "split": "by time: 80% train, 10% valid, 10% test",
+                       "label": "rating >= 4", "cold_start": f"test rows whose user or item has <= {COLD_START} training rows",
+                       "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test), "cold_start": len(data.cold)}}
     return report
 
 
 def format_report(report: dict) -> str:  # type: ignore[type-arg]
-    lines = ["| knowledge | AUC (mean ± std) | LogLoss (mean ± std) | seeds |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| knowledge | AUC, whole test set (mean ± std) | 95 % CI | AUC, cold start | 95 % CI | LogLoss | seeds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, v in report["variants"].items():
-        lines.append(f"| {name} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | {v['logloss_mean']:.4f} ± {v['logloss_std']:.4f} "
-                     f"| {len(v['auc'])} |")
-    if "relaxed_vs_ar" in report:
-        p = report["relaxed_vs_ar"]
-        lines.append(f"relaxed - ar AUC: {p['auc_diff_mean']:+.4f} ± {p['auc_diff_std']:.4f} (paired t {p['paired_t']:.2f}, "
-                     f"p = {p['p_value']:.3f})")
+        c = report.get("cold_start", {}).get(name, {})
+        cold = f"{c['auc_mean']:.4f} ± {c['auc_std']:.4f} | [{c['auc_ci95'][0]:.4f}, {c['auc_ci95'][1]:.4f}]" if c else "— | —"
+        lines.append(f"| {name} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | [{v['auc_ci95'][0]:.4f}, {v['auc_ci95'][1]:.4f}] | {cold} "
+                     f"| {v['logloss_mean']:.4f} | {len(v['auc'])} |")
+    for key, label in (("relaxed_vs_ar", "relaxed - ar AUC"), ("relaxed_vs_ar_cold_start", "relaxed - ar AUC, cold start")):
+        if key in report:
+            p = report[key]
+            lines.append(f"{label}: {p['auc_diff_mean']:+.4f}, 95 % CI [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] "
+                         f"(paired t {p['paired_t']:.2f}, p = {p['p_value']:.3f})")
+    if report.get("as_of", {}).get("leaking"):
+        lines.append(f"LEAKING: the {' and '.join(report['as_of']['leaking'])} prompts saw ratings after the train/validation "
+                     f"boundary ({report['as_of']['boundary']})")
     if "text" in report:
-        t = report["text"]
+        lines += ["", "| mode | kind | texts | distinct-2 | shared first sentence | repeated 6-grams | copied span mean / p95 (words) | truncated |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for mode, t in report["text"].items():
+            for kind, m in (("all", t), *t["by_kind"].items()):
+                truncated = "—" if m["truncated"] is None else f"{100 * m['truncated']:.1f}%"
+                lines.append(f"| {mode} | {kind} | {m['texts']} | {m['distinct_2']:.3f} | {100 * m['shared_first_sentence']:.1f}% "
+                             f"| {100 * m['repeated_6gram']:.1f}% | {m['copied_span_mean']:.1f} / {m['copied_span_p95']:.0f} | {truncated} |")
+    if "agreement" in report:
+        t = report["agreement"]
         lines.append(f"texts ({t['entities']} entities): MiniLM cosine relaxed vs ar {t['relaxed_vs_ar_cosine_mean']:.3f} "
                      f"(median {t['relaxed_vs_ar_cosine_median']:.3f}), length ratio {t['length_ratio_mean']:.2f}, "
                      f"identical {100 * t['identical_share']:.1f}%")

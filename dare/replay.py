@@ -1,4 +1,5 @@
-"""`dare produce`: MovieLens-100k events and prompts, or a JSONL file of schema messages (sent by `infra.kafka.produce`)."""
+"""`dare produce`: a catalogue's events and prompts (MovieLens-100k by default), or a JSONL file of schema
+messages (sent by `infra.kafka.produce`)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,18 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from dare.data import item_events, load_movielens, prompt_request, user_events
+from dare.data import Catalogue, item_events, prompt_request, user_events
 from infra.settings import Settings
 from schemas import ALL_MESSAGES, Message, SchemaError, Topics, decode
 
 
-def movielens_messages(kind: str, limit: int | None, mode: str | None = None) -> tuple[str, Iterable[Message]]:
+def catalogue_messages(ml: Catalogue, kind: str, limit: int | None, mode: str | None = None) -> tuple[str, Iterable[Message]]:
     """(topic attribute, messages) for 'user-events', 'item-events' or 'prompts' (user prompts)."""
-    ml = load_movielens()
     if kind == "user-events":
         return "user_events", user_events(ml, limit)
     if kind == "item-events":
         return "item_events", list(item_events(ml))[:limit]
-    users = sorted(ml.users, key=int)[:limit]
+    users = ml.user_ids()[:limit]
     return "prompts", (prompt_request(ml, "user", u, request_id=f"user-{u}-{int(time.time())}", mode=mode) for u in users)
 
 

@@ -81,3 +81,40 @@ def lm(model_cache: Path):  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     return load_model(None, "cpu", "float32", model_cache)
+
+
+# ---------------------------------------------------------------- a catalogue of one's own (RecBole atomic files)
+
+
+def write_shop(root, users=30, items=12, per_user=6):
+    """A small synthetic catalogue in RecBole's atomic format: `root/shop/shop.{inter,item,user}`, with
+    column names other than MovieLens's (item_name, category, brand, region)."""
+    import random
+
+    rng = random.Random(0)
+    shop = root / "shop"
+    shop.mkdir(parents=True, exist_ok=True)
+    kinds = ["Outdoor", "Kitchen", "Books", "Toys"]
+    (shop / "shop.item").write_text("item_id:token\titem_name:token_seq\tcategory:token_seq\tbrand:token\n" + "".join(
+        f"p{i}\tItem number {i}\t{kinds[i % 4]} Gifts\tbrand{i % 3}\n" for i in range(items)))
+    (shop / "shop.user").write_text("user_id:token\tage:token\tregion:token\n" + "".join(
+        f"c{u}\t{20 + u}\tregion{u % 5}\n" for u in range(users)))
+    rows = [f"c{u}\tp{rng.randrange(items)}\t{rng.randint(1, 5)}\t{1_600_000_000 + u * 100 + n}\n"
+            for u in range(users) for n in range(per_user)]
+    (shop / "shop.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(rows))
+    return shop
+
+
+def write_templates(root, user="Customer {user_id} ({profile}, {region}) bought:\n{history}\nDescribe their taste.",
+                    item="Describe {title} by {brand} ({genres})."):
+    templates = root / "templates"
+    templates.mkdir(exist_ok=True)
+    (templates / "user.txt").write_text(user + "\n")
+    (templates / "item.txt").write_text(item + "\n")
+    return templates
+
+
+@pytest.fixture
+def shop_files(tmp_path: Path) -> tuple[Path, Path]:
+    """(catalogue directory, templates directory) of a small synthetic shop: 30 customers, 12 products."""
+    return write_shop(tmp_path), write_templates(tmp_path)

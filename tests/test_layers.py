@@ -1,4 +1,4 @@
-"""The floors (README, "Architecture"): import-linter's contracts in pyproject.toml hold for the
+"""The floors (docs/design.md, "Floors"): import-linter's contracts in pyproject.toml hold for the
 code, and they catch an upward import, a sibling-service import, and Kafka in the engine."""
 
 import os

@@ -3,8 +3,8 @@
 transformers' SDPA path repeats every key/value head for each query head it serves (`repeat_kv`)
 whenever a mask is given: a full copy of the cache per layer per forward, the largest cost of a
 batched verify step on CPU (SmolLM2: 3 query heads per key/value head). On the CPU, torch's SDPA
-takes the grouping itself (`enable_gqa`, with a mask: 91 vs 237 us per layer for one token after
-440, 184 vs 233 us for 8 tokens, same values). Elsewhere (CUDA's fused kernels refuse a mask with
+takes the grouping itself (`enable_gqa`, with a mask; 2.6x faster per layer for one token where it
+was measured, same values). Elsewhere (CUDA's fused kernels refuse a mask with
 `enable_gqa`) the query heads that share a key/value head are stacked along the query axis instead,
 so attention reads the cache in place. Same result up to summation order.
 

@@ -4,10 +4,10 @@ Verifying n tokens costs cost(n) (measured on this device, this model, once, the
 The draft tree's scores estimate each node's chance of acceptance; recent steps calibrate
 them. The budget takes the prefix of the tree (in score order) that maximises expected
 tokens per second: (1 + calibration * sum(scores[:n])) / cost(1 + n).
-On this CPU a 64-token verify costs ~4x a step, so trees stay small; on a GPU it costs ~1x,
-so the whole tree is worth sending. A batch verified in one padded forward costs
-cost(rows x width), read off the single-row curve by total tokens (on this CPU within ~20 % of
-measured batch costs; it overestimates 2-4 tokens per row): `allocate` picks the batch's width.
+On a CPU a 64-token verify can cost several one-token steps, so trees stay small; on a GPU it costs
+about one, so the whole tree is worth sending. A batch verified in one padded forward costs
+cost(rows x width), read off the single-row curve by total tokens (an approximation: attention
+reads every row's context; docs/under-load.md): `allocate` picks the batch's width.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
 
 def plausible(cost: CostModel, slack: float = 1.15) -> bool:
     """Whether no probe costs more than `slack` times the next larger one: a step of more tokens is never
-    much cheaper. A curve measured while something else ran on the cores is usually not (seen: 1 token
-    374 ms, 2 tokens 122 ms; 1 token 100 ms, 2 tokens 80 ms, 16 tokens 281 ms, 24 tokens 264 ms)."""
+    much cheaper. A curve measured while something else ran on the cores is usually not (seen: a
+    1-token probe 3x the 2-token one; 16 tokens dearer than 24)."""
     sizes = sorted(cost.seconds)
     return all(cost.seconds[a] <= slack * cost.seconds[b] for a, b in pairwise(sizes))
 

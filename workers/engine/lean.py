@@ -1,8 +1,8 @@
 """A lean forward for Llama-shaped models: the engine's steps without transformers' per-layer Python.
 
 With packed weights, transformers' modelling code (module calls, keyword plumbing, mask and output
-objects, separate q/k/v and gate/up calls) was ~5-10 ms of a 45-70 ms step of SmolLM2 on this CPU
-(README, "A lean forward"). This is the same computation written straight through, in the style of gpt-fast's model
+objects, separate q/k/v and gate/up calls) was a tenth or more of a small model's step on a CPU
+(docs/engine.md). This is the same computation written straight through, in the style of gpt-fast's model
 loop: embedding, then per layer RMSNorm, q/k/v as one GEMM, rotary, the cache's `update`, grouped-query
 SDPA with the engine's 4D mask, o, RMSNorm, gate/up as one GEMM, down; final norm and head. It uses
 the model's own modules and weights (fused copies of q/k/v and gate/up in the layers' kind: as

@@ -7,7 +7,7 @@ up to a bucket (padding tokens see only themselves and are never read back) and 
 fixed number of cache columns (the cache's capacity, whose unused columns the mask hides), so
 steady-state steps hit graphs compiled earlier. Every compilation is counted and logged; a decode
 that keeps compiling is a bug. On the 2-core CPU measured so far, matmuls are ~80 % of an eager step
-and the compiled step was slower, so compiling is opt-in (README, "The engine's forward").
+and the compiled step was slower, so compiling is opt-in (docs/engine.md).
 
 Prefill stays eager: prompts have every length, and a long forward is arithmetic-bound anyway.
 """

@@ -56,7 +56,7 @@ def require_vllm() -> None:
 
     if importlib.util.find_spec("vllm") is None:
         raise VllmMissing("the vLLM backend needs the vllm extra: run `make install-vllm` and use .venv-vllm/bin/dare "
-                          "(README, 'DARE inside vLLM')")
+                          "(docs/vllm.md)")
 
 
 def dare_args(mode: str, **more: Any) -> dict:

@@ -10,8 +10,8 @@ kernels read the weights at well under the memory's bandwidth. Two lighter kerne
 - `fp16`: fbgemm's fp16 GEMM (`quantized::linear_dynamic_fp16`: weights rounded to fp16, prepacked;
   activations and accumulation fp32). Rounding weights to fp16 moves SmolLM2's logits by ~0.03.
 
-`auto` takes blocks where the weights are blocks, else fp16, on a CPU with AVX2 at float32 (README,
-"The engine's forward", has the figures). Strict mode equals this engine's own greedy decoding at the
+`auto` takes blocks where the weights are blocks, else fp16, on a CPU with AVX2 at float32 (docs/engine.md
+has the figures). Strict mode equals this engine's own greedy decoding at the
 same weights.
 
 No model code is patched: every `nn.Linear` child is swapped for a `PackedLinear` that keeps the
