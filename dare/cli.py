@@ -442,6 +442,16 @@ def cmd_pool_builder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from dare.synth import synth
+
+    start = time.perf_counter()
+    counts = synth(args.out, args.users, args.items, args.ratings, args.genres, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"wrote {args.out}/{args.out.name}.{{inter,item,user}}: {counts['users']:,} users, {counts['items']:,} items, "
+          f"{counts['ratings']:,} ratings, {counts['genres']} genres in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def cmd_workload(args: argparse.Namespace) -> int:
 
     from dare.data import load_movielens
@@ -586,6 +596,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=positive_int, default=32, help="pool texts per segment")
     p.add_argument("--held-out", type=positive_int, default=3, help="held-out prompts per segment")
     p.set_defaults(func=cmd_workload)
+
+    p = sub.add_parser("data", help="catalogues: `synth` writes a synthetic one of any size in RecBole's atomic files")
+    p.add_argument("action", choices=["synth"])
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the catalogue directory (its name names the files)")
+    p.add_argument("--users", type=positive_int, default=10_000, help="users (default 10,000)")
+    p.add_argument("--items", type=positive_int, default=2_000, help="items (default 2,000)")
+    p.add_argument("--ratings", type=positive_int, default=200_000, help="ratings (default 200,000)")
+    p.add_argument("--genres", type=positive_int, default=18, help="genres (default 18)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("generate-all", help="knowledge for every user and item of a catalogue (default MovieLens-100k), "
                                             "through the pipeline (resumable)")

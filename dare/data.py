@@ -25,6 +25,7 @@ from pathlib import Path
 from schemas import ItemEvent, PromptRequest, UserEvent
 
 HISTORY_LIMIT = 15
+EVAL_TRAIN_SHARE = 0.8  # `dare eval quality` trains on the oldest 80 % of the ratings; prompts see only those by default
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 OCCUPATIONS_AS_SPOKEN = {"none": "not employed", "other": "in another occupation"}
 
@@ -96,7 +97,7 @@ class Catalogue:
 
     def time_cut(self, share: float) -> int:
         """The timestamp before which the oldest `share` of the ratings lie (the CTR test's train/validation
-        boundary is `time_cut(0.8)`): the first timestamp of the rest."""
+        boundary is `time_cut(EVAL_TRAIN_SHARE)`): the first timestamp of the rest."""
         return self.ratings[min(len(self.ratings) - 1, int(share * len(self.ratings)))].timestamp
 
     def user_ids(self) -> list[str]:

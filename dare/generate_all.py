@@ -11,7 +11,7 @@ Users and items are interleaved (user 1, item 1, user 2, item 2, ..., then the r
 both kinds of pools fill from the start, so drafting conditions do not change half-way, and a batch
 always mixes long user prompts with short item prompts, so the progress rate (and its ETA) is steady.
 
-As of a cut-off (`as_of`, default the CTR test's train/validation boundary, `Catalogue.time_cut(0.8)`): a
+As of a cut-off (`as_of`, default the CTR test's train/validation boundary, `time_cut(EVAL_TRAIN_SHARE)`): a
 user's prompt lists only ratings before it, so no knowledge text carries the ratings the downstream test
 predicts; users with no rating before it get no prompt (counted). The cut-off is recorded in the summary.
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dare.data import Catalogue, load_movielens, prompt_request
+from dare.data import EVAL_TRAIN_SHARE, Catalogue, load_movielens, prompt_request
 from dare.pipeline import Pipeline, PipelineError, pipeline, prepare_model
 from infra.kafka import produce
 from infra.settings import Settings
@@ -43,7 +43,6 @@ from schemas import KnowledgeRecord, Mode, PromptRequest, SchemaError, decode
 from workers.engine.model import model_id
 
 DATASET = "ml-100k"
-EVAL_SHARE = 0.8  # `dare eval quality` trains on the oldest 80 % of the ratings: prompts see only those by default
 
 
 class GenerateError(RuntimeError):
@@ -72,7 +71,7 @@ def summary_path(out: Path) -> Path:
 def resolve_as_of(catalogue: Catalogue, as_of: int | str | None) -> int | None:
     """`eval` (the CTR test's train/validation boundary), None or "none" (every rating), or a timestamp."""
     if as_of == "eval":
-        return catalogue.time_cut(EVAL_SHARE)
+        return catalogue.time_cut(EVAL_TRAIN_SHARE)
     if as_of is None or as_of == "none":
         return None
     return int(as_of)

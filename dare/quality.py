@@ -36,13 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dare.data import Catalogue, DataError, item_prompt, load_movielens, user_prompt
+from dare.data import EVAL_TRAIN_SHARE, Catalogue, DataError, item_prompt, load_movielens, user_prompt
 from dare.text_metrics import text_metrics
 from schemas import KnowledgeRecord, decode
 
 FIELD_DIM = 16
 AGE_BUCKETS = (18, 25, 35, 45, 50, 56)
-TRAIN_SHARE = 0.8
 COLD_START = 5  # a test row is cold-start when its user or its item has at most this many training rows
 
 
@@ -87,7 +86,7 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
-def catalogue_ctr(ml: Catalogue, train_share: float = TRAIN_SHARE, valid_share: float = 0.1) -> tuple[CTRData, list[str], list[str]]:
+def catalogue_ctr(ml: Catalogue, train_share: float = EVAL_TRAIN_SHARE, valid_share: float = 0.1) -> tuple[CTRData, list[str], list[str]]:
     """The CTR rows of every rating, split by time (the catalogue's order: `ml.time_cut(train_share)` is the
     first validation row's time); also the user and item ids in index order. Fields the catalogue lacks
     (age, gender, occupation, year, genres) are one constant value."""
@@ -357,7 +356,7 @@ def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5, catalogue: Ca
 
     ml = catalogue or load_movielens()
     data, users, items = catalogue_ctr(ml)
-    boundary = ml.time_cut(TRAIN_SHARE)
+    boundary = ml.time_cut(EVAL_TRAIN_SHARE)
     encoder = TextEncoder()
     ar, relaxed = read_knowledge(ar_path), read_knowledge(relaxed_path)
     summaries = {"ar": read_summary(ar_path), "relaxed": read_summary(relaxed_path)}

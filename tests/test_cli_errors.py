@@ -70,6 +70,7 @@ CASES = [
     ("generate-all-bad-as-of", ["generate-all", "--as-of", "yesterday"], {}, "--as-of"),
     ("generate-all-missing-catalogue", ["generate-all", "--dataset", "{root}/no-shop"], {}, "no no-shop.inter"),
     ("generate-all-missing-templates", ["generate-all", "--templates", "{root}/no-templates"], {}, "{root}/no-templates/user.txt"),
+    ("data-synth-unwritable-out", ["data", "synth", "--out", "{root}/a-file/synthetic"], {}, "{root}/a-file/synthetic"),
     ("produce-missing-catalogue", ["produce", "user-events", "--dataset", "{root}/no-shop"], {}, "no no-shop.inter"),
     ("generate-all-unreachable-broker", ["generate-all", "--bootstrap-servers", UNREACHABLE], {}, UNREACHABLE),
     ("eval-missing-knowledge", ["eval", "quality", "--ar", "{root}/missing.jsonl"], {}, "{root}/missing.jsonl"),
