@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget, DraftPause, allocate, drafting_value
+from workers.engine.budget import Budget, DraftPause, StepClock, allocate, drafting_value
 from workers.engine.draft import Drafter, DraftTree, NoDrafter
 from workers.engine.slots import SlotCache
 from workers.engine.steps import StepForward
@@ -101,7 +101,10 @@ class BatchDecoder:
         self.prefix = list(prefix)
         self.prefix_kv: torch.Tensor | None = None
         self.pause = DraftPause()
+        self.clock = StepClock()
         self.keep_s = {False: 0.0, True: 0.0}  # acceptance and cache bookkeeping per step, without / with drafts
+        self.expected = 1.0  # the last drafting step's value as expected before its forward (`drafting_value`)
+        self.emitted = 0  # tokens the current step emitted
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.joining)
@@ -183,6 +186,7 @@ class BatchDecoder:
         t0 = time.perf_counter()
         trees, drafting = self._draft()
         t1 = time.perf_counter()
+        rows, cost, self.emitted = len(self.rows), self.rows[0].budget.cost, 0
         ids, positions, mask = self._inputs(trees)
         logits = self.steps(self.cache, ids, positions, mask)
         t2 = time.perf_counter()
@@ -196,6 +200,11 @@ class BatchDecoder:
         self._keep_paths(paths)
         t3 = time.perf_counter()
         self.keep_s[drafting] = 0.8 * self.keep_s[drafting] + 0.2 * (t3 - t2)
+        if drafting:  # judged by what it did where a plain step has been timed, else by what it promised
+            gain = self.clock.gain(t3 - t0, self.emitted, rows, cost)
+            self.pause.judge(self.expected if gain is None else gain, rows)
+        elif any(row.drafts for row in self.rows):
+            self.clock.plain(t3 - t0, rows, cost)
         for row in self.rows:  # the shared forward's time is every row's time
             row.stats.retrieval_s += (t1 - t0) / len(self.rows)
             row.stats.forward_s += t2 - t1
@@ -212,7 +221,8 @@ class BatchDecoder:
     def _draft(self) -> tuple[list[DraftTree], bool]:
         """Each row's draft tree, cut to what pays (`allocate`); whether retrieval ran. Retrieval runs unless
         it has lately not paid for itself at this batch (`DraftPause`)."""
-        if not any(row.drafts for row in self.rows) or not self.pause.drafting(len(self.rows)):
+        rows = len(self.rows)
+        if not any(row.drafts for row in self.rows) or not self.pause.drafting(rows) or self.clock.wants_plain(rows):
             return [DraftTree() for _ in self.rows], False
         start = time.perf_counter()
         candidates = [row.drafter.get_candidates(row.context) if row.drafts else DraftTree() for row in self.rows]
@@ -222,7 +232,7 @@ class BatchDecoder:
         cost = self.rows[0].budget.cost
         sizes = allocate(scores, calibrations, cost)  # retrieval is spent: send what pays from here on
         accept_s = max(0.0, self.keep_s[True] - self.keep_s[False])
-        self.pause.judge(drafting_value(scores, calibrations, cost, retrieval_s, accept_s), len(self.rows))
+        self.expected = drafting_value(scores, calibrations, cost, retrieval_s, accept_s)
         return [c.prefix(n) for c, n in zip(candidates, sizes)], True
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
@@ -254,6 +264,7 @@ class BatchDecoder:
                 break
         if len(row.out) + len(new) >= row.max_new_tokens:
             new, row.done = new[: row.max_new_tokens - len(row.out)], True
+        self.emitted += len(new)
         row.out.extend(new)
         row.context.extend(new)
         row.drafter.update(new)

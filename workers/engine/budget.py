@@ -189,11 +189,48 @@ def drafting_value(scores: list[list[float]], calibrations: list[float], cost: C
 
 
 @dataclass
+class StepClock:
+    """What this batch's steps take on the device, against the cost curve. The curve is one request's
+    step by tokens; a batch's step differs (attention reads every row's context, the machine's speed
+    drifts), so a drafting step is judged by what it did, measured: its tokens per second against a plain
+    step's at the same rows. A plain step's time is the running ratio of observed plain steps to
+    cost(rows) (`ratio`), refreshed by the plain steps of pauses and, once a batch of `probe_rows` or more
+    has drafted `stale_after` steps in a row, by one plain step (`wants_plain`). A batch below
+    `probe_rows` never spends a step on measuring: few rows leave a step bound by reading the weights,
+    where drafts are nearly free."""
+
+    probe_rows: int = 4
+    stale_after: int = 32
+    decay: float = 0.7
+    ratio: float | None = None
+    since: int = 0  # drafting steps since the last plain one
+
+    def wants_plain(self, rows: int) -> bool:
+        return rows >= self.probe_rows and (self.ratio is None or self.since >= self.stale_after)
+
+    def plain(self, seconds: float, rows: int, cost: CostModel) -> None:
+        """After a step that did not retrieve: its whole time (forward and bookkeeping)."""
+        ratio = seconds / cost.cost(rows)
+        self.ratio = ratio if self.ratio is None else self.decay * self.ratio + (1 - self.decay) * ratio
+        self.since = 0
+
+    def gain(self, seconds: float, emitted: int, rows: int, cost: CostModel) -> float | None:
+        """After a drafting step (retrieval, forward and acceptance in `seconds`, `emitted` tokens): its
+        tokens per second over a plain step's at these rows; None before any plain step was seen."""
+        self.since += 1
+        if self.ratio is None or seconds <= 0:
+            return None
+        return (emitted / seconds) / (rows / (self.ratio * cost.cost(rows)))
+
+
+@dataclass
 class DraftPause:
     """Retrieval is skipped while it does not pay for the batch (a compute-bound device at a wide batch,
-    or requests whose pools hold nothing like them): the value of recent drafting steps (`drafting_value`,
-    averaged) below 1 pauses retrieval for `backoff` steps, doubling (to `longest`) while probes after a
-    pause still do not pay. A batch that has shrunk since the pause began drafts again at once."""
+    or requests whose pools hold nothing like them): the value of recent drafting steps (measured by
+    `StepClock.gain`, else expected by `drafting_value`; averaged) below 1 pauses retrieval for `backoff`
+    steps, doubling (to `longest`) while probes after a pause still do not pay. A batch that has shrunk to
+    `resume_share` of its rows at the pause or fewer drafts again at once (one row leaving a full batch
+    does not: it is back at the next poll)."""
 
     longest: int = 16
     decay: float = 0.7
@@ -201,10 +238,11 @@ class DraftPause:
     backoff: int = 1
     remaining: int = 0
     rows_at_pause: int = 0
+    resume_share: float = 0.75
 
     def drafting(self, rows: int) -> bool:
         """Whether this step retrieves drafts (counts a paused step down)."""
-        if self.remaining and rows < self.rows_at_pause:
+        if self.remaining and rows <= self.resume_share * self.rows_at_pause:
             self.remaining, self.backoff, self.value = 0, 1, 1.5
         if self.remaining:
             self.remaining -= 1
