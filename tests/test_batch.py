@@ -173,11 +173,12 @@ def test_the_step_clock_judges_drafting_steps_by_their_measured_tokens_per_secon
     from workers.engine.budget import StepClock
 
     curve = CostModel({1: 0.010, 64: 0.073})  # 1 ms a token past the first
-    clock = StepClock(probe_rows=4, stale_after=3)
+    clock = StepClock(probe_rows=4, stale_after=3, keep=5, trusted=3)
     assert not clock.wants_plain(rows=2) and clock.wants_plain(rows=8)  # small batches never spend a step measuring
     assert clock.gain(0.05, 16, 8, curve) is None  # no plain step timed yet
-    clock.plain(0.034, 8, curve)  # 8 rows took 2x what the one-row curve says for 8 tokens (0.017 s)
-    assert clock.ratio == pytest.approx(2.0) and not clock.wants_plain(rows=8)
+    for seconds in (0.5, 0.034, 0.034):  # 8 rows: a first slow step, then 2x what the one-row curve says (0.017 s)
+        clock.plain(seconds, 8, curve)
+    assert clock.ratio == pytest.approx(2.0) and not clock.wants_plain(rows=8)  # the median: one slow step does not set it
     assert clock.gain(0.068, 16, 8, curve) == pytest.approx(1.0)  # twice the tokens in twice the time
     assert clock.gain(0.136, 16, 8, curve) == pytest.approx(0.5)
     assert clock.gain(0.034, 24, 8, curve) == pytest.approx(3.0)
@@ -228,10 +229,10 @@ def test_the_scheduler_retrieves_only_while_drafts_pay(tiny, cost, retrieves):
         results.update({f.key: f for f in decoder.step()})
         steps += 1
     row_steps = sum(r.stats.steps for r in results.values())
-    if retrieves == "every step":  # all but the plain steps that time the device (the first, then 1 in 33)
-        assert CountingDrafter.calls >= 0.9 * row_steps and all(r.stats.mean_accepted > 1.5 for r in results.values())
+    if retrieves == "every step":  # all but the plain steps that time the device (the first 3, then 1 in 33), 4 rows each
+        assert CountingDrafter.calls >= row_steps - 4 * (3 + steps // 33) and all(r.stats.mean_accepted > 1.5 for r in results.values())
     else:
-        assert CountingDrafter.calls <= row_steps / 4 and sum(sum(r.stats.drafted) for r in results.values()) == 0
+        assert CountingDrafter.calls <= row_steps / 3 and sum(sum(r.stats.drafted) for r in results.values()) == 0
     for i, prompt in enumerate(prompts):
         assert results[i].token_ids == greedy(tiny, prompt, 40)[: len(results[i].token_ids)]
 
@@ -249,7 +250,7 @@ def test_drafts_pause_where_the_device_is_slower_than_the_curve_says(tiny):
     CountingDrafter.calls = 0
     for i, prompt in enumerate(prompts):
         decoder.add(i, prompt, CountingDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt), Budget(flat, max_tokens=8),
-                    Acceptance("strict"), 40)
+                    Acceptance("strict"), 100)
     results = {}
     while len(decoder):
         results.update({f.key: f for f in decoder.step()})
@@ -257,4 +258,4 @@ def test_drafts_pause_where_the_device_is_slower_than_the_curve_says(tiny):
     assert decoder.clock.ratio is not None and decoder.clock.ratio > 3  # 6 tokens: ~18 ms against the curve's 3
     assert CountingDrafter.calls <= row_steps / 3, (CountingDrafter.calls, row_steps)
     for i, prompt in enumerate(prompts):
-        assert results[i].token_ids == greedy(tiny, prompt, 40)[: len(results[i].token_ids)]
+        assert results[i].token_ids == greedy(tiny, prompt, 100)[: len(results[i].token_ids)]

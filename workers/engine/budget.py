@@ -193,34 +193,43 @@ class StepClock:
     """What this batch's steps take on the device, against the cost curve. The curve is one request's
     step by tokens; a batch's step differs (attention reads every row's context, the machine's speed
     drifts), so a drafting step is judged by what it did, measured: its tokens per second against a plain
-    step's at the same rows. A plain step's time is the running ratio of observed plain steps to
-    cost(rows) (`ratio`), refreshed by the plain steps of pauses and, once a batch of `probe_rows` or more
-    has drafted `stale_after` steps in a row, by one plain step (`wants_plain`). A batch below
-    `probe_rows` never spends a step on measuring: few rows leave a step bound by reading the weights,
-    where drafts are nearly free."""
+    step's at the same rows. A plain step's time is the median of the last `keep` plain steps' ratios to
+    cost(rows) (`ratio`; a single slow step — the first after a start, a pause of the machine — does not set
+    it), trusted from `trusted` samples on. Samples come from the plain steps of pauses and, while fewer
+    than `trusted` or once a batch of `probe_rows` or more has drafted `stale_after` steps in a row, from
+    plain steps taken to measure (`wants_plain`). A batch below `probe_rows` never spends a step on
+    measuring: few rows leave a step bound by reading the weights, where drafts are nearly free."""
 
     probe_rows: int = 4
     stale_after: int = 32
-    decay: float = 0.7
-    ratio: float | None = None
+    keep: int = 5
+    trusted: int = 3
+    samples: list[float] = field(default_factory=list)
     since: int = 0  # drafting steps since the last plain one
 
+    @property
+    def ratio(self) -> float | None:
+        if len(self.samples) < self.trusted:
+            return None
+        ordered = sorted(self.samples)
+        return ordered[len(ordered) // 2]
+
     def wants_plain(self, rows: int) -> bool:
-        return rows >= self.probe_rows and (self.ratio is None or self.since >= self.stale_after)
+        return rows >= self.probe_rows and (len(self.samples) < self.trusted or self.since >= self.stale_after)
 
     def plain(self, seconds: float, rows: int, cost: CostModel) -> None:
         """After a step that did not retrieve: its whole time (forward and bookkeeping)."""
-        ratio = seconds / cost.cost(rows)
-        self.ratio = ratio if self.ratio is None else self.decay * self.ratio + (1 - self.decay) * ratio
+        self.samples = [*self.samples, seconds / cost.cost(rows)][-self.keep :]
         self.since = 0
 
     def gain(self, seconds: float, emitted: int, rows: int, cost: CostModel) -> float | None:
         """After a drafting step (retrieval, forward and acceptance in `seconds`, `emitted` tokens): its
-        tokens per second over a plain step's at these rows; None before any plain step was seen."""
+        tokens per second over a plain step's at these rows; None until plain steps are trusted."""
         self.since += 1
-        if self.ratio is None or seconds <= 0:
+        ratio = self.ratio
+        if ratio is None or seconds <= 0:
             return None
-        return (emitted / seconds) / (rows / (self.ratio * cost.cost(rows)))
+        return (emitted / seconds) / (rows / (ratio * cost.cost(rows)))
 
 
 @dataclass
