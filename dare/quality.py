@@ -270,7 +270,9 @@ def text_agreement(ar: dict, relaxed: dict, encoder) -> dict[str, float]:  # typ
 
 
 def read_summary(knowledge_file: Path) -> dict:  # type: ignore[type-arg]
-    path = knowledge_file.with_name(knowledge_file.name.removesuffix(".jsonl") + ".summary.json")
+    from dare.generate_all import summary_path
+
+    path = summary_path(knowledge_file)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
