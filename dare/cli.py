@@ -49,8 +49,9 @@ def add_catalogue_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", type=Path, metavar="DIR",
                    help="a catalogue in RecBole atomic files: DIR/NAME.inter, DIR/NAME.item, optionally DIR/NAME.user, "
                         "NAME being DIR's name (default: MovieLens-100k from the recbole package)")
-    p.add_argument("--templates", type=Path, metavar="DIR",
-                   help="prompt templates DIR/user.txt and DIR/item.txt with {placeholders} (default: dare/templates/, KAR's prompts)")
+    p.add_argument("--templates", metavar="NAME|DIR",
+                   help="prompt templates: a packaged set, kar (default: KAR's prompts) or short (answers in four sentences), "
+                        "or a directory DIR holding user.txt and item.txt with {placeholders}")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -212,7 +213,7 @@ def cmd_generate_all(args: argparse.Namespace) -> int:
     if args.log_level is None and "DARE_LOG_LEVEL" not in os.environ:  # the progress bar talks; services log to files
         configure_logging(settings.log_format, "warning")
     catalogue = load_catalogue(args.dataset, args.templates)  # a bad catalogue or template stops here, before anything starts
-    out = args.out or default_output(args.mode, catalogue.name)
+    out = args.out or default_output(args.mode, catalogue.name, catalogue.templates.source.name)  # type: ignore[union-attr]
     summary = run_generate_all(settings, args.mode, out, batch=args.batch, workers=args.workers, users=args.users,
                                items=args.items, max_entities=args.max_entities, ratings=args.ratings, stall_s=args.stall_timeout,
                                broker_port=args.broker_port, catalogue=catalogue, as_of=args.as_of)
@@ -230,7 +231,8 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
 
     settings_from(args)
     catalogue = load_catalogue(args.dataset, args.templates)
-    ar, relaxed = args.ar or default_output("ar", catalogue.name), args.relaxed or default_output("relaxed", catalogue.name)
+    ar, relaxed = (getattr(args, mode) or default_output(mode, catalogue.name, catalogue.templates.source.name)  # type: ignore[union-attr]
+                   for mode in ("ar", "relaxed"))
     for path in (ar, relaxed):
         if not path.is_file():
             raise FileNotFoundError(2, "no such knowledge file (make it with `dare generate-all --mode ...`)", str(path))

@@ -7,15 +7,19 @@ each file's first line naming its columns as `name:type` (RecBole's atomic files
 https://recbole.io/docs/user_guide/data/atomic_files.html). The default is MovieLens-100k from the installed
 recbole package (GroupLens terms: read from the package, never copied into the repo).
 
-Prompts are the files `user.txt` and `item.txt` of a templates directory (default: `dare/templates/`, KAR's
-preference-reasoning and factual-knowledge prompts), with `{placeholders}` filled per entity: see
-`user_values` and `item_values`.
+Prompts are the files `user.txt` and `item.txt` of a templates directory, with `{placeholders}` filled per
+entity: see `user_values` and `item_values`. Two sets ship in `dare/templates/`: `kar` (the default: KAR's
+open-ended preference-reasoning and factual-knowledge prompts) and `short` (the same facts, answered in at most
+four short sentences, so the model can finish). A set's version (`Templates.version`: its name and the hash of its
+text) travels with every prompt into its knowledge record.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import importlib.util
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +30,8 @@ from schemas import ItemEvent, PromptRequest, UserEvent
 
 HISTORY_LIMIT = 15
 EVAL_TRAIN_SHARE = 0.8  # `dare eval quality` trains on the oldest 80 % of the ratings; prompts see only those by default
-TEMPLATES_DIR = Path(__file__).parent / "templates"
+TEMPLATES_DIR = Path(__file__).parent / "templates"  # one directory per packaged set of templates
+DEFAULT_TEMPLATES = "kar"
 OCCUPATIONS_AS_SPOKEN = {"none": "not employed", "other": "in another occupation"}
 
 # RecBole's column names for the fields prompts and events use (first match wins); every other column is
@@ -74,6 +79,12 @@ class Templates:
     user: str
     item: str
     source: Path
+
+    @property
+    def version(self) -> str:
+        """"kar-1a2b3c4d": the set's directory name and the hash of both texts, so an edited set is told apart."""
+        digest = hashlib.sha256(f"{self.user}\0{self.item}".encode()).hexdigest()[:8]
+        return f"{self.source.name}-{digest}"
 
 
 @dataclass
@@ -165,11 +176,25 @@ def whole(text: str | None) -> int | None:
     return int(text) if text and text.strip().isdigit() else None
 
 
-def load_catalogue(path: Path | None = None, templates: Path | None = None) -> Catalogue:
-    """The catalogue in directory `path` (default: MovieLens-100k) with the prompt templates in
-    `templates` (default: `dare/templates/`). Errors name the file and line at fault."""
+def packaged_templates() -> list[str]:
+    return sorted(p.name for p in TEMPLATES_DIR.iterdir() if (p / "user.txt").is_file())
+
+
+def templates_dir(templates: Path | str | None) -> Path:
+    """A packaged set's name (`kar`, `short`) or a directory holding user.txt and item.txt; None: the default set."""
+    if templates is None or str(templates) in packaged_templates():
+        return TEMPLATES_DIR / str(templates or DEFAULT_TEMPLATES)
+    path = Path(templates)
+    if not path.is_dir() and os.sep not in str(templates) and not path.suffix:
+        raise DataError(f"--templates {templates}: neither a packaged set ({', '.join(packaged_templates())}) nor a directory")
+    return path
+
+
+def load_catalogue(path: Path | None = None, templates: Path | str | None = None) -> Catalogue:
+    """The catalogue in directory `path` (default: MovieLens-100k) with the prompt templates `templates` (see
+    `templates_dir`). Errors name the file and line at fault."""
     root = Path(path) if path is not None else movielens_dir()
-    return _load(root.resolve(), (Path(templates) if templates is not None else TEMPLATES_DIR).resolve())
+    return _load(root.resolve(), templates_dir(templates).resolve())
 
 
 @lru_cache(maxsize=4)
@@ -305,11 +330,13 @@ def item_prompt(catalogue: Catalogue, item_id: str) -> str:
 def prompt_request(ml: Catalogue, entity_kind: str, entity_id: str, request_id: str | None = None, as_of: int | None = None,
                    **extra: object) -> PromptRequest:
     prompt = user_prompt(ml, entity_id, as_of=as_of) if entity_kind == "user" else item_prompt(ml, entity_id)
+    assert ml.templates is not None
     return PromptRequest(
         request_id=request_id or f"{entity_kind}-{entity_id}",
         entity_kind=entity_kind,  # type: ignore[arg-type]
         entity_id=entity_id,
         prompt=prompt,
+        prompt_version=ml.templates.version,
         **extra,  # type: ignore[arg-type]
     )
 

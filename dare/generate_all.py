@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dare.data import EVAL_TRAIN_SHARE, Catalogue, load_movielens, prompt_request
+from dare.data import DEFAULT_TEMPLATES, EVAL_TRAIN_SHARE, Catalogue, load_movielens, prompt_request
 from dare.pipeline import Pipeline, PipelineError, pipeline, prepare_model
 from infra.kafka import produce
 from infra.settings import Settings
@@ -60,8 +60,10 @@ class Done:
         return {(r.entity_kind, r.entity_id) for r in self.records}
 
 
-def default_output(mode: str, dataset: str = DATASET) -> Path:
-    return Path("results") / "knowledge" / f"{dataset}-{mode}.jsonl"
+def default_output(mode: str, dataset: str = DATASET, templates: str = DEFAULT_TEMPLATES) -> Path:
+    """results/knowledge/ml-100k-ar.jsonl with the default templates, ml-100k-short-ar.jsonl with `short`."""
+    name = f"{dataset}-{mode}" if templates == DEFAULT_TEMPLATES else f"{dataset}-{templates}-{mode}"
+    return Path("results") / "knowledge" / f"{name}.jsonl"
 
 
 def summary_path(out: Path) -> Path:
@@ -77,14 +79,20 @@ def resolve_as_of(catalogue: Catalogue, as_of: int | str | None) -> int | None:
     return int(as_of)
 
 
-def check_as_of(out: Path, as_of: int | None) -> None:
-    """One file holds prompts of one cut-off (files from before cut-offs existed count as none)."""
+def check_prompts(out: Path, as_of: int | None, prompt_version: str) -> None:
+    """One file holds prompts of one cut-off and one templates version (files from before cut-offs existed count as
+    none; from before versions, as any)."""
     path = summary_path(out)
     if out.exists() and path.exists():
-        earlier = json.loads(path.read_text()).get("as_of")
+        summary = json.loads(path.read_text())
+        earlier = summary.get("as_of")
         if earlier != as_of:
             raise GenerateError(f"{out} was generated with prompts as of {earlier or 'none (every rating)'}; this run asks for "
                                 f"{as_of or 'none'}: one file holds one cut-off (use --out for another file, or --as-of {earlier or 'none'})")
+        version = summary.get("prompt_version")
+        if version not in (None, prompt_version):
+            raise GenerateError(f"{out} was generated with templates {version}; this run's are {prompt_version}: one file holds one "
+                                "templates version (use --out for another file, or the templates it was made with)")
 
 
 def read_done(out: Path, mode: str, model: str) -> Done:
@@ -136,7 +144,8 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
     ml = catalogue or load_movielens()
     model = model_id(settings.model)
     cut = resolve_as_of(ml, as_of)
-    check_as_of(out, cut)  # before anything starts: a file of another cut-off, mode or model is refused at once
+    assert ml.templates is not None
+    check_prompts(out, cut, ml.templates.version)  # before anything starts: a file of another cut-off, mode or model is refused at once
     done = read_done(out, mode, model)
     finished = done.entities
     no_history = 0
@@ -157,7 +166,7 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
                 "max_new_tokens": settings.max_new_tokens, "commit": commit(), "entities": 0, "tokens": 0, "wall_s": 0.0,
                 "duplicates": 0, "dead_lettered": {}, "lost": 0, "interrupted": False}
     if not requests:
-        return write_summary(out, mode, model, done.records, None, ml.name, cut)
+        return write_summary(out, mode, model, done.records, None, ml.name, cut, ml.templates.version)
     try:
         with pipeline(settings, "generate-all", stall_s, broker_port) as run:
             prepare_model(run.settings, threads)
@@ -174,7 +183,7 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
         raise
     finally:  # an interrupted run is accounted for too: its records stay in the file
         if this_run["entities"] or not this_run["interrupted"]:
-            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run, ml.name, cut)
+            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run, ml.name, cut, ml.templates.version)
     return summary
 
 
@@ -257,7 +266,7 @@ def recovered_runs(records: list[KnowledgeRecord], known: set[str]) -> list[dict
 
 
 def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecord], this_run: dict | None,  # type: ignore[type-arg]
-                  dataset: str = DATASET, as_of: int | None = None) -> dict:
+                  dataset: str = DATASET, as_of: int | None = None, prompt_version: str | None = None) -> dict:
     """Totals over every run that wrote to `out`; tokens/s = all tokens / the sum of the runs' decode spans."""
     path = summary_path(out)
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -268,7 +277,7 @@ def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecor
     steps = sum(r.stats.steps for r in records)
     wall = sum(r["wall_s"] for r in runs)
     summary = {
-        "dataset": dataset, "as_of": as_of, "mode": mode, "model": model, "file": str(out),
+        "dataset": dataset, "as_of": as_of, "prompt_version": prompt_version, "mode": mode, "model": model, "file": str(out),
         "entities": len(records),
         "users": sum(r.entity_kind == "user" for r in records),
         "items": sum(r.entity_kind == "item" for r in records),

@@ -370,11 +370,17 @@ def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5, catalogue: Ca
         print(f"warning: the {' and '.join(leaking)} prompts saw ratings after the train/validation boundary (as of "
               f"{', '.join(str(as_of[m] or 'every rating') for m in leaking)}): the knowledge rows leak test-period ratings; "
               "regenerate with `dare generate-all` (its default --as-of eval)", flush=True)
+    versions = {mode: summary.get("prompt_version") for mode, summary in summaries.items()}
+    if ml.templates and any(v not in (None, ml.templates.version) for v in versions.values()):
+        print(f"warning: the knowledge files' templates ({versions['ar']}, {versions['relaxed']}) are not the ones the "
+              f"prompt-only control encodes ({ml.templates.version}): pass the files' --templates", flush=True)
     ar_vectors = knowledge_vectors(ar, users, items, encoder)
     variants = {"none": None, "prompt-only": prompt_vectors(ml, users, items, boundary, encoder), "shuffled": shuffled(ar_vectors),
                 "ar": ar_vectors, "relaxed": knowledge_vectors(relaxed, users, items, encoder)}
     report = compare(data, variants, seeds)
     report["as_of"] = {"boundary": boundary, "files": as_of, "leaking": leaking}
+    report["prompt_version"] = {"prompt-only": ml.templates.version if ml.templates else None,
+                                **{mode: summary.get("prompt_version") for mode, summary in summaries.items()}}
     report["text"] = {mode: file_texts(records, summaries[mode]) for mode, records in (("ar", ar), ("relaxed", relaxed))}
     report["agreement"] = text_agreement(ar, relaxed, encoder)
     report["generation"] = {mode: generation_figures(summary) for mode, summary in summaries.items()}

@@ -72,6 +72,7 @@ class PromptRequest(Message):
     segment: Id | None = None
     mode: Mode | None = None  # None: the worker's default
     max_new_tokens: int | None = Field(None, ge=1, le=4096)
+    prompt_version: Id | None = None  # which templates wrote `prompt` (e.g. "kar-1a2b3c4d"); copied into the record
     created_at: float = Field(default_factory=time.time)
 
 
@@ -97,6 +98,7 @@ class KnowledgeRecord(Message):
     model: Id
     stats: DecodeStats
     worker: Id
+    prompt_version: Id | None = None  # the request's
     created_at: float = Field(default_factory=time.time)
 
 

@@ -126,3 +126,21 @@ def test_no_rating_at_or_after_the_cut_off_reaches_a_prompt(ml):
                 for r in ml.by_user[user_id] if r.timestamp < cut][-15:]
     assert lines == expected
     assert user_prompt(ml, user_id) != user_prompt(ml, user_id, as_of=cut)
+
+
+def test_packaged_templates_by_name_and_their_versions(ml, tmp_path):
+    """`--templates kar|short|DIR`: each set's version is its name and a hash of its text, in every prompt request."""
+    from dare.data import DataError, load_catalogue, prompt_request
+
+    kar, short = load_catalogue(templates="kar"), load_catalogue(templates="short")
+    assert ml.templates.version == kar.templates.version and kar.templates.version.startswith("kar-")
+    assert short.templates.version.startswith("short-") and short.templates.version != kar.templates.version
+    assert "at most four short sentences" in prompt_request(short, "item", "1").prompt
+    assert prompt_request(short, "user", "1").prompt_version == short.templates.version
+    edited = tmp_path / "kar"
+    edited.mkdir()
+    for kind in ("user", "item"):
+        (edited / f"{kind}.txt").write_text((kar.templates.source / f"{kind}.txt").read_text() + " Be brief.")
+    assert load_catalogue(templates=edited).templates.version != kar.templates.version  # same name, other text
+    with pytest.raises(DataError, match="neither a packaged set"):
+        load_catalogue(templates="shrot")

@@ -86,5 +86,8 @@ def test_a_catalogue_of_ones_own_in_recbole_atomic_files(kafka_settings, model_c
     assert all(r["request_id"].startswith("shop-ar-") and r["token_count"] > 0 for r in records)
     summary = json.loads(summary_path(out).read_text())
     assert summary["dataset"] == "shop" and summary["entities"] == 4 and summary["lost"] == 0
-    assert summary["as_of"] == load_catalogue(root, templates).time_cut(0.8)  # prompts as of the CTR test's boundary
+    shop = load_catalogue(root, templates)
+    assert summary["as_of"] == shop.time_cut(0.8)  # prompts as of the CTR test's boundary
+    assert summary["prompt_version"] == shop.templates.version and shop.templates.version.startswith("templates-")
+    assert {r["prompt_version"] for r in records} == {shop.templates.version}  # each record says which templates wrote it
     assert "replayed shop: 12 item events, 180 rating events" in done.stdout

@@ -186,6 +186,7 @@ class Worker:
             stats=DecodeStats(steps=s.steps, new_tokens=s.new_tokens, mean_accepted=s.mean_accepted, wall_s=s.wall_s,
                               retrieval_s=s.retrieval_s, forward_s=s.forward_s + s.prefill_s),
             worker=self.worker_id,
+            prompt_version=request.prompt_version,
         )
 
     def decoding(self) -> set[str]:
