@@ -12,7 +12,7 @@ import json
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workers.engine.budget import measure_cost
+from workers.engine.backends.transformers import measure_cost
 
 SHAPES = {
     "llama-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -12,7 +12,7 @@ for w in .gpu/b/wheels/*.whl; do  # install only what the machine lacks
   python -c "import $mod" 2>/dev/null || python -m pip install -q --no-deps --no-index "$w" >> "$OUT/env.txt" 2>&1
 done
 cat .gpu/m/part.aa .gpu/b/part.ab > .gpu/m/model.gguf
-python -c "from pathlib import Path; from workers.engine.model import convert_gguf; convert_gguf(Path('.gpu/m/model.gguf'), Path('.gpu/m/hf'))" > "$OUT/convert.txt" 2>&1
+python -c "from pathlib import Path; from workers.engine.runtime.model import convert_gguf; convert_gguf(Path('.gpu/m/model.gguf'), Path('.gpu/m/hf'))" > "$OUT/convert.txt" 2>&1
 # bf16 (the production setting), every method; then float32, where strict must equal greedy token for token.
 timeout "${BENCH_TIMEOUT:-300}" python -m dare.cli bench --model .gpu/m/hf --device cuda --dtype bfloat16 \
   --prompts .gpu/b/prompts.jsonl --max-new-tokens 128 --limit "${LIMIT:-8}" --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1

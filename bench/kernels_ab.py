@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from linear_kernels import packaged_blocks  # bench/ is on the path of a script run from it
 
-from workers.engine import blocks, kernels
+from workers.engine.runtime import blocks, kernels
 
 
 def build(source: str, directory: Path, name: str) -> object:
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old = subprocess.run(["git", "show", f"{args.old}:workers/engine/kernels.cpp"], check=True, capture_output=True,
+    old = subprocess.run(["git", "show", f"{args.old}:workers/engine/runtime/kernels.cpp"], check=True, capture_output=True,
                          text=True, cwd=kernels.SOURCE.parent).stdout
     with tempfile.TemporaryDirectory() as tmp:
         libs = {args.old: build(old, Path(tmp), "old"), "working tree": build(kernels.SOURCE.read_text(), Path(tmp), "new")}

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from infra.settings import default_cache_dir
-from workers.engine import blocks, kernels
-from workers.engine.model import LoadedModel, load_model
-from workers.engine.weights import BlockKernel, Fp16Kernel
+from workers.engine.runtime import blocks, kernels
+from workers.engine.runtime.model import LoadedModel, load_model
+from workers.engine.runtime.weights import BlockKernel, Fp16Kernel
 
 
 def median_ms(run: Callable[[], object], passes: int = 9) -> float:

@@ -20,11 +20,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from infra.settings import default_cache_dir
-from workers.engine import blocks, kernels
-from workers.engine.model import load_model
-from workers.engine.slots import SlotCache
-from workers.engine.steps import StepForward
-from workers.engine.verify import causal_mask, forward
+from workers.engine.runtime import blocks, kernels
+from workers.engine.runtime.cache import SlotCache
+from workers.engine.runtime.forward import causal_mask, forward
+from workers.engine.runtime.model import load_model
+from workers.engine.runtime.steps import StepForward
 
 CONTEXT = 300
 

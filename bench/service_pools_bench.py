@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from dare.bench import format_table, run_bench
+from dare.benchmarks.single import format_table, run_bench
+from dare.benchmarks.workload import POOL_PATH, BenchPrompt, default_prompts
 from dare.data import item_events, load_movielens, user_events
-from dare.workload import POOL_PATH, BenchPrompt, default_prompts
 from infra.settings import load_settings
 from pool_builder.builder import PoolBuilder
 from pool_builder.embeddings import TextEncoder

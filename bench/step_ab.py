@@ -16,9 +16,9 @@ import torch
 from profile_step import CONTEXT, cached_context  # bench/ is on the path of a script run from it
 
 from infra.settings import default_cache_dir
-from workers.engine import kernels, lean
-from workers.engine.model import load_model
-from workers.engine.verify import causal_mask
+from workers.engine.runtime import kernels, lean
+from workers.engine.runtime.forward import causal_mask
+from workers.engine.runtime.model import load_model
 
 
 @torch.inference_mode()

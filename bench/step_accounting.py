@@ -14,14 +14,13 @@ import statistics
 import time
 from collections import defaultdict
 
-from dare.batch_bench import run_dare
+from dare.benchmarks.batch import run_dare
+from dare.benchmarks.workload import POOL_PATH, SPEC_PATH, default_prompts, read_pool
 from dare.cli import load_lm
-from dare.workload import POOL_PATH, SPEC_PATH, default_prompts, read_pool
 from infra.settings import load_settings
-from workers.engine import batch
-from workers.engine.budget import load_or_measure
-from workers.engine.decode import Dare
-from workers.engine.model import chat_input_ids
+from workers.engine.backends import batch
+from workers.engine.backends.transformers import TransformersEngine, load_or_measure
+from workers.engine.runtime.model import chat_input_ids
 
 STEPS: list[dict] = []
 
@@ -64,7 +63,7 @@ def main() -> None:
     lm = load_lm(settings)
     cost = load_or_measure(lm, settings.cache_dir)
     pool, prompts = read_pool(POOL_PATH), default_prompts(SPEC_PATH)
-    dare = Dare(lm.model, lm.tokenizer, cost, steps=lm.steps)
+    dare = TransformersEngine(lm, cost)
     pools = {segment: dare.pool(texts) for segment, texts in pool.items()}
     global_pool = dare.pool(list(dict.fromkeys(t for texts in pool.values() for t in texts)))
     inputs = [chat_input_ids(lm.tokenizer, p.prompt) for p in prompts]

@@ -16,13 +16,13 @@ import time
 
 from transformers import AutoTokenizer
 
-from dare.vllm_bench import pool_sources
-from dare.workload import POOL_PATH, SPEC_PATH, default_prompts, read_pool
+from dare.benchmarks.vllm import pool_sources
+from dare.benchmarks.workload import POOL_PATH, SPEC_PATH, default_prompts, read_pool
 from infra.settings import Settings
-from workers.engine.decode import PoolTexts
-from workers.engine.draft import DraftConfig
-from workers.engine.model import cached_default_model, chat_input_ids
-from workers.engine.vllm_backend import VllmEngine, load_or_probe, runtime_env
+from workers.engine.algorithm.draft import DraftConfig
+from workers.engine.backends.transformers import PoolTexts
+from workers.engine.backends.vllm import VllmEngine, load_or_probe, runtime_env
+from workers.engine.runtime.model import cached_default_model, chat_input_ids
 
 
 def main() -> None:

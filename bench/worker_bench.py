@@ -31,7 +31,7 @@ from statistics import median
 
 import torch
 
-from dare.workload import POOL_PATH, default_prompts, read_pool
+from dare.benchmarks.workload import POOL_PATH, default_prompts, read_pool
 from infra.broker import EmbeddedBroker, free_port
 from infra.kafka import ensure_topics, make_producer
 from infra.reader import read_topic

@@ -78,7 +78,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def load_lm(settings: Settings):  # type: ignore[no-untyped-def]
-    from workers.engine.model import load_model
+    from workers.engine import load_model
 
     return load_model(settings.model, settings.device, settings.dtype, settings.cache_dir, settings.threads, settings.compile, settings.weights)
 
@@ -130,9 +130,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dare.benchmarks.reference import hf_generate
     from dare.data import item_prompt, load_movielens, user_prompt
-    from workers.engine.model import chat_input_ids
-    from workers.engine.reference import hf_generate
+    from workers.engine import chat_input_ids
 
     settings = settings_from(args)
     if args.prompt:
@@ -298,14 +298,14 @@ def batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dare.bench import check_prompt_lengths, format_table, parse_methods, run_bench, write_json
-    from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
+    from dare.benchmarks.single import check_prompt_lengths, format_table, parse_methods, run_bench, write_json
+    from dare.benchmarks.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
 
     if args.backend == "vllm":
         require_vllm()
     settings = settings_from(args)
     if args.backend == "vllm":
-        from dare.vllm_bench import available_methods
+        from dare.benchmarks.vllm import available_methods
 
         methods = available_methods(args.methods)
     else:
@@ -318,8 +318,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     lm = load_lm(settings)
     check_prompt_lengths(lm, prompts, settings.max_new_tokens, str(args.prompts or "default workload"))
     if args.backend == "vllm":
-        from dare.vllm_bench import format_vllm_table, run_vllm_bench
-        from workers.engine.model import cached_default_model
+        from dare.benchmarks.vllm import format_vllm_table, run_vllm_bench
+        from workers.engine import cached_default_model
 
         model_dir = Path(settings.model).expanduser() if settings.model else cached_default_model(settings.cache_dir)
         print(f"bench: {len(prompts)} prompts, {', '.join(methods)}; batch 1 and the whole backlog, {settings.max_new_tokens} "
@@ -328,7 +328,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 repeat=args.repeat, eager=args.eager, k=args.draft_tokens)
         print(format_vllm_table(report))
     elif args.batch:
-        from dare.batch_bench import HF_SIZES, format_batch_table, run_batch_bench
+        from dare.benchmarks.batch import HF_SIZES, format_batch_table, run_batch_bench
 
         print(f"bench: {len(prompts)} prompts, batched hf-generate (sweep) vs batched DARE at batch {','.join(map(str, args.batch))}, "
               f"{settings.max_new_tokens} new tokens, pools from {pool_path}", file=sys.stderr, flush=True)
@@ -347,9 +347,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_load_bench(args: argparse.Namespace) -> int:
-    from dare.load_bench import DEFAULT_LOAD, git_commit, machine, merge_reports, parse_methods, run_load_bench
+    from dare.benchmarks.load import DEFAULT_LOAD, git_commit, machine, merge_reports, parse_methods, run_load_bench
+    from dare.benchmarks.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
     from dare.pipeline import pipeline, prepare_model
-    from dare.workload import POOL_PATH, SPEC_PATH, check_segments, default_prompts, read_pool, read_prompts
 
     if args.merge:
         report = merge_reports([json.loads(path.read_text()) for path in args.merge])
@@ -372,7 +372,7 @@ def cmd_load_bench(args: argparse.Namespace) -> int:
 
 
 def write_load_outputs(report: dict, args: argparse.Namespace) -> int:
-    from dare.load_bench import format_table, plot, write_report
+    from dare.benchmarks.load import format_table, plot, write_report
 
     print(format_table(report))
     if args.json:
@@ -395,7 +395,7 @@ def numbers(text: str) -> list[float]:
 
 
 def require_vllm() -> None:
-    from workers.engine.vllm_backend import require_vllm as check
+    from workers.engine import require_vllm as check
 
     check()
 
@@ -403,7 +403,7 @@ def require_vllm() -> None:
 def reexec_for_vllm() -> None:
     """vLLM's CPU kernels want Intel OpenMP preloaded and its thread count set before the process starts:
     start this command again with them, once."""
-    from workers.engine.vllm_backend import runtime_env
+    from workers.engine import runtime_env
 
     env = runtime_env()
     if env is not None:
@@ -456,8 +456,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_workload(args: argparse.Namespace) -> int:
 
+    from dare.benchmarks.workload import POOL_PATH, SPEC_PATH, make_pool_file, make_spec
     from dare.data import load_movielens
-    from dare.workload import POOL_PATH, SPEC_PATH, make_pool_file, make_spec
 
     settings = settings_from(args)
     spec = make_spec(load_movielens(), segments=args.segments, pool_size=args.pool_size, held_out=args.held_out)
@@ -655,17 +655,16 @@ def one_line(exc: BaseException) -> str:
     """What went wrong, in one line that names the input at fault."""
     from kafka.errors import KafkaError
 
+    from dare.benchmarks.workload import WorkloadError
     from dare.data import DataError
     from dare.generate_all import GenerateError
     from dare.pipeline import PipelineError
-    from dare.workload import WorkloadError
     from infra.broker import BrokerError
     from infra.kafka import BrokerUnavailable
     from infra.reader import UnknownTopic
     from pool_builder.checkpoint import CheckpointVersionError
     from schemas import SchemaError
-    from workers.engine.model import ModelLoadError
-    from workers.engine.vllm_backend import VllmMissing
+    from workers.engine import ModelLoadError, VllmMissing
 
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())

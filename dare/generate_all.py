@@ -40,7 +40,7 @@ from dare.pipeline import Pipeline, PipelineError, pipeline, prepare_model
 from infra.kafka import produce
 from infra.settings import Settings
 from schemas import KnowledgeRecord, Mode, PromptRequest, SchemaError, decode
-from workers.engine.model import model_id
+from workers.engine import model_id
 
 DATASET = "ml-100k"
 

@@ -139,8 +139,7 @@ def prepare_model(settings: Settings, threads: int) -> None:
     """Convert the model and measure the cost curve once here, so the workers start from the cache."""
     import torch
 
-    from workers.engine.budget import load_or_measure
-    from workers.engine.model import load_model
+    from workers.engine import load_model, load_or_measure
 
     print("preparing the model (the first run converts the packaged GGUF and measures this machine's "
           "verify-cost curve, ~45 s once)", flush=True)

@@ -77,7 +77,7 @@ def _session_cache_dir(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def lm(model_cache: Path):  # type: ignore[no-untyped-def]
     import torch
 
-    from workers.engine.model import load_model
+    from workers.engine.runtime.model import load_model
 
     torch.manual_seed(0)
     return load_model(None, "cpu", "float32", model_cache)

@@ -8,11 +8,12 @@ import time
 import pytest
 
 from tests.test_engine import EOS, VOCAB, greedy, tiny_llama
-from workers.engine.accept import Acceptance
-from workers.engine.batch import BatchDecoder
-from workers.engine.budget import Budget, CostModel
-from workers.engine.draft import DraftConfig, RetrievalDrafter
-from workers.engine.pool import Pool
+from workers.engine.algorithm.accept import Acceptance
+from workers.engine.algorithm.budget import Budget
+from workers.engine.algorithm.cost import CostModel
+from workers.engine.algorithm.draft import DraftConfig, RetrievalDrafter
+from workers.engine.algorithm.trie import Pool
+from workers.engine.backends.batch import BatchDecoder
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):
 
 
 def test_the_batch_budget_picks_a_width_the_cost_curve_pays_for():
-    from workers.engine.budget import allocate
+    from workers.engine.algorithm.budget import allocate
 
     scores = [[0.9, 0.8, 0.7, 0.6], [0.1, 0.05, 0.01], [0.5, 0.5]]
     flat = CostModel({1: 1.0, 512: 1.0})
@@ -125,7 +126,7 @@ def test_the_batch_budget_picks_a_width_the_cost_curve_pays_for():
 
 
 def test_drafting_overhead_counts_against_the_drafts():
-    from workers.engine.budget import allocate
+    from workers.engine.algorithm.budget import allocate
 
     likely = [[0.9, 0.8]] * 4
     mild = CostModel({1: 1.0, 4: 1.0, 8: 1.3, 12: 1.6})  # 4 rows: each draft per row adds 30 %
@@ -135,7 +136,7 @@ def test_drafting_overhead_counts_against_the_drafts():
 
 
 def test_retrieval_that_does_not_pay_is_valued_below_one():
-    from workers.engine.budget import drafting_value
+    from workers.engine.algorithm.budget import drafting_value
 
     mild = CostModel({1: 1.0, 4: 1.0, 8: 1.3, 12: 1.6})
     assert drafting_value([[0.9, 0.8]] * 4, [1.0] * 4, mild, 0.1, 0.0) == pytest.approx((10.8 / 1.7) / 4)
@@ -143,7 +144,7 @@ def test_retrieval_that_does_not_pay_is_valued_below_one():
 
 
 def test_a_drafting_pause_backs_off_while_drafts_do_not_pay_and_ends_when_they_do():
-    from workers.engine.budget import DraftPause
+    from workers.engine.algorithm.budget import DraftPause
 
     pause = DraftPause(longest=4)
     seen = []
@@ -170,7 +171,7 @@ def test_a_drafting_pause_backs_off_while_drafts_do_not_pay_and_ends_when_they_d
 
 
 def test_the_step_clock_judges_drafting_steps_by_their_measured_tokens_per_second():
-    from workers.engine.budget import StepClock
+    from workers.engine.algorithm.budget import StepClock
 
     curve = CostModel({1: 0.010, 64: 0.073})  # 1 ms a token past the first
     clock = StepClock(probe_rows=4, stale_after=3, keep=5, trusted=3)

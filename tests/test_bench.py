@@ -2,9 +2,8 @@ import json
 
 import pytest
 
-from dare.bench import check_prompt_lengths, format_table, parse_methods, run_bench
-from dare.cli import main
-from dare.workload import (
+from dare.benchmarks.single import check_prompt_lengths, format_table, parse_methods, run_bench
+from dare.benchmarks.workload import (
     POOL_PATH,
     SPEC_PATH,
     BenchPrompt,
@@ -14,6 +13,7 @@ from dare.workload import (
     read_pool,
     read_prompts,
 )
+from dare.cli import main
 
 
 def write(tmp_path, name, rows):
@@ -102,7 +102,7 @@ def test_bench_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
 
 
 def test_batched_bench_strict_rows_match_greedy_on_smollm(lm, model_cache):
-    from dare.batch_bench import format_batch_table, run_batch_bench
+    from dare.benchmarks.batch import format_batch_table, run_batch_bench
 
     prompts = [
         BenchPrompt("toy", "s1", "Introduce the movie Toy Story (1995) in two sentences."),
@@ -128,7 +128,7 @@ def test_batched_bench_strict_rows_match_greedy_on_smollm(lm, model_cache):
 
 
 def test_vllm_bench_methods_are_checked():
-    from dare.vllm_bench import HF_METHOD, VLLM_METHODS, available_methods
+    from dare.benchmarks.vllm import HF_METHOD, VLLM_METHODS, available_methods
 
     assert available_methods("vllm-greedy, dare-relaxed") == ["vllm-greedy", "dare-relaxed"]
     assert set(available_methods()) <= {*VLLM_METHODS, HF_METHOD} and "dare-relaxed" in available_methods()
@@ -137,7 +137,7 @@ def test_vllm_bench_methods_are_checked():
 
 
 def test_vllm_table_ratios_only_beside_vllm_greedy():
-    from dare.vllm_bench import format_vllm_table
+    from dare.benchmarks.vllm import format_vllm_table
 
     row = {"batch1_tokens_per_s": 50.0, "backlog_tokens_per_s": 90.0, "mean_accepted": 4.0}
     report = {"model": "m", "device": "cpu", "prompts": 2, "max_new_tokens": 8, "repeat": 1,

@@ -5,7 +5,7 @@ fp32, with every row the same whatever the number of rows beside it."""
 import pytest
 import torch
 
-from workers.engine import blocks, kernels
+from workers.engine.runtime import blocks, kernels
 
 pytestmark = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"block kernels do not run here: {kernels.unavailable()}")
 

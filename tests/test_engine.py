@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workers.engine.accept import Acceptance, accept
-from workers.engine.batch import BatchDecoder
-from workers.engine.budget import Budget, CostModel, allocate, cached_cost, plausible
-from workers.engine.draft import DraftConfig, DraftTree, RetrievalDrafter, build_draft
-from workers.engine.pool import LiveText, Pool
-from workers.engine.verify import ancestor_matrix
+from workers.engine.algorithm.accept import Acceptance, accept
+from workers.engine.algorithm.budget import Budget, allocate
+from workers.engine.algorithm.cost import CostModel, cached_cost, plausible
+from workers.engine.algorithm.draft import DraftConfig, DraftTree, NoDrafter, RetrievalDrafter, build_draft
+from workers.engine.algorithm.trie import LiveText, Pool
+from workers.engine.backends.batch import BatchDecoder
+from workers.engine.runtime.forward import ancestor_matrix
 
 VOCAB = 48
 EOS = 1
@@ -303,3 +304,23 @@ def test_strict_equals_greedy_on_other_model_families(family):
     pools = random_pools(model, rng, prompts)
     for prompt in prompts:
         assert decode(model, prompt, pools, "strict", n=24).token_ids == greedy(model, prompt, 24)
+
+
+def test_each_mode_maps_to_one_drafter_and_rule_for_every_backend():
+    """algorithm/modes.py is the one place a mode becomes a drafter and an acceptance rule."""
+    from workers.engine import Strategy
+
+    strategy = Strategy(top_k=3, min_prob=0.2)
+    pool = Pool(depth=8)
+    assert isinstance(strategy.drafter("ar", [(pool, 1.0)], [1, 2]), NoDrafter) and strategy.rule("ar") == Acceptance("strict")
+    assert isinstance(strategy.drafter("strict", [(pool, 1.0)], [1, 2]), RetrievalDrafter) and strategy.rule("strict") == Acceptance("strict")
+    assert strategy.rule("relaxed") == Acceptance("relaxed", 3, 0.2)
+    with pytest.raises(ValueError, match="mode must be one of ar, strict, relaxed"):
+        strategy.drafter("greedy", [], None)
+
+
+def test_open_engine_names_its_backends(tmp_path):
+    from workers.engine import open_engine
+
+    with pytest.raises(ValueError, match="backend must be one of transformers, vllm"):
+        open_engine("onnx", None, tmp_path)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from workers.engine import kernels
+from workers.engine.runtime import kernels
 
 pytestmark = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
 

@@ -10,11 +10,11 @@ import transformers
 from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
 from tests.test_weights import KINDS, stock_tiny
-from workers.engine import kernels, lean
-from workers.engine.draft import DraftConfig
-from workers.engine.slots import SlotCache
-from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
-from workers.engine.weights import FusedLinear, pack_linears
+from workers.engine.algorithm.draft import DraftConfig
+from workers.engine.runtime import kernels, lean
+from workers.engine.runtime.cache import SlotCache
+from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask, forward
+from workers.engine.runtime.weights import FusedLinear, pack_linears
 
 
 def tiny(family):

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from dare.load_bench import (
+from dare.benchmarks.load import (
     LoadBenchError,
     Sent,
     arrivals,
@@ -18,7 +18,7 @@ from dare.load_bench import (
     run_load_bench,
     worker_groups,
 )
-from dare.workload import BenchPrompt
+from dare.benchmarks.workload import BenchPrompt
 from schemas import DecodeStats, KnowledgeRecord
 
 
@@ -82,8 +82,8 @@ def test_point_figures_count_lost_prompts_and_leave_the_warm_up_out():
 @pytest.mark.integration
 @pytest.mark.model
 def test_a_small_load_run_answers_every_prompt_once_on_schedule(kafka_settings, lm, model_cache):
+    from dare.benchmarks.workload import POOL_PATH, default_prompts, read_pool
     from dare.pipeline import pipeline
-    from dare.workload import POOL_PATH, default_prompts, read_pool
 
     settings = kafka_settings.model_copy(update={"cache_dir": model_cache, "threads": 2})
     with pipeline(settings, "load-test", timeout_s=300) as run:
@@ -101,7 +101,7 @@ def test_a_small_load_run_answers_every_prompt_once_on_schedule(kafka_settings, 
 
 
 def test_reports_from_two_environments_merge_into_one_table():
-    from dare.load_bench import format_table, merge_reports
+    from dare.benchmarks.load import format_table, merge_reports
 
     def report(methods, rate, p50, **settings):
         points = [{"bench_method": m, "method": m, "backend": "transformers", "offered_prompts_per_s": r, "load_fraction": None,

@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from workers.engine.model import ModelLoadError, chat_input_ids, load_model
-from workers.engine.reference import hf_generate
+from dare.benchmarks.reference import hf_generate
+from workers.engine.runtime.model import ModelLoadError, chat_input_ids, load_model
 
 
 def test_loads_from_the_packaged_gguf_then_from_the_cache(lm, model_cache):

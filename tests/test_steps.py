@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from tests.test_engine import EOS, VOCAB, greedy, random_pools, tiny_llama
-from workers.engine.accept import Acceptance
-from workers.engine.batch import BatchDecoder
-from workers.engine.budget import Budget, CostModel
-from workers.engine.draft import DraftConfig, RetrievalDrafter
-from workers.engine.steps import StepForward, resolve_compile
+from workers.engine.algorithm.accept import Acceptance
+from workers.engine.algorithm.budget import Budget
+from workers.engine.algorithm.cost import CostModel
+from workers.engine.algorithm.draft import DraftConfig, RetrievalDrafter
+from workers.engine.backends.batch import BatchDecoder
+from workers.engine.runtime.steps import StepForward, resolve_compile
 
 
 @pytest.fixture(scope="module")

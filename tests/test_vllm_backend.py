@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.engine.accept import Acceptance
-from workers.engine.budget import CostModel
-from workers.engine.draft import DraftTree
-from workers.engine.pool import Pool
-from workers.engine.vllm_backend import allocate_packed, best_chain, chain_tokens, dare_args
+from workers.engine.algorithm.accept import Acceptance
+from workers.engine.algorithm.cost import CostModel
+from workers.engine.algorithm.draft import DraftTree
+from workers.engine.algorithm.trie import Pool
+from workers.engine.backends.vllm import allocate_packed, best_chain, chain_tokens, dare_args
 
 VOCAB = 512
 
@@ -100,7 +100,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engines(tiny_dir: Path):
     """vLLM's own greedy engine and the DARE engine, both in this process, over the same pools."""
     _needs_vllm()
-    from workers.engine.vllm_backend import VllmEngine
+    from workers.engine.backends.vllm import VllmEngine
 
     pools = {"s": Pool(depth=20)}
     common = {"max_model_len": 512, "tokenizer": False, "max_num_seqs": 16}
@@ -196,7 +196,7 @@ def test_relaxed_in_vllm_emits_only_tokens_the_rule_allows(engines, tiny_dir):
 # vLLM 0.32 starts at most two engines in one process: the `suffix` engine runs in a child.
 SUFFIX_RUN = """
 import json, sys
-from workers.engine.vllm_backend import VllmEngine
+from workers.engine.backends.vllm import VllmEngine
 engine = VllmEngine(sys.argv[1], "suffix", max_model_len=512, tokenizer=False, max_num_seqs=16)
 prompts, answers = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 

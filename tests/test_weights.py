@@ -11,10 +11,10 @@ import torch
 from tests.test_batch import join, pools_with_answers, run_to_end
 from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
-from workers.engine import kernels
-from workers.engine.batch import BatchDecoder
-from workers.engine.draft import DraftConfig
-from workers.engine.weights import (
+from workers.engine.algorithm.draft import DraftConfig
+from workers.engine.backends.batch import BatchDecoder
+from workers.engine.runtime import kernels
+from workers.engine.runtime.weights import (
     BlockKernel,
     NotBlocksError,
     PackedLinear,
@@ -109,7 +109,7 @@ def test_weights_setting():
 
 @needs_blocks
 def test_a_model_not_made_of_blocks_loads_fp16_on_auto_and_fails_clearly_on_blocks(lm, tmp_path):
-    from workers.engine.model import ModelLoadError, load_model
+    from workers.engine.runtime.model import ModelLoadError, load_model
 
     tiny_llama().to(torch.float32).save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
@@ -120,7 +120,7 @@ def test_a_model_not_made_of_blocks_loads_fp16_on_auto_and_fails_clearly_on_bloc
 
 @needs_fp16
 def test_the_packaged_model_loads_as_its_blocks_and_hf_generate_runs_stock(lm):
-    from workers.engine.reference import hf_generate
+    from dare.benchmarks.reference import hf_generate
 
     if kernels.unavailable() is None:  # the GGUF's weights are blocks, all of them
         assert lm.weights == "blocks" and "Q4_1/Q8_0 block weights" in lm.describe()

@@ -6,12 +6,12 @@ import threading
 import pytest
 from prometheus_client import REGISTRY
 
+from dare.benchmarks.reference import hf_generate
 from dare.data import load_movielens, prompt_request
 from infra.kafka import ensure_topics, make_producer
 from infra.reader import read_topic
 from schemas import DeadLetter, KnowledgeRecord, PoolText, PoolUpdate, PromptRequest, SegmentAssignment, Topics, decode, encode
-from workers.engine.model import chat_input_ids
-from workers.engine.reference import hf_generate
+from workers.engine.runtime.model import chat_input_ids
 from workers.service import Worker
 
 pytestmark = pytest.mark.integration

@@ -105,7 +105,7 @@ def test_worker_rides_out_a_broker_outage_mid_decode(model_cache, lm, monkeypatc
 
     from infra.broker import EmbeddedBroker, free_port
     from infra.settings import Settings
-    from workers.engine.batch import BatchDecoder
+    from workers.engine.backends.batch import BatchDecoder
     from workers.service import Worker
 
     step = BatchDecoder.step

@@ -12,8 +12,7 @@ from __future__ import annotations
 from infra.reader import TopicReader
 from infra.settings import Settings
 from schemas import PoolReplica, PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
-from workers.engine.decode import PoolTexts
-from workers.engine.pool import Pool
+from workers.engine import Pool, PoolTexts
 
 
 class LivePools:

@@ -9,8 +9,9 @@ the original bytes.
 
 Mode `ar` is the engine's own greedy decoding (no drafts), at batch 1 and in batches alike.
 
-Two engines behind the same loop: `transformers` (this project's BatchDecoder, the default) and
-`vllm` (DARE inside vLLM: vLLM's continuous batching, DARE's drafts and acceptance; the vllm extra).
+Two engines behind the same loop and the same decoder interface (`workers.engine.open_engine`):
+`transformers` (this project's batch decoder, the default) and `vllm` (DARE inside vLLM: vLLM's
+continuous batching, DARE's drafts and acceptance; the vllm extra).
 """
 
 from __future__ import annotations
@@ -30,17 +31,12 @@ from infra.delivery import Delivery, OffsetTracker, Undelivered, commit, consume
 from infra.kafka import ensure_topics, group_id, make_consumer
 from infra.settings import Settings
 from schemas import DecodeStats, KnowledgeRecord, Mode, PromptRequest, SchemaError, Topics, decode, encode
-from workers.engine.batch import RequestStats
-from workers.engine.budget import CostModel, load_or_measure
-from workers.engine.decode import Dare, PoolTexts
-from workers.engine.draft import DraftConfig
-from workers.engine.model import LoadedModel, cached_default_model, chat_input_ids
+from workers.engine import Decoder, DraftConfig, LoadedModel, PoolTexts, RequestStats, chat_input_ids, open_engine
 from workers.pools import LivePools, PoolFollower
 
 log = structlog.get_logger("worker")
 
 GROUP = "workers"  # consumer group: the topic prefix + this ("dare.workers" by default)
-VLLM_CONTEXT = 4096  # the vLLM engine's longest request (prompt + new tokens): bounds its KV cache
 
 PROMPTS = Counter("dare_worker_prompts_total", "Prompts answered", ["mode"])
 TOKENS = Counter("dare_worker_tokens_total", "Tokens generated", ["mode"])
@@ -100,24 +96,10 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.topics = Topics(settings.topic_prefix)
         self.stats = WorkerStats()
-        self.context_limit = int(getattr(lm.model.config, "max_position_embeddings", 8192))
-        self.dare: Dare | None = None
-        self.vllm = None
-        if backend == "vllm":
-            from workers.engine.vllm_backend import VllmEngine, load_or_probe
-
-            self.context_limit = min(self.context_limit, VLLM_CONTEXT)
-            model_dir = str(Path(settings.model).expanduser() if settings.model else cached_default_model(settings.cache_dir))
-            self.vllm = VllmEngine(model_dir, vllm_method, eager=eager, max_model_len=self.context_limit, max_num_seqs=batch,
-                                   prefix_caching=learn, forget_answers=not learn)
-            self.cost = load_or_probe(self.vllm, settings.cache_dir) if vllm_method == "dare" else CostModel.flat()
-            if vllm_method == "dare":
-                self.vllm.set_cost(self.cost)
-        elif backend == "transformers":
-            self.cost = load_or_measure(lm, settings.cache_dir)
-            self.dare = Dare(lm.model, lm.tokenizer, self.cost, steps=lm.steps)
-        else:
-            raise ValueError(f"backend must be transformers or vllm, not {backend!r}")
+        model_dir = str(Path(settings.model).expanduser()) if settings.model else None
+        self.engine = open_engine(backend, lm, settings.cache_dir, rows=batch, model_dir=model_dir, vllm_method=vllm_method,
+                                  eager=eager, learn=learn)
+        self._alone: Decoder | None = None  # `answer`'s decoder
         self.pools = LivePools(PoolTexts(lm.tokenizer, DraftConfig()))
         self.follower: PoolFollower | None = None
         self.ready = threading.Event()  # set once pools are loaded and partitions assigned
@@ -127,51 +109,33 @@ class Worker:
         """Input ids, token limit, mode and segment of a request; rejects what cannot be served."""
         max_new = request.max_new_tokens or self.settings.max_new_tokens
         input_ids = chat_input_ids(self.lm.tokenizer, request.prompt)
-        if len(input_ids) + max_new > self.context_limit:
+        if len(input_ids) + max_new > self.engine.context_limit:
             raise PromptRejected(
-                f"prompt of {len(input_ids)} tokens + {max_new} new tokens exceeds the model's context of {self.context_limit}",
+                f"prompt of {len(input_ids)} tokens + {max_new} new tokens exceeds the model's context of {self.engine.context_limit}",
                 "too_long",
             )
         if self.follower is not None:
             self.follower.poll()  # pools as fresh as the topic
         segment = self.pools.segment_of(request.entity_kind, request.entity_id, request.segment)
-        mode = request.mode or self.mode
-        if self.vllm is not None and self.vllm.method != "dare":
-            mode = "ar"  # vLLM's own method decodes every prompt (lossless: greedy's text)
-        return input_ids, max_new, mode, segment
+        return input_ids, max_new, self.engine.mode_for(request.mode or self.mode), segment
 
     def answer(self, request: PromptRequest) -> KnowledgeRecord:
         """Decode one prompt into its knowledge record, outside Kafka (benches, tools)."""
         input_ids, max_new, mode, segment = self.prepare(request)
-        if self.vllm is not None:
-            self.vllm.add(None, input_ids, max_new, mode, self.pools.sources(segment))
-            [out] = self.vllm.run()
-            return self.record(request, segment, mode, out.token_ids, out.stats)
-        assert self.dare is not None
-        out = self.dare.generate(input_ids, self.pools.sources(segment), mode, max_new)
-        return self.record(request, segment, mode, out.token_ids, out.stats)
-
-    def _decoder(self, rows: int):  # type: ignore[no-untyped-def]
-        """The engine's decoder for `rows` requests at once: add / step / len (the vLLM engine is one)."""
-        if self.vllm is not None:
-            return self.vllm
-        assert self.dare is not None
-        return self.dare.decoder(rows=rows)
-
-    def _add(self, decoder, key, input_ids: list[int], max_new: int, mode: Mode, segment: str | None) -> None:  # type: ignore[no-untyped-def]
-        sources = self.pools.sources(segment)
-        if self.vllm is not None:
-            self.vllm.add(key, input_ids, max_new, mode, sources)
-        else:
-            assert self.dare is not None
-            decoder.add(key, input_ids, *self.dare.request(input_ids, sources, mode), max_new)
+        if self._alone is None:  # kept: the transformers decoder keeps the prompt head's keys for the next
+            self._alone = self.engine.decoder(1)
+        self._alone.add(None, input_ids, max_new, mode, self.pools.sources(segment))
+        finished = []
+        while not finished:
+            finished = self._alone.step()
+        return self.record(request, segment, mode, finished[0].token_ids, finished[0].stats)
 
     def record(self, request: PromptRequest, segment: str | None, mode: Mode, token_ids: list[int], s: RequestStats
                ) -> KnowledgeRecord:
         text = self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
         if self.learn and text.strip():  # the paper's code: a generated text drafts for the next request at once
             self.pools.add_text(segment, f"{request.entity_kind}-{request.entity_id}", text)
-        cost = self.cost
+        cost = self.engine.cost
         verify_s = sum(cost.cost(1 + n) for n in s.drafted)
         SPEEDUP.set(sum(s.accepted) * cost.cost(1) / verify_s if verify_s else 1.0)  # from the cost curve: load-independent
         return KnowledgeRecord(
@@ -202,9 +166,7 @@ class Worker:
         self.follower = PoolFollower(self.settings, self.pools)
         applied = self.follower.poll(timeout_ms=500)
         log.info("pools loaded", updates=applied, segments=len(self.pools.pools), assignments=len(self.pools.assignments))
-        if self.vllm is not None and self.vllm.method == "suffix":  # its drafts come from the same texts as DARE's
-            texts = [t for pool in self.pools.replica.pools.values() for t in pool.values()]
-            self.vllm.seed_suffix_cache([self.lm.tokenizer.encode(t, add_special_tokens=False) for t in texts])  # type: ignore[attr-defined]
+        self.engine.learn_from([t for pool in self.pools.replica.pools.values() for t in pool.values()])  # vLLM suffix: DARE's texts
         self.delivery = Delivery(self.settings, "worker", stop)
         # At most as many prompts per poll as the decoder has room for keeps the time between polls
         # to one decode (batch 1) or one batch step: no rebalance storms.
@@ -227,7 +189,7 @@ class Worker:
     def _loop(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
         """Fetched prompts join the decoder while others decode; a partition's offset is committed up
         to its oldest prompt still in flight, once the records before it were acknowledged."""
-        decoder = self._decoder(self.batch)
+        decoder = self.engine.decoder(self.batch)
         offsets = OffsetTracker()
         while not stop.is_set() and not (not len(decoder) and self._finished(max_prompts, idle_timeout_s)):
             room = self.batch - len(decoder)
@@ -243,7 +205,7 @@ class Worker:
                     offsets.done(record)
                     continue
                 key = (record.topic, record.partition, record.offset)
-                self._add(decoder, key, input_ids, max_new, mode, segment)
+                decoder.add(key, input_ids, max_new, mode, self.pools.sources(segment))
                 self.in_flight[key] = InFlight(record, request, mode, segment)
             if len(decoder):
                 STEPS.inc()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.draft import DraftTree
+from workers.engine.algorithm.draft import DraftTree
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dare.benchmarks.workload import BenchPrompt
 from dare.pipeline import Pipeline, PipelineError
-from dare.workload import BenchPrompt
 from infra.broker import free_port
 from infra.kafka import make_producer
 from schemas import PoolText, PoolUpdate, PromptRequest, encode
@@ -337,7 +337,7 @@ def point_name(method: str) -> tuple[str, str]:
 
 def vllm_python() -> str:
     """The Python of the vLLM environment (`make install-vllm`), or $DARE_VLLM_PYTHON."""
-    path = os.environ.get("DARE_VLLM_PYTHON") or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+    path = os.environ.get("DARE_VLLM_PYTHON") or str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python")
     if not Path(path).is_file():
         raise LoadBenchError(f"vLLM methods run in the vLLM environment and {path} is missing: run `make install-vllm` "
                              "(or set DARE_VLLM_PYTHON)")

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from workers.engine.accept import Acceptance, accept
-from workers.engine.batch import Finished, RequestStats
-from workers.engine.budget import Budget, CostModel, cached_cost
-from workers.engine.draft import DraftConfig, DraftTree, RetrievalDrafter, Source
-
-MODES = ("ar", "strict", "relaxed")
+from workers.engine.algorithm.accept import Acceptance, accept
+from workers.engine.algorithm.budget import Budget
+from workers.engine.algorithm.cost import CostModel, cached_cost
+from workers.engine.algorithm.draft import DraftConfig, Drafter, DraftTree, Source
+from workers.engine.algorithm.modes import Strategy
+from workers.engine.backends.batch import Finished, RequestStats
 
 try:  # the extra may be absent: the rest of the project never needs it
     from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
@@ -61,9 +61,7 @@ def require_vllm() -> None:
 
 def dare_args(mode: str, **more: Any) -> dict:
     """`SamplingParams.extra_args` for a DARE request."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    return {"dare": {"mode": mode, **more}}
+    return {"dare": {"mode": Strategy().check(mode), **more}}
 
 
 def request_args(runner: Any, req_id: str) -> dict:
@@ -111,7 +109,7 @@ class RowState:
 
     key: str  # the request's id as its client knows it (vLLM's own id has a suffix)
     mode: str
-    drafter: RetrievalDrafter | None
+    drafter: Drafter | None
     seen: int  # context tokens the drafter's own-text source holds
     budget: Budget
     sent: int = 0  # draft tokens sent at the last step
@@ -129,9 +127,8 @@ class DareProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.runner: Any = None
         self.sources: dict[str, list[Source]] = {}  # pools of requests added but not yet seen, by client id
-        self.draft = DraftConfig(max_depth=self.k)
+        self.strategy = Strategy(DraftConfig(max_depth=self.k))
         self.cost = CostModel.flat()
-        self.self_weight = 1.0
         self.states: dict[str, RowState] = {}
         self.probe_width: int | None = None  # set by probe_cost: every row sends this many junk tokens
         self.retrieval_s = 0.0
@@ -140,17 +137,16 @@ class DareProposer:
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         pass  # nothing to load: the pools are handed over by `attach`
 
-    def attach(self, runner: Any, sources: dict[str, list[Source]], cost: CostModel, draft: DraftConfig, self_weight: float) -> None:
-        self.runner, self.sources, self.cost, self.self_weight = runner, sources, cost, self_weight
-        self.draft = DraftConfig(**{**vars(draft), "max_depth": min(draft.max_depth, self.k)})
+    def attach(self, runner: Any, sources: dict[str, list[Source]], cost: CostModel, strategy: Strategy) -> None:
+        self.runner, self.sources, self.cost = runner, sources, cost
+        draft = DraftConfig(**{**vars(strategy.draft), "max_depth": min(strategy.draft.max_depth, self.k)})  # chains of at most k
+        self.strategy = Strategy(draft, strategy.top_k, strategy.min_prob, strategy.self_weight)
 
     def _new_state(self, req_id: str, context: list[int]) -> RowState:
         args = request_args(self.runner, req_id)
         key, mode = args.get("id", req_id), args.get("mode", "ar")
         sources = self.sources.pop(key, [])
-        drafter = None
-        if mode != "ar":
-            drafter = RetrievalDrafter(sources, self.draft, prompt=context, self_weight=self.self_weight)
+        drafter = None if mode == "ar" else self.strategy.drafter(mode, sources, context)
         state = self.states[req_id] = RowState(key, mode, drafter, len(context), Budget(self.cost))
         return state
 
@@ -188,7 +184,7 @@ class DareProposer:
             state.sent, state.predicted = 0, 0.0
             if state.drafter is None or n + 1 >= self.max_model_len:
                 continue
-            tree = state.drafter.get_candidates(token_ids_cpu[i, max(0, n - self.draft.max_key) : n].tolist())
+            tree = state.drafter.get_candidates(token_ids_cpu[i, max(0, n - self.strategy.draft.max_key) : n].tolist())
             chains[i], scores[i] = best_chain(tree, min(self.k, self.max_model_len - n - 1))
             calibrations[i] = state.budget.calibration
         if self.probe_width is None:
@@ -246,21 +242,16 @@ def chain_tokens(logits: torch.Tensor, draft: list[int], rule: Acceptance) -> li
     return list(draft[: len(path)]) + [bonus]
 
 
-def _attach(worker: Any, sources: dict[str, list[Source]], cost: CostModel, draft: DraftConfig, self_weight: float,
-            rule: Acceptance) -> int:
+def _attach(worker: Any, sources: dict[str, list[Source]], cost: CostModel, strategy: Strategy) -> int:
     """Runs inside vLLM's worker (this process): hands the proposer its pools and installs the sampler."""
     runner = worker.model_runner
-    runner.drafter.attach(runner, sources, cost, draft, self_weight)
-    runner.rejection_sampler = DareRejectionSampler(runner.rejection_sampler, runner, rule)
+    runner.drafter.attach(runner, sources, cost, strategy)
+    runner.rejection_sampler = DareRejectionSampler(runner.rejection_sampler, runner, strategy.rule("relaxed"))
     return os.getpid()
 
 
 def _drafter(worker: Any) -> Any:
     return worker.model_runner.drafter
-
-
-def relaxed_rule(top_k: int = 2, min_prob: float = 0.1) -> Acceptance:
-    return Acceptance("relaxed", top_k, min_prob)
 
 
 METHODS = ("greedy", "ngram", "suffix", "dare")
@@ -273,8 +264,7 @@ class VllmEngine:
 
     def __init__(self, model_dir: str, method: str = "dare", *, k: int = 8, dtype: str = "float32", eager: bool = True,
                  max_model_len: int = 2048, kv_cache_gib: int = 1, threads: int | None = None, max_num_seqs: int = 64, seed: int = 0, tokenizer: bool = True, prefix_caching: bool = True, forget_answers: bool = False,
-                 cost: CostModel | None = None, draft: DraftConfig | None = None,
-                 self_weight: float = 1.0, top_k: int = 2, min_prob: float = 0.1) -> None:
+                 cost: CostModel | None = None, strategy: Strategy | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the proposer must share this process's pools
@@ -297,14 +287,13 @@ class VllmEngine:
                        max_num_seqs=max_num_seqs, speculative_config=speculative, disable_log_stats=True,
                        skip_tokenizer_init=not tokenizer, enable_prefix_caching=prefix_caching)
         self.engine = self.llm.llm_engine
-        self.draft = draft or DraftConfig()
+        self.context_limit = max_model_len
+        self.strategy = strategy or Strategy()
         self.sources: dict[str, list[Source]] = {}  # shared with the proposer (same process, same dict)
-        self.rule = relaxed_rule(top_k, min_prob)
-        self.self_weight = self_weight
-        self.cost = cost
+        self.cost = cost or CostModel.flat()
         self._proposer: DareProposer | None = None
         if method == "dare":
-            pids = self.llm.collective_rpc(_attach, args=(self.sources, cost or CostModel.flat(), self.draft, self_weight, self.rule))
+            pids = self.llm.collective_rpc(_attach, args=(self.sources, self.cost, self.strategy))
             if pids != [os.getpid()]:
                 raise RuntimeError(f"vLLM's worker runs in another process ({pids}); the DARE proposer needs it in-process")
         self._next_id = 0
@@ -324,6 +313,24 @@ class VllmEngine:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def name(self) -> str:
+        return f"vllm-{self.method}"
+
+    def mode_for(self, mode: str) -> str:
+        """vLLM's own methods decode every request greedily (`ar`: lossless, greedy's text), whatever it asks for."""
+        return self.strategy.check(mode) if self.method == "dare" else "ar"
+
+    def decoder(self, rows: int) -> VllmEngine:
+        """The engine is its own decoder: vLLM batches up to its `max_num_seqs` requests."""
+        return self
+
+    def learn_from(self, texts: Sequence[str]) -> None:
+        """`suffix`: cache the pools' texts as earlier answers, so it drafts from what DARE's pools hold."""
+        if self.method == "suffix":
+            tokenizer = self.llm.get_tokenizer()
+            self.seed_suffix_cache([tokenizer.encode(t, add_special_tokens=False) for t in texts])
 
     def seed_suffix_cache(self, responses: Sequence[Sequence[int]]) -> None:
         """`suffix` engines, between passes: forget every cached response (the answers of requests run

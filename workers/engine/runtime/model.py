@@ -17,10 +17,10 @@ from pathlib import Path
 import structlog
 import torch
 
-from workers.engine import kernels, lean
-from workers.engine.kernels import KernelBuildError
-from workers.engine.steps import Compile, StepForward, resolve_compile
-from workers.engine.weights import NotBlocksError, Weights, fp16_available, pack_linears, resolve_weights
+from workers.engine.runtime import kernels, lean
+from workers.engine.runtime.kernels import KernelBuildError
+from workers.engine.runtime.steps import Compile, StepForward, resolve_compile
+from workers.engine.runtime.weights import NotBlocksError, Weights, fp16_available, full_weights, pack_linears, resolve_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -46,6 +46,10 @@ class LoadedModel:
     steps: StepForward  # the decoding steps' forward (compiled or eager)
     weights: str = "full"  # the linear layers' weights in decoding: "blocks", "fp16" or "full" (at `dtype`): weights.py
     forward: str = "transformers"  # the engine's forward: "lean" or "lean+glue" (lean.py), or "transformers"
+
+    def full_weights(self):  # type: ignore[no-untyped-def]
+        """A context in which the model's forwards run on its weights as loaded, not the packed ones (the reference)."""
+        return full_weights(self.model)
 
     def describe(self) -> str:
         """Device and precision, as the benches print them."""

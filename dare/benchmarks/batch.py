@@ -16,12 +16,10 @@ import time
 from collections import deque
 from typing import get_args
 
-from dare.workload import BenchPrompt
+from dare.benchmarks.reference import hf_generate_batch
+from dare.benchmarks.workload import BenchPrompt
 from schemas import Mode
-from workers.engine.budget import load_or_measure
-from workers.engine.decode import Dare
-from workers.engine.model import LoadedModel, chat_input_ids
-from workers.engine.reference import hf_generate_batch
+from workers.engine import LoadedModel, TransformersEngine, chat_input_ids, load_or_measure
 
 HF_SIZES = (1, 2, 4, 8, 16, 32)
 REFERENCE = "hf-generate"
@@ -38,9 +36,9 @@ def run_hf(lm: LoadedModel, inputs: list[list[int]], batch: int, max_new: int) -
             "mean_accepted": 1.0, "outputs": outputs}
 
 
-def run_dare(dare: Dare, segments: list[str], inputs: list[list[int]], pools: dict, global_pool,  # type: ignore[no-untyped-def]
+def run_dare(dare: TransformersEngine, segments: list[str], inputs: list[list[int]], pools: dict, global_pool,  # type: ignore[no-untyped-def]
              mode: str, batch: int, max_new: int) -> dict:
-    """The backlog through one BatchDecoder of `batch` rows, each row refilled from the queue as soon as
+    """The backlog through one decoder of `batch` rows, each row refilled from the queue as soon as
     it finishes (continuous batching); prompt i drafts from its segment's pool and the global pool."""
     decoder = dare.decoder(rows=batch)
     waiting = deque(range(len(inputs)))
@@ -50,7 +48,7 @@ def run_dare(dare: Dare, segments: list[str], inputs: list[list[int]], pools: di
         while waiting and len(decoder) < batch:  # continuous batching: the batch stays full
             i = waiting.popleft()
             sources = [(pools[segments[i]], 1.0), (global_pool, 1.0)]
-            decoder.add(i, inputs[i], *dare.request(inputs[i], sources, mode), max_new)
+            decoder.add(i, inputs[i], max_new, mode, sources)
         for finished in decoder.step():
             results[finished.key] = finished
     wall = time.perf_counter() - start
@@ -66,7 +64,7 @@ def run_batch_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dic
                     max_new: int, cache_dir, hf_sizes: tuple[int, ...] = HF_SIZES, repeat: int = 1) -> dict:  # type: ignore[no-untyped-def]
     """Every configuration `repeat` times, in rounds (the machine's noise spreads over all of them);
     a configuration's figure is its median. `hf-generate` at batch 1, the exactness reference, runs once."""
-    dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm, cache_dir), steps=lm.steps)
+    dare = TransformersEngine(lm, load_or_measure(lm, cache_dir))
     pools = {segment: dare.pool(texts) for segment, texts in pool_texts.items()}
     global_pool = dare.pool(list(dict.fromkeys(t for texts in pool_texts.values() for t in texts)))
     inputs = [chat_input_ids(lm.tokenizer, p.prompt) for p in prompts]

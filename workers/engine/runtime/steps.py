@@ -20,8 +20,8 @@ from typing import Literal
 import structlog
 import torch
 
-from workers.engine.slots import SlotCache
-from workers.engine.verify import forward
+from workers.engine.runtime.cache import SlotCache
+from workers.engine.runtime.forward import forward
 
 log = structlog.get_logger("engine")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dare.data import MovieLens, item_prompt, load_movielens, user_prompt
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 SPEC_PATH = BENCH_DIR / "workload.json"
 POOL_PATH = BENCH_DIR / "pool.jsonl"
 
@@ -89,8 +89,8 @@ def default_prompts(spec_path: Path = SPEC_PATH) -> list[BenchPrompt]:
 
 def make_pool_file(lm, spec: dict, max_new_tokens: int, path: Path, batch_size: int = 16) -> int:  # type: ignore[no-untyped-def]
     """Generate every pool entity's knowledge with greedy decoding and write pool.jsonl."""
-    from workers.engine.model import chat_input_ids
-    from workers.engine.reference import hf_generate_batch
+    from dare.benchmarks.reference import hf_generate_batch
+    from workers.engine import chat_input_ids
 
     ml = load_movielens()
     jobs = [(name, seg["kind"], eid) for name, seg in spec["segments"].items() for eid in seg["pool"]]

@@ -18,11 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dare.batch_bench import run_dare
-from dare.workload import BenchPrompt, WorkloadError
-from workers.engine.decode import PoolTexts
-from workers.engine.draft import DraftConfig, Source
-from workers.engine.model import chat_input_ids
+from dare.benchmarks.batch import run_dare
+from dare.benchmarks.workload import BenchPrompt, WorkloadError
+from workers.engine import DraftConfig, PoolTexts, Source, chat_input_ids
 
 # name -> (vLLM engine method, request mode)
 VLLM_METHODS = {
@@ -86,7 +84,7 @@ def run_vllm_methods(model_dir: Path, prompt_ids: list[list[int]], segments: lis
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from workers.engine.vllm_backend import runtime_env
+    from workers.engine import runtime_env
 
     os.environ.update(runtime_env() or {})  # Intel OpenMP preloaded into the engines' processes (not this one)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -109,7 +107,7 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
 
     from transformers import AutoTokenizer
 
-    from workers.engine.vllm_backend import VllmEngine, load_or_probe
+    from workers.engine import VllmEngine, load_or_probe
 
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM logs to stdout: keep the parent's table alone there
     texts = PoolTexts(AutoTokenizer.from_pretrained(model_dir), DraftConfig())
@@ -161,10 +159,9 @@ def engine_figures(model_dir: Path, method: str, names: list[str], prompt_ids: l
 
 def run_hf(lm, prompt_ids: list[list[int]], segments: list[str], pool_texts: dict[str, list[str]],  # type: ignore[no-untyped-def]
            max_new_tokens: int, repeat: int, cache_dir: Path | None) -> Figures:
-    from workers.engine.budget import load_or_measure
-    from workers.engine.decode import Dare
+    from workers.engine import TransformersEngine, load_or_measure
 
-    dare = Dare(lm.model, lm.tokenizer, load_or_measure(lm, cache_dir), steps=lm.steps)
+    dare = TransformersEngine(lm, load_or_measure(lm, cache_dir))
     segment_pools = {s: dare.pool(t) for s, t in pool_texts.items()}
     global_pool = dare.pool(global_texts(pool_texts))
     f = Figures()

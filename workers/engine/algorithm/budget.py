@@ -1,139 +1,18 @@
-"""The draft budget: how many draft tokens to verify, from the device's cost curve.
+"""The draft budget: how many draft tokens to verify, from the device's cost curve (cost.py).
 
-Verifying n tokens costs cost(n) (measured on this device, this model, once, then cached).
 The draft tree's scores estimate each node's chance of acceptance; recent steps calibrate
 them. The budget takes the prefix of the tree (in score order) that maximises expected
 tokens per second: (1 + calibration * sum(scores[:n])) / cost(1 + n).
 On a CPU a 64-token verify can cost several one-token steps, so trees stay small; on a GPU it costs
-about one, so the whole tree is worth sending. A batch verified in one padded forward costs
-cost(rows x width), read off the single-row curve by total tokens (an approximation: attention
-reads every row's context; docs/under-load.md): `allocate` picks the batch's width.
+about one, so the whole tree is worth sending. `allocate` picks a batch's width; `StepClock` and
+`DraftPause` judge drafting at width by measured step times (docs/under-load.md).
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import pairwise
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import structlog
-import torch
-
-from workers.engine.slots import SlotCache
-from workers.engine.steps import StepForward
-from workers.engine.verify import causal_mask, forward
-
-if TYPE_CHECKING:
-    from workers.engine.model import LoadedModel
-
-log = structlog.get_logger()
-
-PROBE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-
-
-@dataclass
-class CostModel:
-    """Forward time (seconds) by number of input tokens, at a typical context length."""
-
-    seconds: dict[int, float]
-    device: str = "unknown"
-
-    def cost(self, n: int) -> float:
-        sizes = sorted(self.seconds)
-        if n <= sizes[0]:
-            return self.seconds[sizes[0]]
-        for lo, hi in pairwise(sizes):
-            if n <= hi:
-                t = (n - lo) / (hi - lo)
-                return self.seconds[lo] * (1 - t) + self.seconds[hi] * t
-        slope = (self.seconds[sizes[-1]] - self.seconds[sizes[-2]]) / (sizes[-1] - sizes[-2])
-        return self.seconds[sizes[-1]] + slope * (n - sizes[-1])
-
-    def milliseconds(self) -> dict[int, float]:
-        return {n: round(1000 * t, 1) for n, t in self.seconds.items()}
-
-    @classmethod
-    def flat(cls) -> CostModel:
-        """A device where any tree up to 64 costs one step (e.g. a large GPU)."""
-        return cls({1: 1.0, 64: 1.0}, "flat")
-
-
-@torch.inference_mode()
-def measure_cost(steps: StepForward, device: torch.device, context: int = 300, repeats: int = 5,
-                 sizes: tuple[int, ...] = PROBE_SIZES) -> CostModel:
-    """Fastest of `repeats` timings of a decoding step of each draft size after a `context`-token prefill,
-    through the steps' own forward (compiled steps: at their padded width, reading the whole cache). The
-    fastest, not the median: another process on the cores only ever adds time, and a curve measured so is
-    cached for every later run."""
-    model = steps.model
-    vocab, dtype = model.config.vocab_size, next(model.parameters()).dtype
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, context), generator=generator).to(device)
-    cache = SlotCache(model)
-    cache.reserve(1, context + steps.width(max(sizes) + 1))
-    cache.prepare(0, torch.arange(context)[None], context)
-    forward(model, cache, prompt, torch.arange(context, device=device)[None], causal_mask(context, 0, dtype).to(device))
-    seconds = {}
-    for n in sizes:
-        width = steps.width(n)
-        span = steps.span(cache, context + width)
-        samples = []
-        for _ in range(repeats + 1):  # the first run warms up (and compiles)
-            ids = torch.randint(0, vocab, (1, width), generator=generator).to(device)
-            positions = torch.arange(context, context + width)[None]
-            cache.prepare(0, positions, span)  # written over the same columns every time
-            positions, mask = positions.to(device), causal_mask(width, context, dtype, span).to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            steps(cache, ids, positions, mask)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-        seconds[n] = min(samples[1:])
-    return CostModel(seconds, str(device))
-
-
-def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
-    """The cost curve of this model's decoding steps on this device, measured once and cached as JSON
-    (by model, device, CPU capability, dtype, packed weights, forward, threads and whether steps are compiled)."""
-    capability = torch.backends.cpu.get_cpu_capability() if lm.device.type == "cpu" else torch.cuda.get_device_name(lm.device)
-    compiled = "-compiled" if lm.steps.compiled else f"-{lm.forward}"
-    packed = "" if lm.weights == "full" else f"-{lm.weights}w"
-    key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}{packed}-{torch.get_num_threads()}t{compiled}".replace("/", "_").replace(" ", "_")
-    return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))
-
-
-def plausible(cost: CostModel, slack: float = 1.15) -> bool:
-    """Whether no probe costs more than `slack` times the next larger one: a step of more tokens is never
-    much cheaper. A curve measured while something else ran on the cores is usually not (seen: a
-    1-token probe 3x the 2-token one; 16 tokens dearer than 24)."""
-    sizes = sorted(cost.seconds)
-    return all(cost.seconds[a] <= slack * cost.seconds[b] for a, b in pairwise(sizes))
-
-
-def cached_cost(path: Path | None, measure: Callable[[], CostModel]) -> CostModel:
-    """The cost curve stored at `path` (JSON), or `measure()`d and stored there (None: never stored).
-    A stored curve that is not `plausible` is measured again; a fresh one that is not gets one more try."""
-    if path and path.is_file():
-        data = json.loads(path.read_text())
-        cost = CostModel({int(k): v for k, v in data["seconds"].items()}, data["device"])
-        if plausible(cost):
-            return cost
-        log.warning("stored cost curve is implausible (measured on a busy machine?): measuring again", path=str(path),
-                    ms=cost.milliseconds())
-    cost = measure()
-    if not plausible(cost):
-        log.warning("cost curve implausible (is the machine busy?): measuring once more", ms=cost.milliseconds())
-        cost = measure()
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": cost.seconds, "device": cost.device}, indent=1))
-    return cost
+from workers.engine.algorithm.cost import CostModel
 
 
 @dataclass

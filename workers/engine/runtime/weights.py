@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from workers.engine import blocks, kernels
+from workers.engine.runtime import blocks, kernels
 
 Weights = Literal["auto", "blocks", "fp16", "full"]
 Packed = Literal["blocks", "fp16"]

@@ -25,9 +25,9 @@ from weakref import WeakKeyDictionary
 import torch
 import torch.nn.functional as F
 
-from workers.engine import kernels
-from workers.engine.attention import gqa_attention
-from workers.engine.weights import FusedLinear
+from workers.engine.runtime import kernels
+from workers.engine.runtime.attention import gqa_attention
+from workers.engine.runtime.weights import FusedLinear
 
 FAMILIES = ("llama", "mistral", "qwen2")  # same layer layout; qwen2's q/k/v biases live in its linears
 _LEAN: WeakKeyDictionary[torch.nn.Module, LeanForward] = WeakKeyDictionary()

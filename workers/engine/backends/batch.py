@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.engine.accept import Acceptance, accept
-from workers.engine.budget import Budget, DraftPause, StepClock, allocate, drafting_value
-from workers.engine.draft import Drafter, DraftTree, NoDrafter
-from workers.engine.slots import SlotCache
-from workers.engine.steps import StepForward
-from workers.engine.verify import additive, ancestor_matrix, causal_mask, forward
+from workers.engine.algorithm.accept import Acceptance, accept
+from workers.engine.algorithm.budget import Budget, DraftPause, StepClock, allocate, drafting_value
+from workers.engine.algorithm.draft import Drafter, DraftTree, NoDrafter
+from workers.engine.runtime.cache import SlotCache
+from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask, forward
+from workers.engine.runtime.steps import StepForward
 
 PREFILL_GROUP = 8  # rows prefilled in one forward at most
 PREFILL_PADDING = 1.15  # a row joins a prefill group if it is at most this much longer than the group's mean

@@ -2,7 +2,7 @@
 
 Stock transformers models take a ready 4D additive attention mask as-is: every tree node sees
 the cached context and its own ancestors, and its position id is the context length plus its
-depth. No model code is patched. (The cache and the accepted path's keys/values: slots.py, batch.py.)
+depth. No model code is patched. (The cache and the accepted path's keys/values: cache.py, backends/batch.py.)
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import Cache
 
-from workers.engine.attention import grouped
-from workers.engine.lean import lean_forward
+from workers.engine.runtime.attention import grouped
+from workers.engine.runtime.lean import lean_forward
 
 
 @lru_cache(maxsize=16)

@@ -1,6 +1,6 @@
 """Stock transformers `generate`, greedy: the external reference. `hf-generate` in the benches (what
 users would run without this project), and the oracle the exactness tests compare strict decoding
-with. The engine's own greedy decoding is mode `ar` (`Dare.request`), not this. It runs on the
+with. The engine's own greedy decoding is mode `ar` (`TransformersEngine`), not this. It runs on the
 weights as loaded, also where the engine's steps use packed fp16 ones (weights.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.model import LoadedModel
-from workers.engine.weights import full_weights
+from workers.engine import LoadedModel
 
 
 @dataclass
@@ -31,7 +30,7 @@ def hf_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, **ge
     """Greedy decoding of one prompt; `generate_kwargs` pass through (e.g. prompt_lookup_num_tokens)."""
     start = time.perf_counter()
     x = torch.tensor([input_ids], device=lm.device)
-    with full_weights(lm.model):
+    with lm.full_weights():
         out = lm.model.generate(
             x,
             attention_mask=torch.ones_like(x),
@@ -55,7 +54,7 @@ def hf_generate_batch(lm: LoadedModel, inputs: list[list[int]], max_new_tokens: 
     width = max(len(ids) for ids in inputs)
     x = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in inputs], device=lm.device)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in inputs], device=lm.device)
-    with full_weights(lm.model):
+    with lm.full_weights():
         out = lm.model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     wall = time.perf_counter() - start
     results = []

@@ -21,13 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dare.workload import BenchPrompt, WorkloadError
-from workers.engine.budget import load_or_measure
-from workers.engine.decode import Dare
-from workers.engine.draft import DraftConfig
-from workers.engine.model import LoadedModel, chat_input_ids
-from workers.engine.pool import Pool
-from workers.engine.reference import hf_generate
+from dare.benchmarks.reference import hf_generate
+from dare.benchmarks.workload import BenchPrompt, WorkloadError
+from workers.engine import DraftConfig, LoadedModel, Pool, Strategy, TransformersEngine, chat_input_ids, load_or_measure
 
 BASE_METHODS = ("hf-generate", "pld", "rest", "dare-ar", "dare-strict", "dare-relaxed")
 REFERENCE = "hf-generate"
@@ -81,13 +77,13 @@ def run_bench(lm: LoadedModel, prompts: list[BenchPrompt], pool_texts: dict[str,
               max_new_tokens: int, cache_dir: Path | None, draft: DraftConfig | None = None, seed: int = 0) -> dict:
     tokenizer = lm.tokenizer
     cost = load_or_measure(lm, cache_dir)
-    dare = Dare(lm.model, tokenizer, cost, draft, steps=lm.steps)
+    dare = TransformersEngine(lm, cost, Strategy(draft or DraftConfig()))
     segment_pools = {segment: dare.pool(texts) for segment, texts in pool_texts.items()}
     all_texts = list(dict.fromkeys(t for texts in pool_texts.values() for t in texts))  # pools may share texts
     global_pool = dare.pool(all_texts)
     rng = random.Random(seed)
     random_pools = {s: dare.pool(rng.sample(all_texts, len(texts))) for s, texts in pool_texts.items()}
-    rest = Dare(lm.model, tokenizer, cost, DraftConfig(**{**vars(dare.draft), "length_power": 4.0}), steps=lm.steps)
+    rest = TransformersEngine(lm, cost, Strategy(DraftConfig(**{**vars(dare.strategy.draft), "length_power": 4.0})))
     counter = ForwardCounter(lm.model)
 
     def pools_for(method: str, segment: str) -> list[tuple[Pool, float]]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from workers.engine.pool import LiveText, Node, Pool
+from workers.engine.algorithm.trie import LiveText, Node, Pool
 
 
 @dataclass
