@@ -78,7 +78,7 @@ class Demo:
         ml = load_movielens()
         run_id = self.run.log_dir.name
         requests = [prompt_request(ml, "user", u, request_id=f"{run_id}-{mode}-user-{u}", mode=mode) for u in users]
-        produce(self.run.settings, self.run.topics.prompts, requests)
+        produce(self.run.settings, self.run.topics.prompts, self.run.with_segments(requests))  # keyed by segment
         return {r.request_id for r in requests}
 
     def wait_for_answers(self, request_ids: set[str], all_ids: set[str], phase: str) -> None:

@@ -176,7 +176,7 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
                 produce(run.settings, run.topics.knowledge, done.records)
             run.start_workers(workers, threads, "--batch", str(batch), "--mode", mode)
             run.wait_for_segments(ratings_users)
-            produce(run.settings, run.topics.prompts, requests)
+            produce(run.settings, run.topics.prompts, run.with_segments(requests))  # keyed by segment, as the pools
             collect(run, requests, out, mode, this_run)
     except KeyboardInterrupt:
         this_run["interrupted"] = True

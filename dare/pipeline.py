@@ -26,7 +26,7 @@ from infra.kafka import ensure_topics, produce, wait_for_broker
 from infra.process import child_env
 from infra.reader import TopicReader
 from infra.settings import Settings
-from schemas import DeadLetter, KnowledgeRecord, SchemaError, SegmentAssignment, Topics, decode
+from schemas import DeadLetter, KnowledgeRecord, PromptRequest, SchemaError, SegmentAssignment, Topics, decode
 
 
 class PipelineError(RuntimeError):
@@ -159,6 +159,7 @@ class Pipeline:
     results: Results = field(default_factory=Results)
     progress: Progress = field(default_factory=Progress)
     downstream: TopicReader | None = None  # knowledge and dead letters, from where they ended at start
+    segments: dict[tuple[str, str], str] = field(default_factory=dict)  # (entity kind, id) → segment, as assigned
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.settings.topic_prefix)
@@ -182,7 +183,8 @@ class Pipeline:
         return {e.user_id for e in events}
 
     def wait_for_segments(self, users: set[str]) -> dict[str, str]:
-        """Follow the assignments topic until every replayed user has a segment."""
+        """Follow the assignments topic until every replayed user has a segment; every assignment read (items'
+        too) stays in `segments`, for prompts to be keyed by (`with_segments`)."""
         segment_of: dict[str, str] = {}
         deadline = time.monotonic() + self.timeout_s
         with TopicReader(self.settings, [self.topics.assignments], role="pipeline") as reader:
@@ -194,12 +196,18 @@ class Pipeline:
                                             f"in {self.timeout_s:.0f}s")
                     for record in reader.poll():
                         a = decode(SegmentAssignment, record.value)
+                        self.segments[(a.entity_kind, a.entity_id)] = a.segment
                         if a.entity_kind == "user":
                             segment_of[a.entity_id] = a.segment
                     self.progress.show(f"pool builder: {len(users & segment_of.keys())}/{len(users)} users in segments")
             finally:
                 self.progress.done()
         return {u: segment_of[u] for u in users}
+
+    def with_segments(self, requests: list[PromptRequest]) -> list[PromptRequest]:
+        """Each prompt with its entity's segment as last assigned, so it is keyed and partitioned with its pool."""
+        return [r if r.segment or (r.entity_kind, r.entity_id) not in self.segments
+                else r.model_copy(update={"segment": self.segments[(r.entity_kind, r.entity_id)]}) for r in requests]
 
     def read_downstream(self, timeout_ms: int = 200) -> None:
         """What arrived on the knowledge and dead-letter topics since the last call, into `results`."""

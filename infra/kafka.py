@@ -15,9 +15,10 @@ import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 from infra.settings import Settings
-from schemas import Message, encode
+from schemas import Message, PromptRequest, encode
 
 log = structlog.get_logger("kafka")
 
@@ -75,8 +76,10 @@ def group_id(settings: Settings, service: str) -> str:
     return f"{settings.topic_prefix}{service}"
 
 
-def make_consumer(settings: Settings, role: str, group_id: str | None, topics: list[str], **overrides: Any) -> KafkaConsumer:
-    """A consumer with manual commits and group timings that suit both Tansu and Kafka."""
+def make_consumer(settings: Settings, role: str, group_id: str | None, topics: list[str], listener: Any = None,
+                  **overrides: Any) -> KafkaConsumer:
+    """A consumer with manual commits and group timings that suit both Tansu and Kafka; `listener`: a
+    `ConsumerRebalanceListener` told of every change to the group's assignment."""
     config = client_config(settings, role) | {
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -86,7 +89,7 @@ def make_consumer(settings: Settings, role: str, group_id: str | None, topics: l
     } | overrides
     consumer = KafkaConsumer(**config)
     if topics:
-        consumer.subscribe(topics)
+        consumer.subscribe(topics, listener=listener)
     return consumer
 
 
@@ -151,9 +154,19 @@ KEY_FIELDS = ("user_id", "item_id", "entity_id", "segment")
 
 
 def message_key(message: Message) -> bytes | None:
-    """A message's partition key: the first of its entity fields that is set."""
+    """A message's partition key: the first of its entity fields that is set, except that a prompt with a
+    segment is keyed by its segment, as the pools topic is: one segment's prompts and its pool share a partition
+    number, so a worker follows only the pools of the prompt partitions it owns (workers/pools.py)."""
+    if isinstance(message, PromptRequest) and message.segment:
+        return message.segment.encode()
     for name in KEY_FIELDS:
         value = getattr(message, name, None)
         if value:
             return str(value).encode()
     return None
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of `partitions` that the producers' default partitioner (murmur2, as Kafka's Java client)
+    gives `key`."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -99,6 +99,7 @@ class KnowledgeRecord(Message):
     stats: DecodeStats
     worker: Id
     prompt_version: Id | None = None  # the request's
+    pool_version: int | None = Field(None, ge=0)  # the version of the segment's pool it drafted from (None: no pool held)
     created_at: float = Field(default_factory=time.time)
 
 

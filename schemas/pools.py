@@ -24,6 +24,7 @@ class PoolChange:
 class PoolReplica:
     pools: dict[str, dict[str, str]] = field(default_factory=dict)  # segment → text id → text
     staged: dict[tuple[str, int], list[PoolUpdate]] = field(default_factory=dict)  # snapshot chunks so far
+    versions: dict[str, int] = field(default_factory=dict)  # segment → version of the last update applied
 
     def apply(self, update: PoolUpdate) -> PoolChange | None:
         """Apply one update; None while a snapshot still waits for chunks."""
@@ -36,6 +37,7 @@ class PoolReplica:
             change = PoolChange(update.segment, True, list(self.pools.get(update.segment, {})),
                                 [text for chunk in chunks for text in chunk.added])
         pool = self.pools.setdefault(update.segment, {})
+        self.versions[update.segment] = update.version
         for text_id in change.removed:
             pool.pop(text_id, None)
         pool.update((text.text_id, text.text) for text in change.added)
@@ -50,3 +52,10 @@ class PoolReplica:
             return None
         del self.staged[key]
         return sorted({c.chunk: c for c in chunks}.values(), key=lambda c: c.chunk)
+
+    def drop(self, segment: str) -> None:
+        """Forget a segment (its pool, version and any chunks waiting): it is read again from the topic's start."""
+        self.pools.pop(segment, None)
+        self.versions.pop(segment, None)
+        for key in [k for k in self.staged if k[0] == segment]:
+            del self.staged[key]

@@ -10,13 +10,14 @@ from collections import Counter
 import pytest
 
 from dare.data import load_movielens, prompt_request
-from infra.kafka import ensure_topics, make_producer
+from infra.kafka import ensure_topics, make_producer, message_key
 from infra.reader import read_topic
-from schemas import KnowledgeRecord, Topics, decode, encode
+from schemas import KnowledgeRecord, PoolText, PoolUpdate, Topics, decode, encode
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = 24
+POOL_VERSION = 5
 
 
 def start_worker(settings, model_cache, *extra):
@@ -32,15 +33,22 @@ def start_worker(settings, model_cache, *extra):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def produce_backlog(settings):
+def produce_backlog(settings, segments=0):
+    """PROMPTS item prompts; with `segments`, each in one of that many segments (keyed by it) whose pool, version
+    POOL_VERSION, is on the pools topic first."""
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.all())
     ml = load_movielens()
     producer = make_producer(settings, "test")
+    for n in range(segments):
+        update = PoolUpdate(segment=f"g{n}", version=POOL_VERSION, kind="snapshot", added=[
+            PoolText(text_id="t", text=f"The movie is a drama about family number {n}.")])
+        producer.send(topics.pools, key=update.segment.encode(), value=encode(update))
     ids = []
     for n in range(PROMPTS):
-        request = prompt_request(ml, "item", str(n + 1), request_id=f"job-{n}", mode="strict" if n % 2 else "ar")
-        producer.send(topics.prompts, key=request.entity_id.encode(), value=encode(request))
+        request = prompt_request(ml, "item", str(n + 1), request_id=f"job-{n}", mode="strict" if n % 2 else "ar",
+                                 segment=f"g{n % segments}" if segments else None)
+        producer.send(topics.prompts, key=message_key(request), value=encode(request))
         ids.append(request.request_id)
     producer.flush()
     producer.close()
@@ -79,7 +87,9 @@ def test_sigkill_mid_backlog_then_restart_loses_nothing(kafka_settings, model_ca
 
 
 def test_a_worker_joins_and_one_leaves_mid_backlog(kafka_settings, model_cache, lm):
-    ids = produce_backlog(kafka_settings)
+    """Two rebalances mid-backlog: nothing lost, and every prompt decoded with its segment's pool loaded (each worker
+    holds only the pools of its prompt partitions)."""
+    ids = produce_backlog(kafka_settings, segments=8)
     first = start_worker(kafka_settings, model_cache)
     second = None
     try:
@@ -95,6 +105,8 @@ def test_a_worker_joins_and_one_leaves_mid_backlog(kafka_settings, model_cache, 
                 os.killpg(process.pid, signal.SIGKILL)
     counts = answered(kafka_settings)
     assert set(ids) <= set(counts), f"lost: {sorted(set(ids) - set(counts))}"
+    records = [decode(KnowledgeRecord, r.value) for r in read_topic(kafka_settings, Topics(kafka_settings.topic_prefix).knowledge, timeout_s=3)]
+    assert {(r.segment, r.pool_version) for r in records} == {(f"g{n}", POOL_VERSION) for n in range(8)}
     print(f"\n[faults] join + leave: {len(ids)} prompts, {sum(counts.values()) - len(counts)} duplicates")
 
 

@@ -20,10 +20,12 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import Counter, Gauge
 
@@ -77,6 +79,25 @@ class InFlight:
     request: PromptRequest
     mode: Mode
     segment: str | None
+    pool_version: int | None = None  # of the segment's pool when the prompt joined the decoder
+
+
+class FollowPools(ConsumerRebalanceListener):
+    """On every rebalance, the pools of the prompt partitions this worker now owns, loaded before it polls them."""
+
+    def __init__(self, follower: PoolFollower, loaded: Callable[[], None] = lambda: None) -> None:
+        self.follower = follower
+        self.loaded = loaded  # called once the pools are in
+
+    def on_partitions_revoked(self, revoked: object) -> None:
+        pass  # the next assignment says what to keep
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self.follower.reader.consumer
+        prompts = {tp.topic for tp in assigned}
+        count = len(consumer.partitions_for_topic(prompts.pop())) if prompts else self.follower.partitions
+        self.follower.follow({tp.partition for tp in assigned}, count or 0)
+        self.loaded()
 
 
 class Worker:
@@ -128,10 +149,10 @@ class Worker:
         finished = []
         while not finished:
             finished = self._alone.step()
-        return self.record(request, segment, mode, finished[0].token_ids, finished[0].stats)
+        return self.record(request, segment, mode, finished[0].token_ids, finished[0].stats, self.pools.version(segment))
 
-    def record(self, request: PromptRequest, segment: str | None, mode: Mode, token_ids: list[int], s: RequestStats
-               ) -> KnowledgeRecord:
+    def record(self, request: PromptRequest, segment: str | None, mode: Mode, token_ids: list[int], s: RequestStats,
+               pool_version: int | None = None) -> KnowledgeRecord:
         text = self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)  # type: ignore[attr-defined]
         if self.learn and text.strip():  # the paper's code: a generated text drafts for the next request at once
             self.pools.add_text(segment, f"{request.entity_kind}-{request.entity_id}", text)
@@ -151,6 +172,7 @@ class Worker:
                               retrieval_s=s.retrieval_s, forward_s=s.forward_s + s.prefill_s),
             worker=self.worker_id,
             prompt_version=request.prompt_version,
+            pool_version=pool_version,
         )
 
     def decoding(self) -> set[str]:
@@ -163,14 +185,14 @@ class Worker:
         for a grace period; the prompt then stays uncommitted and is answered again later)."""
         ensure_topics(self.settings, [self.topics.prompts, self.topics.knowledge, self.topics.dead_letter,
                                       self.topics.pools, self.topics.assignments])
-        self.follower = PoolFollower(self.settings, self.pools)
-        applied = self.follower.poll(timeout_ms=500)
-        log.info("pools loaded", updates=applied, segments=len(self.pools.pools), assignments=len(self.pools.assignments))
-        self.engine.learn_from([t for pool in self.pools.replica.pools.values() for t in pool.values()])  # vLLM suffix: DARE's texts
+        self.follower = PoolFollower(self.settings, self.pools, partitioned=True)
+        applied = self.follower.poll(timeout_ms=500)  # the assignments; pools come with the prompt partitions
+        log.info("assignments loaded", updates=applied, assignments=len(self.pools.assignments))
         self.delivery = Delivery(self.settings, "worker", stop)
         # At most as many prompts per poll as the decoder has room for keeps the time between polls
         # to one decode (batch 1) or one batch step: no rebalance storms.
-        consumer = make_consumer(self.settings, "worker", group_id(self.settings, GROUP), [self.topics.prompts], max_poll_records=1)
+        consumer = make_consumer(self.settings, "worker", group_id(self.settings, GROUP), [self.topics.prompts],
+                                 listener=FollowPools(self.follower, self._pools_loaded), max_poll_records=1)
         self._last_message = time.monotonic()
         log.info("worker started", worker=self.worker_id, mode=self.mode, batch=self.batch, topic=self.topics.prompts)
         try:
@@ -185,6 +207,10 @@ class Worker:
             self.follower.close()
             log.info("worker stopped", worker=self.worker_id, prompts=self.stats.prompts, dead_lettered=self.stats.dead_lettered)
         return self.stats
+
+    def _pools_loaded(self) -> None:
+        """vLLM's suffix drafter caches the texts DARE's pools hold (other engines take pools per request)."""
+        self.engine.learn_from([t for pool in self.pools.replica.pools.values() for t in pool.values()])
 
     def _loop(self, consumer, stop: threading.Event, max_prompts: int | None, idle_timeout_s: float | None) -> None:  # type: ignore[no-untyped-def]
         """Fetched prompts join the decoder while others decode; a partition's offset is committed up
@@ -206,7 +232,7 @@ class Worker:
                     continue
                 key = (record.topic, record.partition, record.offset)
                 decoder.add(key, input_ids, max_new, mode, self.pools.sources(segment))
-                self.in_flight[key] = InFlight(record, request, mode, segment)
+                self.in_flight[key] = InFlight(record, request, mode, segment, self.pools.version(segment))
             if len(decoder):
                 STEPS.inc()
                 STEP_ROWS.inc(len(decoder))
@@ -214,7 +240,7 @@ class Worker:
                 f = self.in_flight.pop(finished.key)  # type: ignore[arg-type]
                 with structlog.contextvars.bound_contextvars(request_id=f.request.request_id, partition=f.record.partition,
                                                              offset=f.record.offset):
-                    self._publish(self.record(f.request, f.segment, f.mode, finished.token_ids, finished.stats))
+                    self._publish(self.record(f.request, f.segment, f.mode, finished.token_ids, finished.stats, f.pool_version))
                 offsets.done(f.record)
             commit(consumer, offsets.committable())
             LAG.set(consumer_lag(consumer))
