@@ -95,8 +95,8 @@ class FollowPools(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         consumer = self.follower.reader.consumer
         prompts = {tp.topic for tp in assigned}
-        count = len(consumer.partitions_for_topic(prompts.pop())) if prompts else self.follower.partitions
-        self.follower.follow({tp.partition for tp in assigned}, count or 0)
+        count = len(consumer.partitions_for_topic(prompts.pop()) or ()) if prompts else self.follower.partitions
+        self.follower.follow({tp.partition for tp in assigned}, count)
         self.loaded()
 
 
