@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from infra.settings import default_cache_dir
 from workers.engine.runtime import blocks, kernels
 from workers.engine.runtime.cache import SlotCache
-from workers.engine.runtime.forward import causal_mask, forward
+from workers.engine.runtime.forward import Forward, causal_mask
 from workers.engine.runtime.model import load_model
 from workers.engine.runtime.steps import StepForward
 
@@ -44,21 +44,23 @@ def label_cpp_kernels() -> None:
         setattr(kernels, name, labelled(name, getattr(kernels, name)))
 
 
-def cached_context(model: torch.nn.Module, room: int, generator: torch.Generator) -> SlotCache:
-    """A one-row slot cache holding a random `CONTEXT`-token prompt, with `room` more columns."""
+def cached_context(forward: Forward, room: int, generator: torch.Generator) -> SlotCache:
+    """A one-row slot cache holding a random `CONTEXT`-token prompt (prefilled by `forward`), with `room` more columns."""
+    model = forward.model
     cache = SlotCache(model)
     cache.reserve(1, CONTEXT + room)
     cache.prepare(0, torch.arange(CONTEXT)[None], CONTEXT)
     prompt = torch.randint(0, model.config.vocab_size, (1, CONTEXT), generator=generator)
-    forward(model, cache, prompt, torch.arange(CONTEXT)[None], causal_mask(CONTEXT, 0, next(model.parameters()).dtype))
+    forward(cache, prompt, torch.arange(CONTEXT)[None], causal_mask(CONTEXT, 0, next(model.parameters()).dtype))
     return cache
 
 
 @torch.inference_mode()
-def profile_steps(model: torch.nn.Module, steps: StepForward, width: int, rows: int) -> None:
+def profile_steps(steps: StepForward, width: int, rows: int) -> None:
+    model = steps.model
     vocab, dtype = model.config.vocab_size, next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
-    cache = cached_context(model, 80, generator)
+    cache = cached_context(steps.forward, 80, generator)
     padded = steps.width(width)
     span = steps.span(cache, CONTEXT + padded)
     ids = torch.randint(0, vocab, (1, padded), generator=generator)
@@ -99,9 +101,9 @@ def main() -> None:
     lm = load_model(None, "cpu", args.dtype, default_cache_dir(), args.threads, weights=args.weights)
     print(f"# {lm.model_id}, {lm.describe()}, CPU {torch.backends.cpu.get_cpu_capability()}\n")
     for width in (int(w) for w in args.width.split(",")):
-        profile_steps(lm.model, StepForward(lm.model), width, args.rows)
+        profile_steps(lm.steps, width, args.rows)
         if not args.eager_only:
-            profile_steps(lm.model, StepForward(lm.model, compiled=True), width, args.rows)
+            profile_steps(StepForward(lm.steps.forward, compiled=True), width, args.rows)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ import torch
 from profile_step import CONTEXT, cached_context  # bench/ is on the path of a script run from it
 
 from infra.settings import default_cache_dir
-from workers.engine.runtime import kernels, lean
+from workers.engine.runtime import kernels
 from workers.engine.runtime.forward import causal_mask
+from workers.engine.runtime.lean import LeanForward
 from workers.engine.runtime.model import load_model
+from workers.engine.runtime.weights import linear_kernels
 
 
 @torch.inference_mode()
@@ -31,20 +33,20 @@ def main() -> None:
     args = parser.parse_args()
     widths = [int(w) for w in args.width.split(",")]
     models = {w: load_model(None, "cpu", "float32", default_cache_dir(), args.threads, weights=w) for w in args.weights.split(",")}
-    variants = []  # (name, model, lean forward, glue library or None, C++ attention)
+    variants = []  # (name, model, lean forward, C++ attention)
+    lib = kernels.library(default_cache_dir())
     for kind, lm in models.items():
-        lean_forward = lean.lean_forward(lm.model)
-        assert lean_forward is not None and lean_forward.glue is not None, "the packaged model runs the lean forward with C++ glue"
-        variants += [(f"{kind}, torch glue", lm, lean_forward, None, False),
-                     (f"{kind}, C++ glue, SDPA", lm, lean_forward, lean_forward.glue, False),
-                     (f"{kind}, C++ glue + attention", lm, lean_forward, lean_forward.glue, True)]
+        assert lm.forward == "lean+glue", "the packaged model runs the lean forward with C++ glue"
+        weights = linear_kernels(lm.model, kind, default_cache_dir())  # type: ignore[arg-type]
+        variants += [(f"{kind}, torch glue", lm, LeanForward(lm.model, weights), False),
+                     (f"{kind}, C++ glue, SDPA", lm, LeanForward(lm.model, weights, lib), False),
+                     (f"{kind}, C++ glue + attention", lm, lm.steps.forward, True)]
     cpp_attention = kernels.attention
-    caches = {kind: cached_context(lm.model, max(widths), torch.Generator().manual_seed(0)) for kind, lm in models.items()}
+    caches = {kind: cached_context(lm.steps.forward, max(widths), torch.Generator().manual_seed(0)) for kind, lm in models.items()}
     times: dict[tuple[str, int], list[float]] = {}
     logits: dict[tuple[str, int], torch.Tensor] = {}
     for _ in range(args.repeats + 1):  # the first round warms up
-        for name, lm, lean_forward, glue, attention in variants:
-            lean_forward.glue = glue
+        for name, lm, lean_forward, attention in variants:
             kernels.attention = cpp_attention if attention else lambda *_: None  # None: the lean forward uses SDPA
             cache = caches[lm.weights]
             for width in widths:

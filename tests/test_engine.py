@@ -13,6 +13,7 @@ from workers.engine.algorithm.draft import DraftConfig, DraftTree, NoDrafter, Re
 from workers.engine.algorithm.trie import LiveText, Pool
 from workers.engine.backends.batch import BatchDecoder
 from workers.engine.runtime.forward import ancestor_matrix
+from workers.engine.runtime.steps import StepForward
 
 VOCAB = 48
 EOS = 1
@@ -52,10 +53,10 @@ def greedy(model, prompt, n, eos=True):
     return new[: new.index(EOS)] if EOS in new else new
 
 
-def decode(model, prompt, pools, mode="strict", n=40, config=None, cost=None):
-    """One request alone: a batch of one."""
+def decode(model, prompt, pools, mode="strict", n=40, config=None, cost=None, forward=None):
+    """One request alone: a batch of one (through `forward`, if given, else the model's `engine_forward`)."""
     drafter = RetrievalDrafter([(p, 1.0) for p in pools], config or DraftConfig(), prompt=prompt)
-    decoder = BatchDecoder(model, {EOS})
+    decoder = BatchDecoder(model, {EOS}, steps=StepForward(forward) if forward else None)
     decoder.add("only", prompt, drafter, Budget(cost or CostModel.flat()), Acceptance(mode), n)
     finished = []
     while not finished:

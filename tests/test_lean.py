@@ -1,6 +1,8 @@
 """The lean forward (lean.py) on tiny float64 models of each family it serves: the same logits as
-transformers' forward through the engine's cache and masks, and strict decoding = transformers' greedy."""
+transformers' forward through the engine's cache and masks, and strict decoding = transformers' greedy;
+`engine_forward` picks it by the model's family."""
 
+import copy
 import random
 
 import pytest
@@ -11,10 +13,11 @@ from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
 from tests.test_weights import KINDS, stock_tiny
 from workers.engine.algorithm.draft import DraftConfig
-from workers.engine.runtime import kernels, lean
+from workers.engine.runtime import kernels
 from workers.engine.runtime.cache import SlotCache
-from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask, forward
-from workers.engine.runtime.weights import FusedLinear, pack_linears
+from workers.engine.runtime.forward import TransformersForward, additive, ancestor_matrix, causal_mask, engine_forward
+from workers.engine.runtime.lean import LeanForward
+from workers.engine.runtime.weights import Projection, linear_kernels
 
 
 def tiny(family):
@@ -33,13 +36,14 @@ def tiny(family):
     return model
 
 
-def tree_step_logits(model, prompt, parents, tokens):
-    """Prefill `prompt` into a fresh cache, then one tree step; the step's logits."""
+def tree_step_logits(forward, prompt, parents, tokens):
+    """Prefill `prompt` into a fresh cache, then one tree step, through `forward`; the step's logits."""
+    model = forward.model
     cache, dtype = SlotCache(model), next(model.parameters()).dtype
     cache.reserve(1, 64)
     n = len(prompt) - 1
     cache.prepare(0, torch.arange(n)[None], n)
-    forward(model, cache, torch.tensor([prompt[:-1]]), torch.arange(n)[None], causal_mask(n, 0, dtype))
+    forward(cache, torch.tensor([prompt[:-1]]), torch.arange(n)[None], causal_mask(n, 0, dtype))
     width = len(tokens) + 1
     depths = [0] * width
     for i, p in enumerate(parents, start=1):
@@ -49,28 +53,27 @@ def tree_step_logits(model, prompt, parents, tokens):
     visible[:, :n] = True
     visible[:, n:] = ancestor_matrix(parents)
     cache.prepare(0, positions, n + width)
-    return forward(model, cache, torch.tensor([[prompt[-1], *tokens]]), positions, additive(visible, dtype)[None, None])
+    return forward(cache, torch.tensor([[prompt[-1], *tokens]]), positions, additive(visible, dtype)[None, None])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_lean_logits_equal_transformers_logits(family):
     model = tiny(family)
     prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
-    stock = tree_step_logits(model, prompt, parents, tokens)
-    assert lean.attach(model) and lean.lean_forward(model) is not None
-    fast = tree_step_logits(model, prompt, parents, tokens)
-    torch.testing.assert_close(fast, stock, atol=1e-10, rtol=1e-10)
+    stock = tree_step_logits(TransformersForward(model), prompt, parents, tokens)
+    fast = engine_forward(model)
+    assert isinstance(fast, LeanForward) and fast.name == "lean"
+    torch.testing.assert_close(tree_step_logits(fast, prompt, parents, tokens), stock, atol=1e-10, rtol=1e-10)
 
 
 def test_strict_with_the_lean_forward_equals_transformers_greedy():
     model = tiny_llama()
-    assert lean.attach(model)
     rng = random.Random(8)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(6)]
     pools = random_pools(model, rng, prompts)
     accepted = 0
     for prompt in prompts:
-        out = decode(model, prompt, pools, "strict", n=30, config=DraftConfig(max_nodes=16, max_depth=8))
+        out = decode(model, prompt, pools, "strict", n=30, config=DraftConfig(max_nodes=16, max_depth=8), forward=LeanForward(model))
         assert out.token_ids == greedy(model, prompt, 30)  # transformers' own generate: never the lean forward
         accepted += sum(out.stats.accepted) - out.stats.steps
     assert accepted > 0
@@ -78,7 +81,9 @@ def test_strict_with_the_lean_forward_equals_transformers_greedy():
 
 def test_other_families_keep_transformers_forward():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
-    assert not lean.attach(model) and lean.lean_forward(model) is None
+    assert isinstance(engine_forward(model), TransformersForward)
+    with pytest.raises(ValueError, match="no lean forward for GPT2LMHeadModel"):
+        LeanForward(model)
 
 
 @pytest.mark.parametrize("glue", [False, True], ids=["torch glue", "C++ glue"])
@@ -87,18 +92,21 @@ def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(ki
     if glue and kernels.unavailable():
         pytest.skip(f"no CPU kernels here: {kernels.unavailable()}")
     model = stock_tiny(kind)
-    pack_linears(model, kind, tmp_path)
     prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
-    stock = tree_step_logits(model, prompt, parents, tokens)  # transformers' forward on the same weights
-    assert lean.attach(model, kernels.library(tmp_path) if glue else None)
-    assert (lean.lean_forward(model).glue is not None) == glue
-    assert all(type(f.kernel) is type(model.lm_head.kernel) for f in lean.lean_forward(model).qkv)  # fused in kind
-    torch.testing.assert_close(tree_step_logits(model, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
+    same_weights = copy.deepcopy(model)  # the weights the kernels use: fp16 rounds them, blocks are exact
+    for m in same_weights.modules():
+        if isinstance(m, torch.nn.Linear) and kind == "fp16":
+            m.weight.data = m.weight.data.half().float()
+    stock = tree_step_logits(TransformersForward(same_weights), prompt, parents, tokens)  # transformers' forward
+    fast = engine_forward(model, linear_kernels(model, kind, tmp_path), kernels.library(tmp_path) if glue else None)
+    assert (fast.glue is not None) == glue and fast.name == ("lean+glue" if glue else "lean")
+    assert all(type(f.kernel) is type(fast.head.kernel) for f in fast.qkv)  # fused in kind
+    torch.testing.assert_close(tree_step_logits(fast, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
     rng = random.Random(2)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
     pools = random_pools(model, rng, prompts)
     for prompt in prompts:
-        assert decode(model, prompt, pools, "strict", n=30).token_ids == greedy(model, prompt, 30)
+        assert decode(model, prompt, pools, "strict", n=30, forward=fast).token_ids == greedy(model, prompt, 30)
 
 
 @pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
@@ -110,26 +118,26 @@ def test_the_glued_lean_forward_attends_in_cpp_at_head_size_64(tmp_path, monkeyp
     model = transformers.LlamaForCausalLM(config).eval()
     model.lm_head.weight.data *= 8
     model.generation_config.eos_token_id = EOS
-    pack_linears(as_blocks(model), "blocks", tmp_path)
+    as_blocks(model)
     prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
-    stock = tree_step_logits(model, prompt, parents, tokens)
+    stock = tree_step_logits(TransformersForward(model), prompt, parents, tokens)
     ran = []
     attention = kernels.attention
     monkeypatch.setattr(kernels, "attention", lambda *args: ran.append(attention(*args)) or ran[-1])
-    assert lean.attach(model, kernels.library(tmp_path))
-    fast = tree_step_logits(model, prompt, parents, tokens)
+    glued = LeanForward(model, linear_kernels(model, "blocks", tmp_path), kernels.library(tmp_path))
+    fast = tree_step_logits(glued, prompt, parents, tokens)
     assert len(ran) == 2 * 2 and all(out is not None for out in ran)  # prefill and step, both layers: none fell back to SDPA
     torch.testing.assert_close(fast, stock, atol=1e-4, rtol=1e-4)
     rng = random.Random(5)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]
     pools = random_pools(model, rng, prompts)
     for prompt in prompts:
-        assert decode(model, prompt, pools, "strict", n=30).token_ids == greedy(model, prompt, 30)
+        assert decode(model, prompt, pools, "strict", n=30, forward=glued).token_ids == greedy(model, prompt, 30)
 
 
-def test_fused_linear_equals_the_layers_it_joins():
+def test_a_projection_equals_the_layers_it_joins():
     torch.manual_seed(3)
     layers = [torch.nn.Linear(16, n, bias=b).double() for n, b in ((16, True), (8, False), (8, True))]
     x = torch.randn(2, 3, 16, dtype=torch.float64)
-    for got, layer in zip(FusedLinear(layers)(x), layers):
+    for got, layer in zip(Projection(layers)(x), layers):
         torch.testing.assert_close(got, layer(x), atol=1e-12, rtol=1e-12)

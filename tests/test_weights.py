@@ -1,7 +1,7 @@
-"""Lighter weights (weights.py), each kind: a tiny float32 Llama whose linear layers run fbgemm's fp16
-GEMM, or the block kernels on weights made of Q4_1/Q8_0 blocks, still decodes strict = its own greedy
-(batch 1 and batched); `full_weights` gives back the stock model bit for bit; weights that are not
-blocks are refused; the setting resolves or fails with a clear reason."""
+"""Lighter weights (weights.py), each kind: the engine's forward of a tiny float32 Llama whose linear
+layers run fbgemm's fp16 GEMM, or the block kernels on weights made of Q4_1/Q8_0 blocks, still decodes
+strict = its own greedy (batch 1 and batched); the model itself stays stock bit for bit; weights that
+are not blocks are refused; the setting resolves or fails with a clear reason."""
 
 import random
 
@@ -14,13 +14,17 @@ from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_lla
 from workers.engine.algorithm.draft import DraftConfig
 from workers.engine.backends.batch import BatchDecoder
 from workers.engine.runtime import kernels
+from workers.engine.runtime.cache import SlotCache
+from workers.engine.runtime.forward import causal_mask
+from workers.engine.runtime.lean import LeanForward
+from workers.engine.runtime.steps import StepForward
 from workers.engine.runtime.weights import (
     BlockKernel,
+    Fp16Kernel,
+    FullKernel,
     NotBlocksError,
-    PackedLinear,
     fp16_available,
-    full_weights,
-    pack_linears,
+    linear_kernels,
     resolve_weights,
 )
 
@@ -36,37 +40,45 @@ def stock_tiny(kind):
 
 @pytest.fixture(scope="module", params=KINDS)
 def packed(request, tmp_path_factory):
+    """The lean forward of a stock tiny model, its linear layers in the kind asked for."""
     model = stock_tiny(request.param)
-    assert pack_linears(model, request.param, tmp_path_factory.mktemp("cache")) == 2 * 7 + 1  # 7 a layer, and the head
-    return model
+    return LeanForward(model, linear_kernels(model, request.param, tmp_path_factory.mktemp("cache")))
+
+
+def prefill_logits(forward, ids):
+    cache = SlotCache(forward.model)
+    cache.reserve(1, ids.shape[1])
+    cache.prepare(0, torch.arange(ids.shape[1])[None], ids.shape[1])
+    return forward(cache, ids, torch.arange(ids.shape[1])[None], causal_mask(ids.shape[1], 0, torch.float32))
 
 
 @torch.inference_mode()
-def test_packed_logits_are_the_kernels_and_full_weights_are_the_stock_model(packed):
-    kind = "blocks" if isinstance(packed.lm_head.kernel, BlockKernel) else "fp16"
+def test_packed_logits_are_the_kernels_and_the_model_stays_stock(packed):
+    kinds = {type(p.kernel) for p in [*packed.qkv, *packed.o, *packed.gate_up, *packed.down, packed.head]}
+    kind = "blocks" if kinds == {BlockKernel} else "fp16"
+    assert kinds == {BlockKernel if kind == "blocks" else Fp16Kernel}  # every layer, fused or not
     stock = stock_tiny(kind)
     ids = torch.tensor([[5, 9, 13, 2, 7, 30, 11]])
     reference = stock(ids).logits
-    fast = packed(ids).logits
+    fast = prefill_logits(packed, ids)
     if kind == "fp16":  # weights rounded to fp16
         assert not torch.equal(fast, reference)  # the packed kernel really ran
         torch.testing.assert_close(fast, reference, atol=0.05, rtol=0.01)
     else:  # the same weights, only the order of fp32 sums differs
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-5)
-    with full_weights(packed):
-        assert torch.equal(packed(ids).logits, reference)
-    assert all(m.active for m in packed.modules() if isinstance(m, PackedLinear))  # switched back on
+    assert torch.equal(packed.model(ids).logits, reference)  # the model's own forward: untouched
+    assert all(type(m) is torch.nn.Linear for m in packed.model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_strict_equals_its_own_greedy_with_packed_weights(packed, seed):
     rng = random.Random(seed)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(6)]
-    pools = random_pools(packed, rng, prompts)
+    pools = random_pools(packed.model, rng, prompts)
     accepted = 0
     for prompt in prompts:
-        out = decode(packed, prompt, pools, "strict", n=30, config=DraftConfig(max_nodes=16, max_depth=8))
-        assert out.token_ids == greedy(packed, prompt, 30)
+        out = decode(packed.model, prompt, pools, "strict", n=30, config=DraftConfig(max_nodes=16, max_depth=8), forward=packed)
+        assert out.token_ids == greedy(packed.model, prompt, 30)
         accepted += sum(out.stats.accepted) - out.stats.steps
     assert accepted > 0
 
@@ -74,21 +86,20 @@ def test_strict_equals_its_own_greedy_with_packed_weights(packed, seed):
 def test_batched_strict_rows_equal_their_own_greedy_with_packed_weights(packed):
     rng = random.Random(4)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 30))] for _ in range(7)]
-    pool = pools_with_answers(packed, prompts, rng)
-    decoder = BatchDecoder(packed, {EOS})
+    pool = pools_with_answers(packed.model, prompts, rng)
+    decoder = BatchDecoder(packed.model, {EOS}, steps=StepForward(packed))
     for i, prompt in enumerate(prompts):
         join(decoder, i, prompt, pool, 30)
     results = run_to_end(decoder)
     for i, prompt in enumerate(prompts):
-        assert results[i].token_ids == greedy(packed, prompt, 30), f"row {i}"
+        assert results[i].token_ids == greedy(packed.model, prompt, 30), f"row {i}"
 
 
 @needs_blocks
-def test_weights_that_are_not_blocks_are_refused_and_left_alone(tmp_path):
+def test_weights_that_are_not_blocks_are_refused(tmp_path):
     model = tiny_llama().to(torch.float32)
-    with pytest.raises(NotBlocksError, match="lm_head's weights are not exact Q4_1/Q8_0 blocks"):
-        pack_linears(model, "blocks", tmp_path)
-    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    with pytest.raises(NotBlocksError, match="model.layers.0.self_attn.q_proj's weights are not exact Q4_1/Q8_0 blocks"):
+        linear_kernels(model, "blocks", tmp_path)
 
 
 @needs_fp16
@@ -114,7 +125,7 @@ def test_a_model_not_made_of_blocks_loads_fp16_on_auto_and_fails_clearly_on_bloc
     tiny_llama().to(torch.float32).save_pretrained(tmp_path)
     lm.tokenizer.save_pretrained(tmp_path)
     assert load_model(str(tmp_path), "cpu", "float32", tmp_path / "cache").weights == "fp16"
-    with pytest.raises(ModelLoadError, match="--weights blocks: lm_head's weights are not exact .*; use --weights fp16"):
+    with pytest.raises(ModelLoadError, match="--weights blocks: model.layers.0.self_attn.q_proj's weights are not exact .*; use --weights fp16"):
         load_model(str(tmp_path), "cpu", "float32", tmp_path / "cache", weights="blocks")
 
 
@@ -122,18 +133,13 @@ def test_a_model_not_made_of_blocks_loads_fp16_on_auto_and_fails_clearly_on_bloc
 def test_the_packaged_model_loads_as_its_blocks_and_hf_generate_runs_stock(lm):
     from dare.benchmarks.reference import hf_generate
 
+    forward = lm.steps.forward
+    kernels_used = [p.kernel for p in [*forward.qkv, *forward.o, *forward.gate_up, *forward.down, forward.head]]
+    assert len(kernels_used) == 30 * 4 + 1  # q/k/v, o, gate/up and down a layer, and the head
     if kernels.unavailable() is None:  # the GGUF's weights are blocks, all of them
         assert lm.weights == "blocks" and "Q4_1/Q8_0 block weights" in lm.describe()
-        kinds = {m.kernel.blocks.kind for m in lm.model.modules() if isinstance(m, PackedLinear)}
-        assert kinds == {"q4_1", "q8_0"}
-    layers = [m for m in lm.model.modules() if isinstance(m, PackedLinear)]
-    assert len(layers) == 30 * 7 + 1
-    seen = []
-    hook = layers[0].register_forward_pre_hook(lambda m, _: seen.append(m.active))
-    try:
-        hf_generate(lm, [1, 2, 3], 2)
-        with torch.inference_mode():
-            lm.model(torch.tensor([[1, 2, 3]]))
-    finally:
-        hook.remove()
-    assert seen[0] is False and seen[-1] is True  # generate: stock weights; the engine's forwards: packed
+        assert {k.blocks.kind for k in kernels_used if isinstance(k, BlockKernel)} == {"q4_1", "q8_0"}
+        assert not any(isinstance(k, FullKernel) for k in kernels_used[-1:])  # the head too
+    # the model's own modules are stock nn.Linear on the weights as loaded: `generate` runs them
+    assert all(type(m) is torch.nn.Linear for m in lm.model.modules() if isinstance(m, torch.nn.Linear))
+    assert len(hf_generate(lm, [1, 2, 3], 2).token_ids) <= 2

@@ -30,15 +30,14 @@ def hf_generate(lm: LoadedModel, input_ids: list[int], max_new_tokens: int, **ge
     """Greedy decoding of one prompt; `generate_kwargs` pass through (e.g. prompt_lookup_num_tokens)."""
     start = time.perf_counter()
     x = torch.tensor([input_ids], device=lm.device)
-    with lm.full_weights():
-        out = lm.model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
-            **generate_kwargs,
-        )
+    out = lm.model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=lm.tokenizer.pad_token_id,  # type: ignore[attr-defined]
+        **generate_kwargs,
+    )
     new = until_eos(lm, out[0, len(input_ids) :].tolist())
     wall = time.perf_counter() - start
     text = lm.tokenizer.decode(new, skip_special_tokens=True)  # type: ignore[attr-defined]
@@ -54,8 +53,7 @@ def hf_generate_batch(lm: LoadedModel, inputs: list[list[int]], max_new_tokens: 
     width = max(len(ids) for ids in inputs)
     x = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in inputs], device=lm.device)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in inputs], device=lm.device)
-    with lm.full_weights():
-        out = lm.model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    out = lm.model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     wall = time.perf_counter() - start
     results = []
     for row in out[:, width:].tolist():

@@ -28,7 +28,7 @@ from workers.engine.algorithm.accept import Acceptance, accept
 from workers.engine.algorithm.budget import Budget, DraftPause, StepClock, allocate, drafting_value
 from workers.engine.algorithm.draft import Drafter, DraftTree, NoDrafter
 from workers.engine.runtime.cache import SlotCache
-from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask, forward
+from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask
 from workers.engine.runtime.steps import StepForward
 
 PREFILL_GROUP = 8  # rows prefilled in one forward at most
@@ -88,7 +88,7 @@ class BatchDecoder:
                  steps: StepForward | None = None) -> None:
         """`rows`: how many rows to make room for at once (the batch size); more grow the cache.
         `prefix`: tokens most prompts start with (the chat template's head): computed once, copied
-        into each such row instead of prefilled again. `steps`: the steps' forward (eager if None)."""
+        into each such row instead of prefilled again. `steps`: the steps' forward (if None: the model's `engine_forward`, eager)."""
         self.model = model
         self.steps = steps or StepForward(model)
         self.room = rows
@@ -161,7 +161,7 @@ class BatchDecoder:
         positions = torch.arange(offset, offset + n)[None].repeat(len(tokens), 1)
         self.cache.prepare(first, positions, offset + n)
         mask = causal_mask(n, offset, self.dtype).expand(len(tokens), -1, -1, -1).to(self.device)
-        forward(self.model, self.cache, ids, positions.to(self.device), mask, logits_to_keep=1)
+        self.steps.forward(self.cache, ids, positions.to(self.device), mask, logits_to_keep=1)
 
     def _leave(self, finished: set[int]) -> None:
         """Finished rows leave; rows from the end move into their places (at most one move per leaver)."""

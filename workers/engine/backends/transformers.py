@@ -30,7 +30,7 @@ from workers.engine.algorithm.texts import PoolTexts, template_parts
 from workers.engine.algorithm.trie import Pool
 from workers.engine.backends.batch import BatchDecoder, Finished, RequestStats
 from workers.engine.runtime.cache import SlotCache
-from workers.engine.runtime.forward import causal_mask, forward
+from workers.engine.runtime.forward import causal_mask
 from workers.engine.runtime.model import LoadedModel
 from workers.engine.runtime.steps import StepForward
 
@@ -137,7 +137,7 @@ def measure_cost(steps: StepForward, device: torch.device, context: int = 300, r
     cache = SlotCache(model)
     cache.reserve(1, context + steps.width(max(sizes) + 1))
     cache.prepare(0, torch.arange(context)[None], context)
-    forward(model, cache, prompt, torch.arange(context, device=device)[None], causal_mask(context, 0, dtype).to(device))
+    steps.forward(cache, prompt, torch.arange(context, device=device)[None], causal_mask(context, 0, dtype).to(device))
     seconds = {}
     for n in sizes:
         width = steps.width(n)

@@ -1,8 +1,14 @@
-"""Verification: one forward pass over the pending token plus the flattened draft tree.
+"""The engine's forward, chosen once when a model is loaded, and the masks its steps use.
 
-Stock transformers models take a ready 4D additive attention mask as-is: every tree node sees
-the cached context and its own ancestors, and its position id is the context length plus its
-depth. No model code is patched. (The cache and the accepted path's keys/values: cache.py, backends/batch.py.)
+A `Forward` maps (cache, ids, positions, 4D additive mask) to logits, appending the tokens' keys and
+values to the cache. `engine_forward` builds the lean forward (lean.py) for the families it is written
+for, with the linear layers' kernels and C++ glue given, and transformers' own forward for any other
+model; nothing is switched or patched afterwards.
+
+Verification is one forward over the pending token plus the flattened draft tree: every tree node
+sees the cached context and its own ancestors, and its position id is the context length plus its
+depth (stock transformers models take such a mask as-is). (The cache and the accepted path's
+keys/values: cache.py, backends/batch.py.)
 """
 
 from __future__ import annotations
@@ -10,13 +16,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import Cache
 
-from workers.engine.runtime.attention import grouped
-from workers.engine.runtime.lean import lean_forward
+from workers.engine.runtime.lean import LeanForward, supports
+from workers.engine.runtime.weights import Kernels, full_kernels
 
 
 @lru_cache(maxsize=16)
@@ -25,19 +31,36 @@ def cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def forward(model: torch.nn.Module, cache: Cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-            attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0, run: Callable[..., Any] | None = None
-            ) -> torch.Tensor:
-    """Logits for `input_ids` (batch, n) (the last `logits_to_keep` only, if set), appending their
-    keys/values to `cache`. `run`: what to call instead of `model` (its compiled form). Models with
-    a lean forward attached (lean.py) run it, unless `run` is given."""
-    lean = lean_forward(model) if run is None else None
-    if lean is not None and attention_mask is not None:
-        return lean(cache, input_ids, position_ids, attention_mask, logits_to_keep)
-    kwargs = {cache_argument(type(model)): cache, "logits_to_keep": logits_to_keep}
-    with grouped(model):
-        out = (model if run is None else run)(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True, **kwargs)
-    return out.logits
+class Forward(Protocol):
+    model: torch.nn.Module
+    name: str  # "lean", "lean+glue" or "transformers"
+
+    def __call__(self, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits for `ids` (batch, n) (the last `logits_to_keep` only, if set), appending their keys/values to `cache`."""
+        ...
+
+
+class TransformersForward:
+    """transformers' own forward of the model (or of `run`, its compiled form), weights as loaded."""
+
+    name = "transformers"
+
+    def __init__(self, model: torch.nn.Module, run: Callable[..., Any] | None = None) -> None:
+        self.model, self.run = model, model if run is None else run
+        self.cache_argument = cache_argument(type(model))
+
+    @torch.inference_mode()
+    def __call__(self, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 logits_to_keep: int = 0) -> torch.Tensor:
+        kwargs = {self.cache_argument: cache, "logits_to_keep": logits_to_keep}
+        return self.run(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs).logits
+
+
+def engine_forward(model: torch.nn.Module, weights: Kernels = full_kernels, glue: object | None = None) -> Forward:
+    """The lean forward where the model's family has one (linear layers made by `weights`, C++ `glue`),
+    else transformers' forward on the weights as loaded."""
+    return LeanForward(model, weights, glue) if supports(model) else TransformersForward(model)
 
 
 def ancestor_matrix(parents: list[int]) -> torch.Tensor:

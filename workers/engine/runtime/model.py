@@ -18,9 +18,18 @@ import structlog
 import torch
 
 from workers.engine.runtime import kernels, lean
+from workers.engine.runtime.forward import Forward, engine_forward
 from workers.engine.runtime.kernels import KernelBuildError
 from workers.engine.runtime.steps import Compile, StepForward, resolve_compile
-from workers.engine.runtime.weights import NotBlocksError, Weights, fp16_available, full_weights, pack_linears, resolve_weights
+from workers.engine.runtime.weights import (
+    Kernels,
+    NotBlocksError,
+    Weights,
+    fp16_available,
+    full_kernels,
+    linear_kernels,
+    resolve_weights,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,13 +52,13 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_s: float
-    steps: StepForward  # the decoding steps' forward (compiled or eager)
+    steps: StepForward  # the decoding steps' forward (compiled or eager); `steps.forward`: the engine's forward
     weights: str = "full"  # the linear layers' weights in decoding: "blocks", "fp16" or "full" (at `dtype`): weights.py
-    forward: str = "transformers"  # the engine's forward: "lean" or "lean+glue" (lean.py), or "transformers"
 
-    def full_weights(self):  # type: ignore[no-untyped-def]
-        """A context in which the model's forwards run on its weights as loaded, not the packed ones (the reference)."""
-        return full_weights(self.model)
+    @property
+    def forward(self) -> str:
+        """The engine's forward: "lean" or "lean+glue" (lean.py), or "transformers"."""
+        return self.steps.forward.name
 
     def describe(self) -> str:
         """Device and precision, as the benches print them."""
@@ -168,25 +177,37 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
     lm.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    packed, made = lighter_weights(lm, packed, weights, cache_dir)
+    glue = cpu_kernels(cache_dir) if packed != "full" else None  # full: the lean forward stays transformers' arithmetic
+    forward: Forward = engine_forward(lm, made, glue)
+    steps = StepForward(forward, resolve_compile(compile, torch_device))
+    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed)
+    log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),
+             weights=packed, forward=forward.name, compiled=steps.compiled, load_s=round(loaded.load_s, 1))
+    return loaded
+
+
+def lighter_weights(lm: torch.nn.Module, packed: str, asked: Weights, cache_dir: Path) -> tuple[str, Kernels]:
+    """The kind of weights the engine's forward runs (`packed`, as resolved; blocks may fall back to fp16
+    on weights that are not blocks) and the maker of its kernels. Lighter weights live in the lean forward:
+    a model without one runs as loaded."""
+    if packed == "full":
+        return "full", full_kernels
+    if not lean.supports(lm):
+        if asked != "auto":
+            raise ModelLoadError(f"--weights {asked}: lighter weights need the lean forward, which "
+                                 f"{getattr(lm.config, 'model_type', None)} models lack; use --weights full")
+        log.info("weights as loaded", reason="no lean forward for this model family")
+        return "full", full_kernels
     if packed == "blocks":
         try:
-            pack_linears(lm, "blocks", cache_dir)
+            return "blocks", linear_kernels(lm, "blocks", cache_dir)
         except (NotBlocksError, KernelBuildError) as exc:
-            if weights == "blocks":
+            if asked == "blocks":
                 raise ModelLoadError(f"--weights blocks: {exc}; use --weights fp16") from None
             packed = "fp16" if fp16_available() is None else "full"
             log.info("weights are not blocks", reason=str(exc), weights=packed)
-    if packed == "fp16":
-        pack_linears(lm, "fp16")
-    glue = cpu_kernels(cache_dir) if packed != "full" else None  # full: the lean forward stays transformers' arithmetic
-    forward = "transformers"
-    if lean.attach(lm, glue):
-        forward = "lean" if lean.lean_forward(lm).glue is None else "lean+glue"  # type: ignore[union-attr]
-    steps = StepForward(lm, resolve_compile(compile, torch_device))
-    loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed, forward)
-    log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),
-             weights=packed, forward=forward, compiled=steps.compiled, load_s=round(loaded.load_s, 1))
-    return loaded
+    return (packed, linear_kernels(lm, "fp16")) if packed == "fp16" else ("full", full_kernels)
 
 
 def chat_input_ids(tokenizer: object, user_message: str) -> list[int]:

@@ -21,7 +21,7 @@ import structlog
 import torch
 
 from workers.engine.runtime.cache import SlotCache
-from workers.engine.runtime.forward import forward
+from workers.engine.runtime.forward import Forward, TransformersForward, engine_forward
 
 log = structlog.get_logger("engine")
 
@@ -30,14 +30,16 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # tokens per row; wider steps run at their o
 
 
 class StepForward:
-    """Runs the decoding steps' forwards for one model; `compiled` says whether through torch.compile."""
+    """Runs the decoding steps through `forward` (a model: its `engine_forward`), or, `compiled`, through
+    torch.compile of transformers' forward on the weights as loaded. `forward` serves prefills either way."""
 
-    def __init__(self, model: torch.nn.Module, compiled: bool = False) -> None:
-        self.model = model
+    def __init__(self, forward: Forward | torch.nn.Module, compiled: bool = False) -> None:
+        self.forward = engine_forward(forward) if isinstance(forward, torch.nn.Module) else forward
+        self.model = self.forward.model
         self.compiled = compiled
         self.compiles = 0  # graphs compiled so far
         self.compile_s = 0.0
-        self._graph = torch.compile(model, backend=self._backend, dynamic=False) if compiled else None
+        self._graph = TransformersForward(self.model, torch.compile(self.model, backend=self._backend, dynamic=False)) if compiled else None
 
     def width(self, tokens: int) -> int:
         """The width a step of `tokens` tokens per row runs at."""
@@ -52,11 +54,11 @@ class StepForward:
     def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self._graph is not None:
             try:
-                return forward(self.model, cache, ids, positions, mask, run=self._graph)  # type: ignore[arg-type]
+                return self._graph(cache, ids, positions, mask)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 (no C++ compiler, an unsupported op, ...: the eager path serves)
                 log.warning("compiling the decoding steps failed; running them eager", error=repr(exc)[:300])
                 self._graph, self.compiled = None, False
-        return forward(self.model, cache, ids, positions, mask)  # type: ignore[arg-type]
+        return self.forward(cache, ids, positions, mask)  # type: ignore[arg-type]
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
         from torch._inductor.compile_fx import compile_fx

@@ -14,15 +14,14 @@ kernels read the weights at well under the memory's bandwidth. Two lighter kerne
 has the figures). Strict mode equals this engine's own greedy decoding at the
 same weights.
 
-No model code is patched: every `nn.Linear` child is swapped for a `PackedLinear` that keeps the
-original, and `full_weights` switches back to it, so transformers' own `generate` (the
-`hf-generate` reference) runs stock.
+The model itself is never changed: the engine's forward (lean.py) is built with a `Kernels` maker that
+turns the model's linear layers into kernels of the chosen kind, held by the forward. The model's own
+modules keep the weights as loaded, so transformers' `generate` (the `hf-generate` reference) runs stock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -47,8 +46,6 @@ class Fp16Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
-    def fuse(self, parts: list[Kernel], linears: list[torch.nn.Linear]) -> Kernel | None:
-        return Fp16Kernel(stacked_weight(linears), stacked_bias(linears))
 
 
 class BlockKernel:
@@ -62,12 +59,31 @@ class BlockKernel:
         out = blocks.matmul(self.lib, x, self.blocks)  # type: ignore[arg-type]
         return out if self.bias is None else out.add_(self.bias)
 
-    def fuse(self, parts: list[Kernel], linears: list[torch.nn.Linear]) -> Kernel | None:
-        joined = blocks.concat([k.blocks for k in parts])  # type: ignore[union-attr]
-        return None if joined is None else BlockKernel(joined, stacked_bias(linears), self.lib)
 
 
-Kernel = Fp16Kernel | BlockKernel
+class FullKernel:
+    """The weights as loaded (torch's own GEMM)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+Kernel = Fp16Kernel | BlockKernel | FullKernel
+Kernels = Callable[[list[torch.nn.Linear]], Kernel]  # linear layers reading one input → one kernel, outputs side by side
+
+
+def full_kernels(linears: list[torch.nn.Linear]) -> Kernel:
+    """The layers as loaded (one layer: its own weight, not a copy)."""
+    if len(linears) == 1:
+        return FullKernel(linears[0].weight.detach(), None if linears[0].bias is None else linears[0].bias.detach())
+    return FullKernel(stacked_weight(linears), stacked_bias(linears))
+
+
+def fp16_kernels(linears: list[torch.nn.Linear]) -> Kernel:
+    return Fp16Kernel(stacked_weight(linears), stacked_bias(linears))
 
 
 def stacked_weight(linears: list[torch.nn.Linear]) -> torch.Tensor:
@@ -88,50 +104,19 @@ def run_kernel(kernel: Kernel, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class PackedLinear(torch.nn.Module):
-    """An `nn.Linear` whose forward runs a lighter kernel; the original serves when `active` is off
-    and for inputs that are not float32."""
+class Projection:
+    """Linear layers reading the same input (q/k/v, gate/up, or one layer) as one kernel from `kernels`:
+    `joined(x)` gives their outputs side by side, calling it gives them one by one."""
 
-    def __init__(self, linear: torch.nn.Linear, kernel: Kernel) -> None:
-        super().__init__()
-        self.linear, self.kernel = linear, kernel
-        self.active = True
-
-    @property
-    def weight(self) -> torch.Tensor:  # transformers reads lm_head.weight (tying, resizing)
-        return self.linear.weight
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active or x.dtype != torch.float32:
-            return self.linear(x)
-        return run_kernel(self.kernel, x)
-
-
-class FusedLinear(torch.nn.Module):
-    """Several linear layers reading the same input as one GEMM (their outputs side by side), in the
-    kind of the layers given: their kernel if they are `PackedLinear`s, else as loaded."""
-
-    def __init__(self, layers: list[torch.nn.Module]) -> None:
-        super().__init__()
-        linears = [m.linear if isinstance(m, PackedLinear) else m for m in layers]
+    def __init__(self, linears: list[torch.nn.Linear], kernels: Kernels = full_kernels) -> None:
         self.sizes = [m.out_features for m in linears]
-        self.kernel: Kernel | None = None
-        if all(isinstance(m, PackedLinear) for m in layers):
-            parts: list[Kernel] = [m.kernel for m in layers]  # type: ignore[misc]
-            self.kernel = parts[0].fuse(parts, linears)
-        self.weight, self.bias = (None, None) if self.kernel is not None else (stacked_weight(linears), stacked_bias(linears))
+        self.kernel = kernels(linears)
 
     def joined(self, x: torch.Tensor) -> torch.Tensor:
         """The outputs side by side, (..., sum of sizes)."""
-        if self.kernel is not None:
-            return run_kernel(self.kernel, x)
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        return run_kernel(self.kernel, x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.joined(x).split(self.sizes, dim=-1)
 
 
@@ -146,7 +131,7 @@ def fp16_available() -> str | None:
 
 def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) -> Packed | Literal["full"]:
     """What `setting` means for a model on `device` at `dtype`, before the weights are seen (auto may
-    still fall back from blocks to fp16 at load: `pack_linears`); ValueError when the kind asked for cannot run."""
+    still fall back from blocks to fp16 at load: `linear_kernels`); ValueError when the kind asked for cannot run."""
     if setting == "full":
         return "full"
     general = None
@@ -163,38 +148,25 @@ def resolve_weights(setting: Weights, device: torch.device, dtype: torch.dtype) 
     return "blocks" if why_not["blocks"] is None else "fp16" if why_not["fp16"] is None else "full"
 
 
-def pack_linears(model: torch.nn.Module, kind: Packed = "fp16", cache_dir: Path | None = None) -> int:
-    """Swap every `nn.Linear` in `model` for a `PackedLinear` of `kind`; returns how many. For blocks,
-    NotBlocksError (nothing swapped) when some layer's weights are not exact Q4_1/Q8_0 blocks;
-    `cache_dir` holds the built kernels."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, torch.nn.Linear)]
-    chosen: list[Kernel] = []
-    if kind == "blocks":
-        if cache_dir is None:
-            raise ValueError("block kernels need a cache directory to be built into")
-        lib = kernels.library(cache_dir)
-        names = {id(child): name for name, child in model.named_modules()}
-        for _, _, child in targets:
+def linear_kernels(model: torch.nn.Module, kind: Packed, cache_dir: Path | None = None) -> Kernels:
+    """The maker of `kind` kernels for `model`'s linear layers. For blocks every layer's weights are
+    derived up front: NotBlocksError when some layer's are not exact Q4_1/Q8_0 blocks; layers joined
+    across kinds (a Q4_1 q beside a Q8_0 v) stay as loaded. `cache_dir` holds the built block kernels."""
+    if kind == "fp16":
+        return fp16_kernels
+    if cache_dir is None:
+        raise ValueError("block kernels need a cache directory to be built into")
+    lib = kernels.library(cache_dir)
+    derived: dict[torch.nn.Module, blocks.Blocks] = {}
+    for name, child in model.named_modules():
+        if isinstance(child, torch.nn.Linear):
             found = blocks.derive(child.weight)
             if found is None:
-                raise NotBlocksError(f"{names[id(child)]}'s weights are not exact Q4_1/Q8_0 blocks")
-            chosen.append(BlockKernel(found, child.bias, lib))
-    else:
-        chosen = [Fp16Kernel(child.weight, child.bias) for _, _, child in targets]
-    for (parent, name, child), kernel in zip(targets, chosen):
-        setattr(parent, name, PackedLinear(child, kernel))
-    return len(targets)
+                raise NotBlocksError(f"{name}'s weights are not exact Q4_1/Q8_0 blocks")
+            derived[child] = found
 
+    def block_kernels(linears: list[torch.nn.Linear]) -> Kernel:
+        joined = blocks.concat([derived[m] for m in linears])
+        return full_kernels(linears) if joined is None else BlockKernel(joined, stacked_bias(linears), lib)
 
-@contextmanager
-def full_weights(model: torch.nn.Module) -> Iterator[None]:
-    """Run the forwards inside on the weights as loaded (a no-op for a model without packed layers)."""
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear) and m.active]
-    for m in packed:
-        m.active = False
-    try:
-        yield
-    finally:
-        for m in packed:
-            m.active = True
+    return block_kernels
