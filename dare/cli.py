@@ -63,6 +63,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (env DARE_THREADS)")
     p.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the decoding steps (env DARE_COMPILE; default auto)")
     p.add_argument("--max-new-tokens", type=positive_int, help="env DARE_MAX_NEW_TOKENS (default 128)")
+    p.add_argument("--relaxed-max-top1", type=float, metavar="P",
+                   help="relaxed: accept another token than the model's only where its top-1 probability is <= P "
+                        "(env DARE_RELAXED_MAX_TOP1; default 1.0: no guard)")
 
 
 def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
@@ -213,7 +216,8 @@ def cmd_generate_all(args: argparse.Namespace) -> int:
     if args.log_level is None and "DARE_LOG_LEVEL" not in os.environ:  # the progress bar talks; services log to files
         configure_logging(settings.log_format, "warning")
     catalogue = load_catalogue(args.dataset, args.templates)  # a bad catalogue or template stops here, before anything starts
-    out = args.out or default_output(args.mode, catalogue.name, catalogue.templates.source.name)  # type: ignore[union-attr]
+    out = args.out or default_output(args.mode, catalogue.name, catalogue.templates.source.name,  # type: ignore[union-attr]
+                                     settings.relaxed_max_top1)
     summary = run_generate_all(settings, args.mode, out, batch=args.batch, workers=args.workers, users=args.users,
                                items=args.items, max_entities=args.max_entities, ratings=args.ratings, stall_s=args.stall_timeout,
                                broker_port=args.broker_port, catalogue=catalogue, as_of=args.as_of)

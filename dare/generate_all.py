@@ -60,9 +60,12 @@ class Done:
         return {(r.entity_kind, r.entity_id) for r in self.records}
 
 
-def default_output(mode: str, dataset: str = DATASET, templates: str = DEFAULT_TEMPLATES) -> Path:
-    """results/knowledge/ml-100k-ar.jsonl with the default templates, ml-100k-short-ar.jsonl with `short`."""
+def default_output(mode: str, dataset: str = DATASET, templates: str = DEFAULT_TEMPLATES, max_top1: float = 1.0) -> Path:
+    """results/knowledge/ml-100k-ar.jsonl with the default templates, ml-100k-short-ar.jsonl with `short`;
+    relaxed with a guard (`max_top1` < 1): ml-100k-relaxed-top1-0.5.jsonl."""
     name = f"{dataset}-{mode}" if templates == DEFAULT_TEMPLATES else f"{dataset}-{templates}-{mode}"
+    if mode == "relaxed" and max_top1 < 1.0:
+        name += f"-top1-{max_top1:g}"
     return Path("results") / "knowledge" / f"{name}.jsonl"
 
 
@@ -79,9 +82,9 @@ def resolve_as_of(catalogue: Catalogue, as_of: int | str | None) -> int | None:
     return int(as_of)
 
 
-def check_prompts(out: Path, as_of: int | None, prompt_version: str) -> None:
+def check_prompts(out: Path, as_of: int | None, prompt_version: str, max_top1: float | None = None) -> None:
     """One file holds prompts of one cut-off and one templates version (files from before cut-offs existed count as
-    none; from before versions, as any)."""
+    none; from before versions, as any), and relaxed texts of one guard (`max_top1`; files from before it, 1.0)."""
     path = summary_path(out)
     if out.exists() and path.exists():
         summary = json.loads(path.read_text())
@@ -93,6 +96,10 @@ def check_prompts(out: Path, as_of: int | None, prompt_version: str) -> None:
         if version not in (None, prompt_version):
             raise GenerateError(f"{out} was generated with templates {version}; this run's are {prompt_version}: one file holds one "
                                 "templates version (use --out for another file, or the templates it was made with)")
+        guard = summary.get("relaxed_max_top1") or 1.0
+        if max_top1 is not None and summary.get("mode") == "relaxed" and guard != max_top1:  # other modes: `read_done` refuses
+            raise GenerateError(f"{out} was generated with --relaxed-max-top1 {guard}; this run asks for {max_top1}: one file "
+                                "holds one guard (use --out for another file)")
 
 
 def read_done(out: Path, mode: str, model: str) -> Done:
@@ -145,7 +152,8 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
     model = model_id(settings.model)
     cut = resolve_as_of(ml, as_of)
     assert ml.templates is not None
-    check_prompts(out, cut, ml.templates.version)  # before anything starts: a file of another cut-off, mode or model is refused at once
+    guard = settings.relaxed_max_top1 if mode == "relaxed" else None
+    check_prompts(out, cut, ml.templates.version, guard)  # before anything starts: a file of another cut-off, mode or model is refused at once
     done = read_done(out, mode, model)
     finished = done.entities
     no_history = 0
@@ -166,7 +174,7 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
                 "max_new_tokens": settings.max_new_tokens, "commit": commit(), "entities": 0, "tokens": 0, "wall_s": 0.0,
                 "duplicates": 0, "dead_lettered": {}, "lost": 0, "interrupted": False}
     if not requests:
-        return write_summary(out, mode, model, done.records, None, ml.name, cut, ml.templates.version)
+        return write_summary(out, mode, model, done.records, None, ml.name, cut, ml.templates.version, guard)
     try:
         with pipeline(settings, "generate-all", stall_s, broker_port) as run:
             prepare_model(run.settings, threads)
@@ -183,7 +191,8 @@ def run_generate_all(settings: Settings, mode: Mode, out: Path, batch: int = 16,
         raise
     finally:  # an interrupted run is accounted for too: its records stay in the file
         if this_run["entities"] or not this_run["interrupted"]:
-            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run, ml.name, cut, ml.templates.version)
+            summary = write_summary(out, mode, model, read_done(out, mode, model).records, this_run, ml.name, cut, ml.templates.version,
+                                    guard)
     return summary
 
 
@@ -266,7 +275,8 @@ def recovered_runs(records: list[KnowledgeRecord], known: set[str]) -> list[dict
 
 
 def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecord], this_run: dict | None,  # type: ignore[type-arg]
-                  dataset: str = DATASET, as_of: int | None = None, prompt_version: str | None = None) -> dict:
+                  dataset: str = DATASET, as_of: int | None = None, prompt_version: str | None = None,
+                  relaxed_max_top1: float | None = None) -> dict:
     """Totals over every run that wrote to `out`; tokens/s = all tokens / the sum of the runs' decode spans."""
     path = summary_path(out)
     previous = json.loads(path.read_text()) if path.exists() else {}
@@ -278,6 +288,7 @@ def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecor
     wall = sum(r["wall_s"] for r in runs)
     summary = {
         "dataset": dataset, "as_of": as_of, "prompt_version": prompt_version, "mode": mode, "model": model, "file": str(out),
+        "relaxed_max_top1": relaxed_max_top1,
         "entities": len(records),
         "users": sum(r.entity_kind == "user" for r in records),
         "items": sum(r.entity_kind == "item" for r in records),

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where converted models are cached.")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Default generation length.")
+    relaxed_max_top1: float = Field(
+        1.0, gt=0, le=1, description="Relaxed decoding's guard: a draft token other than the model's own is accepted only "
+        "where the model's top-1 probability is at most this, so pool wording replaces the model's only where it is unsure "
+        "(1.0: no guard).",
+    )
 
     # Logging
     log_format: Literal["auto", "json", "console"] = Field(

@@ -161,6 +161,18 @@ def test_strict_and_relaxed_acceptance_on_known_logits():
     assert accept(logits[:2], only_six, Acceptance("relaxed", top_k=1)) == ([], 5)
 
 
+def test_the_relaxed_guard_keeps_the_models_own_token_where_it_is_sure():
+    only_six = DraftTree(tokens=[6], parents=[-1], depths=[1], scores=[1])
+    logits = torch.full((2, 10), -10.0)
+    logits[0, 5], logits[0, 6] = 3.0, 1.2  # argmax 5 at p ~ 0.86, 6 second at p ~ 0.14
+    logits[1, 7] = 3.0
+    assert accept(logits, only_six, Acceptance("relaxed")) == ([1], 7)  # no guard: 6 passes top-2 and p > 0.1
+    assert accept(logits, only_six, Acceptance("relaxed", max_top1=0.8)) == ([], 5)  # the model is sure: its own token
+    assert accept(logits, only_six, Acceptance("relaxed", max_top1=0.9)) == ([1], 7)  # unsure enough: relaxed as before
+    sure_of_six = DraftTree(tokens=[5], parents=[-1], depths=[1], scores=[1])
+    assert accept(logits, sure_of_six, Acceptance("relaxed", max_top1=0.5)) == ([1], 7)  # the argmax itself is always taken
+
+
 # ---------------------------------------------------------------------------- decode
 
 
@@ -311,11 +323,11 @@ def test_each_mode_maps_to_one_drafter_and_rule_for_every_backend():
     """algorithm/modes.py is the one place a mode becomes a drafter and an acceptance rule."""
     from workers.engine import Strategy
 
-    strategy = Strategy(top_k=3, min_prob=0.2)
+    strategy = Strategy(top_k=3, min_prob=0.2, max_top1=0.7)
     pool = Pool(depth=8)
     assert isinstance(strategy.drafter("ar", [(pool, 1.0)], [1, 2]), NoDrafter) and strategy.rule("ar") == Acceptance("strict")
     assert isinstance(strategy.drafter("strict", [(pool, 1.0)], [1, 2]), RetrievalDrafter) and strategy.rule("strict") == Acceptance("strict")
-    assert strategy.rule("relaxed") == Acceptance("relaxed", 3, 0.2)
+    assert strategy.rule("relaxed") == Acceptance("relaxed", 3, 0.2, 0.7)
     with pytest.raises(ValueError, match="mode must be one of ar, strict, relaxed"):
         strategy.drafter("greedy", [], None)
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dare.data import load_movielens, prompt_request
-from dare.generate_all import GenerateError, run_generate_all, summary_path
+from dare.generate_all import GenerateError, check_prompts, default_output, run_generate_all, summary_path
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +21,22 @@ SLICE = ["--users", "3", "--items", "3", "--ratings", "5000", "--batch", "2", "-
 
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_one_file_holds_one_cut_off_templates_version_and_relaxed_guard(tmp_path):
+    assert str(default_output("relaxed", "ml-100k", "short")) == "results/knowledge/ml-100k-short-relaxed.jsonl"
+    assert str(default_output("relaxed", "ml-100k", "kar", 0.5)) == "results/knowledge/ml-100k-relaxed-top1-0.5.jsonl"
+    assert str(default_output("ar", "ml-100k", "kar", 0.5)) == "results/knowledge/ml-100k-ar.jsonl"  # a guard of relaxed only
+    out = tmp_path / "k.jsonl"
+    out.write_text("")
+    summary_path(out).write_text(json.dumps({"mode": "relaxed", "as_of": 100, "prompt_version": "short-1"}))  # before guards
+    check_prompts(out, 100, "short-1", 1.0)  # the same: no error
+    with pytest.raises(GenerateError, match="as of 100; this run asks for 200"):
+        check_prompts(out, 200, "short-1", 1.0)
+    with pytest.raises(GenerateError, match="templates short-1; this run's are kar-2"):
+        check_prompts(out, 100, "kar-2", 1.0)
+    with pytest.raises(GenerateError, match="--relaxed-max-top1 1.0; this run asks for 0.5"):
+        check_prompts(out, 100, "short-1", 0.5)
 
 
 def test_an_interrupted_run_resumes_without_duplicates_or_gaps(kafka_settings, model_cache, lm, tmp_path):

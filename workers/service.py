@@ -33,7 +33,7 @@ from infra.delivery import Delivery, OffsetTracker, Undelivered, commit, consume
 from infra.kafka import ensure_topics, group_id, make_consumer
 from infra.settings import Settings
 from schemas import DecodeStats, KnowledgeRecord, Mode, PromptRequest, SchemaError, Topics, decode, encode
-from workers.engine import Decoder, DraftConfig, LoadedModel, PoolTexts, RequestStats, chat_input_ids, open_engine
+from workers.engine import Decoder, DraftConfig, LoadedModel, PoolTexts, RequestStats, Strategy, chat_input_ids, open_engine
 from workers.pools import LivePools, PoolFollower
 
 log = structlog.get_logger("worker")
@@ -119,7 +119,7 @@ class Worker:
         self.stats = WorkerStats()
         model_dir = str(Path(settings.model).expanduser()) if settings.model else None
         self.engine = open_engine(backend, lm, settings.cache_dir, rows=batch, model_dir=model_dir, vllm_method=vllm_method,
-                                  eager=eager, learn=learn)
+                                  eager=eager, learn=learn, strategy=Strategy(max_top1=settings.relaxed_max_top1))
         self._alone: Decoder | None = None  # `answer`'s decoder
         self.pools = LivePools(PoolTexts(lm.tokenizer, DraftConfig()))
         self.follower: PoolFollower | None = None

@@ -59,18 +59,19 @@ class Engine(Protocol):
 
 
 def open_engine(backend: str, lm: LoadedModel, cache_dir: Path | None, *, rows: int = 1, model_dir: str | None = None,
-                vllm_method: str = "dare", eager: bool = False, learn: bool = True) -> Engine:
+                vllm_method: str = "dare", eager: bool = False, learn: bool = True, strategy: Strategy | None = None) -> Engine:
     """`transformers` over `lm`, or `vllm` (the vllm extra) over the same model's directory (`model_dir`; default the
     packaged model) decoding up to `rows` requests at once with `vllm_method`: dare, or vLLM's own greedy / ngram /
-    suffix. `learn` False: no prefix cache, no answers kept for drafting (benches that repeat prompts)."""
+    suffix. `learn` False: no prefix cache, no answers kept for drafting (benches that repeat prompts). `strategy`:
+    how the modes draft and accept (default `Strategy()`)."""
     if backend == "transformers":
-        return TransformersEngine(lm, load_or_measure(lm, cache_dir))
+        return TransformersEngine(lm, load_or_measure(lm, cache_dir), strategy)
     if backend == "vllm":
         from workers.engine.backends.vllm import VllmEngine, load_or_probe
 
         context = min(int(getattr(lm.model.config, "max_position_embeddings", 8192)), VLLM_CONTEXT)
         engine = VllmEngine(model_dir or str(cached_default_model(cache_dir)), vllm_method, eager=eager, max_model_len=context,
-                            max_num_seqs=rows, prefix_caching=learn, forget_answers=not learn)
+                            max_num_seqs=rows, prefix_caching=learn, forget_answers=not learn, strategy=strategy)
         if vllm_method == "dare":
             engine.set_cost(load_or_probe(engine, cache_dir))
         return engine

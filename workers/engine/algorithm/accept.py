@@ -4,7 +4,9 @@ strict:  a child is accepted when it is the model's argmax (lossless: output equ
 relaxed: a child is accepted when it is among the model's top-k tokens with probability > p
          (LASER's relaxed verification; defaults k=2, p=0.1), or when it is the argmax (which
          would be emitted as the bonus token anyway, so rejecting it would only cost a step).
-         Of several such children the most probable is taken.
+         Of several such children the most probable is taken. Guard (`max_top1` < 1): where the
+         model's own top-1 probability is above it, only the argmax is accepted, so a pool text's
+         wording replaces the model's only where the model itself is unsure.
 Either way the token after the accepted path is the model's argmax there (the bonus token).
 """
 
@@ -22,6 +24,7 @@ class Acceptance:
     mode: str = "strict"  # "strict" or "relaxed"
     top_k: int = 2
     min_prob: float = 0.1
+    max_top1: float = 1.0  # relaxed: other tokens only where the argmax's probability is at most this (1.0: everywhere)
 
 
 def children_of(tree: DraftTree) -> list[list[int]]:
@@ -57,13 +60,14 @@ def accept(logits: torch.Tensor, tree: DraftTree, rule: Acceptance) -> tuple[lis
             top_tokens = probs.topk(rule.top_k, dim=-1).indices.tolist()
         allowed = set(top_tokens[position])
         row = probs[position]
+        sure = float(row[argmax[position]]) > rule.max_top1  # the model is sure here: its own token only
         best, best_p = None, rule.min_prob
         for c in children[position]:
             token = tree.tokens[c - 1]
             if token == argmax[position]:
                 best = c
                 break
-            if token in allowed:
+            if token in allowed and not sure:
                 p = float(row[token])
                 if p > best_p:
                     best, best_p = c, p

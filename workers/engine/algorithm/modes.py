@@ -3,7 +3,8 @@
     ar       no drafts; exact acceptance: the model's greedy decoding
     strict   drafts from the pools and the request's own text; exact acceptance (greedy's tokens, fewer steps)
     relaxed  the same drafts; a draft token is accepted when it is among the model's top_k with
-             probability > min_prob (accept.py)
+             probability > min_prob, and (guard) only where the model's top-1 probability is at most
+             max_top1 (accept.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class Strategy:
 
     draft: DraftConfig = field(default_factory=DraftConfig)
     top_k: int = 2  # relaxed: a draft token among the model's top_k ...
-    min_prob: float = 0.1  # ... with at least this probability is accepted
+    min_prob: float = 0.1  # ... with at least this probability is accepted ...
+    max_top1: float = 1.0  # ... where the model's own top-1 probability is at most this (1.0: no guard)
     self_weight: float = 1.0  # weight of the request's own prompt and output as a draft source
 
     def check(self, mode: str) -> str:
@@ -40,5 +42,5 @@ class Strategy:
 
     def rule(self, mode: str) -> Acceptance:
         if self.check(mode) == "relaxed":
-            return Acceptance("relaxed", self.top_k, self.min_prob)
+            return Acceptance("relaxed", self.top_k, self.min_prob, self.max_top1)
         return Acceptance("strict")

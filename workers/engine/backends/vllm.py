@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ class DareProposer:
     def attach(self, runner: Any, sources: dict[str, list[Source]], cost: CostModel, strategy: Strategy) -> None:
         self.runner, self.sources, self.cost = runner, sources, cost
         draft = DraftConfig(**{**vars(strategy.draft), "max_depth": min(strategy.draft.max_depth, self.k)})  # chains of at most k
-        self.strategy = Strategy(draft, strategy.top_k, strategy.min_prob, strategy.self_weight)
+        self.strategy = replace(strategy, draft=draft)
 
     def _new_state(self, req_id: str, context: list[int]) -> RowState:
         args = request_args(self.runner, req_id)
