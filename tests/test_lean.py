@@ -100,7 +100,7 @@ def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(ki
     stock = tree_step_logits(TransformersForward(same_weights), prompt, parents, tokens)  # transformers' forward
     fast = engine_forward(model, linear_kernels(model, kind, tmp_path), kernels.library(tmp_path) if glue else None)
     assert (fast.glue is not None) == glue and fast.name == ("lean+glue" if glue else "lean")
-    assert all(type(f.kernel) is type(fast.head.kernel) for f in fast.qkv)  # fused in kind
+    assert all(type(f.kernel) is type(fast.linears.head.kernel) for f in fast.linears.qkv)  # fused in kind
     torch.testing.assert_close(tree_step_logits(fast, prompt, parents, tokens), stock, atol=1e-4, rtol=1e-4)
     rng = random.Random(2)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(4)]

@@ -24,6 +24,7 @@ from workers.engine.runtime.weights import (
     FullKernel,
     NotBlocksError,
     fp16_available,
+    full_kernels,
     linear_kernels,
     resolve_weights,
 )
@@ -54,7 +55,7 @@ def prefill_logits(forward, ids):
 
 @torch.inference_mode()
 def test_packed_logits_are_the_kernels_and_the_model_stays_stock(packed):
-    kinds = {type(p.kernel) for p in [*packed.qkv, *packed.o, *packed.gate_up, *packed.down, packed.head]}
+    kinds = {type(k) for k in packed.linears.kernels()}
     kind = "blocks" if kinds == {BlockKernel} else "fp16"
     assert kinds == {BlockKernel if kind == "blocks" else Fp16Kernel}  # every layer, fused or not
     stock = stock_tiny(kind)
@@ -96,6 +97,27 @@ def test_batched_strict_rows_equal_their_own_greedy_with_packed_weights(packed):
 
 
 @needs_blocks
+def test_prefills_on_other_weights_in_fixed_chunks_keep_strict_equal_to_the_engines_own_greedy(tmp_path):
+    """Steps on blocks, prefills on the weights as loaded (another GEMM, whose rounding of a row depends on the
+    call's shape), one prompt at a time in chunks of 4: each row of a mixed strict batch equals that prompt's
+    `ar` decoding alone, token for token."""
+    model = stock_tiny("blocks")
+    forward = LeanForward(model, linear_kernels(model, "blocks", tmp_path), prefill=full_kernels, prefill_chunk=4)
+    assert forward.prefill_chunk == 4 and forward.name == "lean+full-prefill"
+    assert {type(k) for k in forward.prefill_linears.kernels()} == {FullKernel}
+    rng = random.Random(6)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 30))] for _ in range(7)]
+    alone = [decode(model, p, [], "ar", n=30, forward=forward).token_ids for p in prompts]
+    pool = pools_with_answers(model, prompts, rng)
+    decoder = BatchDecoder(model, {EOS}, steps=StepForward(forward))
+    for i, prompt in enumerate(prompts):
+        join(decoder, i, prompt, pool, 30)
+    results = run_to_end(decoder)
+    assert [results[i].token_ids for i in range(len(prompts))] == alone
+    assert sum(sum(r.stats.drafted) for r in results.values()) > 0  # drafts were verified
+
+
+@needs_blocks
 def test_weights_that_are_not_blocks_are_refused(tmp_path):
     model = tiny_llama().to(torch.float32)
     with pytest.raises(NotBlocksError, match="model.layers.0.self_attn.q_proj's weights are not exact Q4_1/Q8_0 blocks"):
@@ -134,7 +156,7 @@ def test_the_packaged_model_loads_as_its_blocks_and_hf_generate_runs_stock(lm):
     from dare.benchmarks.reference import hf_generate
 
     forward = lm.steps.forward
-    kernels_used = [p.kernel for p in [*forward.qkv, *forward.o, *forward.gate_up, *forward.down, forward.head]]
+    kernels_used = forward.linears.kernels()
     assert len(kernels_used) == 30 * 4 + 1  # q/k/v, o, gate/up and down a layer, and the head
     if kernels.unavailable() is None:  # the GGUF's weights are blocks, all of them
         assert lm.weights == "blocks" and "Q4_1/Q8_0 block weights" in lm.describe()

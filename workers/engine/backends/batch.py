@@ -155,13 +155,24 @@ class BatchDecoder:
 
     def _forward_prefill(self, first: int, tokens: list[list[int]], offset: int) -> None:
         """Rows [first, first + len(tokens)) take `tokens` at columns (and positions) offset.., seeing
-        columns [0, offset) and their own earlier tokens; shorter rows are right-padded."""
+        columns [0, offset) and their own earlier tokens; shorter rows are right-padded. A forward with a
+        `prefill_chunk` takes each row alone, in chunks at offset, offset + chunk, ...: the same calls for a
+        prompt whatever is prefilled beside it."""
+        chunk = self.steps.forward.prefill_chunk
+        if chunk:
+            for row, t in enumerate(tokens):
+                for start in range(0, len(t), chunk):
+                    self._forward_prefill_rows(first + row, [t[start : start + chunk]], offset + start)
+        else:
+            self._forward_prefill_rows(first, tokens, offset)
+
+    def _forward_prefill_rows(self, first: int, tokens: list[list[int]], offset: int) -> None:
         n = max(len(t) for t in tokens)
         ids = torch.tensor([t + [0] * (n - len(t)) for t in tokens], device=self.device)
         positions = torch.arange(offset, offset + n)[None].repeat(len(tokens), 1)
         self.cache.prepare(first, positions, offset + n)
         mask = causal_mask(n, offset, self.dtype).expand(len(tokens), -1, -1, -1).to(self.device)
-        self.steps.forward(self.cache, ids, positions.to(self.device), mask, logits_to_keep=1)
+        self.steps.forward(self.cache, ids, positions.to(self.device), mask, logits_to_keep=1, prefill=True)
 
     def _leave(self, finished: set[int]) -> None:
         """Finished rows leave; rows from the end move into their places (at most one move per leaver)."""

@@ -34,10 +34,12 @@ def cache_argument(model_class: type) -> str:
 class Forward(Protocol):
     model: torch.nn.Module
     name: str  # "lean", "lean+glue" or "transformers"
+    prefill_chunk: int | None  # prefills one prompt at a time, in chunks of this many tokens (None: as they come)
 
     def __call__(self, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits for `ids` (batch, n) (the last `logits_to_keep` only, if set), appending their keys/values to `cache`."""
+                 logits_to_keep: int = 0, prefill: bool = False) -> torch.Tensor:
+        """Logits for `ids` (batch, n) (the last `logits_to_keep` only, if set), appending their keys/values to `cache`.
+        `prefill`: the tokens are a prompt's (the forward may run them on other kernels)."""
         ...
 
 
@@ -45,6 +47,7 @@ class TransformersForward:
     """transformers' own forward of the model (or of `run`, its compiled form), weights as loaded."""
 
     name = "transformers"
+    prefill_chunk = None
 
     def __init__(self, model: torch.nn.Module, run: Callable[..., Any] | None = None) -> None:
         self.model, self.run = model, model if run is None else run
@@ -52,15 +55,16 @@ class TransformersForward:
 
     @torch.inference_mode()
     def __call__(self, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+                 logits_to_keep: int = 0, prefill: bool = False) -> torch.Tensor:
         kwargs = {self.cache_argument: cache, "logits_to_keep": logits_to_keep}
         return self.run(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs).logits
 
 
-def engine_forward(model: torch.nn.Module, weights: Kernels = full_kernels, glue: object | None = None) -> Forward:
-    """The lean forward where the model's family has one (linear layers made by `weights`, C++ `glue`),
-    else transformers' forward on the weights as loaded."""
-    return LeanForward(model, weights, glue) if supports(model) else TransformersForward(model)
+def engine_forward(model: torch.nn.Module, weights: Kernels = full_kernels, glue: object | None = None,
+                   prefill: Kernels | None = None) -> Forward:
+    """The lean forward where the model's family has one (linear layers made by `weights`, prefills' by `prefill`,
+    C++ `glue`), else transformers' forward on the weights as loaded."""
+    return LeanForward(model, weights, glue, prefill) if supports(model) else TransformersForward(model)
 
 
 def ancestor_matrix(parents: list[int]) -> torch.Tensor:

@@ -46,65 +46,82 @@ def supports(model: torch.nn.Module) -> bool:
             and hasattr(model.model, "rotary_emb") and not getattr(config, "use_sliding_window", False))
 
 
-class LeanForward:
-    """The forward of a model `supports` accepts, its linear layers made by `weights`; with the engine's
-    CPU kernels `glue`, its glue in C++ where the model fits (float32, SiLU)."""
+class Linears:
+    """A model's linear layers as a forward runs them, made by `weights`: q/k/v and gate/up joined, one GEMM each
+    (fewer, wider calls)."""
 
-    def __init__(self, model: torch.nn.Module, weights: Kernels = full_kernels, glue: object | None = None) -> None:
-        if not supports(model):
-            raise ValueError(f"no lean forward for {type(model).__name__} ({getattr(model.config, 'model_type', None)})")
-        config = model.config
-        self.model = model
-        glue_fits = next(model.parameters()).dtype == torch.float32 and getattr(config, "hidden_act", None) == "silu"
-        self.glue = glue if glue_fits else None
-        self.name = "lean" if self.glue is None else "lean+glue"
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+    def __init__(self, model: torch.nn.Module, weights: Kernels) -> None:
         layers = model.model.layers
-        # q/k/v and gate/up read the same input: one GEMM each (fewer, wider calls)
         self.qkv = [Projection([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj], weights) for la in layers]
         self.o = [Projection([la.self_attn.o_proj], weights) for la in layers]
         self.gate_up = [Projection([la.mlp.gate_proj, la.mlp.up_proj], weights) for la in layers]
         self.down = [Projection([la.mlp.down_proj], weights) for la in layers]
         self.head = Projection([model.lm_head], weights)
 
+    def kernels(self) -> list[object]:
+        return [p.kernel for p in [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]]
+
+
+class LeanForward:
+    """The forward of a model `supports` accepts, its linear layers made by `weights`; with the engine's
+    CPU kernels `glue`, its glue in C++ where the model fits (float32, SiLU). With `prefill` weights, prefills
+    (`prefill=True`) run their GEMMs on those instead, one prompt at a time in chunks of `prefill_chunk` tokens
+    aligned to the prompt's own positions (batch.py), so a prompt's cache never depends on what was prefilled
+    beside it: a library GEMM's rounding of a row depends on the call's shape (docs/engine.md)."""
+
+    def __init__(self, model: torch.nn.Module, weights: Kernels = full_kernels, glue: object | None = None,
+                 prefill: Kernels | None = None, prefill_chunk: int = 256) -> None:
+        if not supports(model):
+            raise ValueError(f"no lean forward for {type(model).__name__} ({getattr(model.config, 'model_type', None)})")
+        config = model.config
+        self.model = model
+        glue_fits = next(model.parameters()).dtype == torch.float32 and getattr(config, "hidden_act", None) == "silu"
+        self.glue = glue if glue_fits else None
+        self.name = ("lean" if self.glue is None else "lean+glue") + ("" if prefill is None else "+full-prefill")
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.linears = Linears(model, weights)
+        self.prefill_linears = self.linears if prefill is None else Linears(model, prefill)
+        self.prefill_chunk = None if prefill is None else prefill_chunk  # tokens per prefill call (None: any)
+
     @torch.inference_mode()
     def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 0) -> torch.Tensor:
+                 logits_to_keep: int = 0, prefill: bool = False) -> torch.Tensor:
+        lin = self.prefill_linears if prefill else self.linears
         if self.glue is not None:
-            return self.glued(cache, ids, positions, mask, logits_to_keep)
+            return self.glued(lin, cache, ids, positions, mask, logits_to_keep)
         inner = self.model.model
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, positions)
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(inner.layers):
-            q, k, v = self.split_heads(i, self.qkv[i].joined(rms_norm(h, layer.input_layernorm)))
-            h = h + self.attend(i, cache, rotate(q, cos, sin), rotate(k, cos, sin), v, mask)
-            gate, up = self.gate_up[i](rms_norm(h, layer.post_attention_layernorm))
-            h = h + self.down[i].joined(layer.mlp.act_fn(gate) * up)
+            q, k, v = self.split_heads(i, lin.qkv[i].joined(rms_norm(h, layer.input_layernorm)))
+            h = h + self.attend(lin, i, cache, rotate(q, cos, sin), rotate(k, cos, sin), v, mask)
+            gate, up = lin.gate_up[i](rms_norm(h, layer.post_attention_layernorm))
+            h = h + lin.down[i].joined(layer.mlp.act_fn(gate) * up)
         h = rms_norm(h, inner.norm)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        return self.head.joined(h)
+        return lin.head.joined(h)
 
     def split_heads(self, i: int, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Layer i's fused output (batch, tokens, q|k|v) as q, k, v of shape (batch, heads, tokens, head_dim)."""
         batch, tokens = qkv.shape[:2]
-        return tuple(t.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in qkv.split(self.qkv[i].sizes, dim=-1))
+        return tuple(t.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in qkv.split(self.linears.qkv[i].sizes, dim=-1))
 
-    def attend(self, i: int, cache: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, lin: Linears, i: int, cache: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Layer i's attention from rotated q, k and v, through the cache: o_proj's output (batch, tokens, hidden)."""
         scaling = self.model.model.layers[i].self_attn.scaling
         keys, values = cache.layers[i].update(k, v)  # type: ignore[attr-defined]
         if self.glue is not None:
             out = kernels.attention(self.glue, q, keys, values, mask, scaling)  # type: ignore[arg-type]
             if out is not None:
-                return self.o[i].joined(out)
+                return lin.o[i].joined(out)
         out = gqa_attention(q, keys, values, mask, scaling)
-        return self.o[i].joined(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+        return lin.o[i].joined(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
 
-    def glued(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def glued(self, lin: Linears, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
               logits_to_keep: int) -> torch.Tensor:
         """The same layers with their glue in the engine's C++ kernels (float32, CPU)."""
         lib, inner = self.glue, self.model.model
@@ -115,14 +132,14 @@ class LeanForward:
         first = layers[0].input_layernorm
         x = kernels.rms_norm(lib, h, first.weight, first.variance_epsilon)  # type: ignore[arg-type]
         for i, layer in enumerate(layers):
-            qkv = self.qkv[i].joined(x)
+            qkv = lin.qkv[i].joined(x)
             kernels.rope_(lib, qkv.view(batch * tokens, -1), cos, sin, self.heads + self.kv_heads, self.head_dim)  # type: ignore[arg-type]
             post = layer.post_attention_layernorm
-            attended = self.attend(i, cache, *self.split_heads(i, qkv), mask)
+            attended = self.attend(lin, i, cache, *self.split_heads(i, qkv), mask)
             x = kernels.add_rms_norm(lib, h, attended, post.weight, post.variance_epsilon)  # type: ignore[arg-type]
-            down = self.down[i].joined(kernels.silu_mul(lib, self.gate_up[i].joined(x)))  # type: ignore[arg-type]
+            down = lin.down[i].joined(kernels.silu_mul(lib, lin.gate_up[i].joined(x)))  # type: ignore[arg-type]
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
             x = kernels.add_rms_norm(lib, h, down, norm.weight, norm.variance_epsilon)  # type: ignore[arg-type]
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.head.joined(x)
+        return lin.head.joined(x)

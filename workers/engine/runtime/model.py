@@ -8,6 +8,7 @@ Nothing is ever fetched from a model hub.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -18,7 +19,8 @@ import structlog
 import torch
 
 from workers.engine.runtime import kernels, lean
-from workers.engine.runtime.forward import Forward, engine_forward
+from workers.engine.runtime.cache import SlotCache
+from workers.engine.runtime.forward import Forward, causal_mask, engine_forward
 from workers.engine.runtime.kernels import KernelBuildError
 from workers.engine.runtime.steps import Compile, StepForward, resolve_compile
 from workers.engine.runtime.weights import (
@@ -179,12 +181,47 @@ def load_model(model: str | None, device: str, dtype: str, cache_dir: Path, thre
         tokenizer.pad_token = tokenizer.eos_token
     packed, made = lighter_weights(lm, packed, weights, cache_dir)
     glue = cpu_kernels(cache_dir) if packed != "full" else None  # full: the lean forward stays transformers' arithmetic
-    forward: Forward = engine_forward(lm, made, glue)
+    prefill = full_kernels if packed != "full" and full_prefill_pays(lm, made, glue, cache_dir, model_id(model), packed) else None
+    forward: Forward = engine_forward(lm, made, glue, prefill)
     steps = StepForward(forward, resolve_compile(compile, torch_device))
     loaded = LoadedModel(lm, tokenizer, model_id(model), torch_device, torch_dtype, time.perf_counter() - start, steps, packed)
     log.info("model loaded", model=loaded.model_id, path=str(path), device=str(torch_device), dtype=str(torch_dtype),
              weights=packed, forward=forward.name, compiled=steps.compiled, load_s=round(loaded.load_s, 1))
     return loaded
+
+
+def full_prefill_pays(lm: torch.nn.Module, made: Kernels, glue: object | None, cache_dir: Path, name: str, packed: str) -> bool:
+    """Whether prefills run faster on the weights as loaded (torch's GEMM: MKL on x86) than on the lighter ones.
+    Lighter weights win where reading them is the cost (a decoding step's few rows); a library GEMM may win on a
+    prompt's hundreds of rows where the CPU has wider FMAs than the block kernel uses (AVX-512). Timed once on a
+    256-token prompt (best of 3 each, interleaved) and cached by model, weights, CPU capability and threads."""
+    if not lean.supports(lm) or next(lm.parameters()).device.type != "cpu":
+        return False
+    capability, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    path = cache_dir / "prefill" / f"{name}-{packed}w-{capability}-{threads}t.json".replace("/", "_")
+    if path.is_file():
+        try:
+            return bool(json.loads(path.read_text())["full_prefill"])
+        except (ValueError, KeyError):
+            pass  # a damaged file: measured again
+    both = engine_forward(lm, made, glue, full_kernels)
+    seconds = {False: [], True: []}
+    ids = torch.randint(0, lm.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    positions, mask = torch.arange(256)[None], causal_mask(256, 0, torch.float32)
+    for _ in range(4):  # the first round warms up
+        for full in (False, True):
+            cache = SlotCache(lm)
+            cache.reserve(1, 256)
+            cache.prepare(0, positions, 256)
+            start = time.perf_counter()
+            both(cache, ids, positions, mask, logits_to_keep=1, prefill=full)
+            seconds[full].append(time.perf_counter() - start)
+    lighter, full = min(seconds[False][1:]), min(seconds[True][1:])
+    pays = full < 0.9 * lighter
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"full_prefill": pays, "lighter_ms": 1000 * lighter, "full_ms": 1000 * full}) + "\n")
+    log.info("prefill weights measured", lighter_ms=round(1000 * lighter), full_ms=round(1000 * full), full_prefill=pays)
+    return pays
 
 
 def lighter_weights(lm: torch.nn.Module, packed: str, asked: Weights, cache_dir: Path) -> tuple[str, Kernels]:
