@@ -73,6 +73,14 @@ def wait_until(members, done, timeout_s=90):
         time.sleep(0.1)
 
 
+def holds_its_share(member):
+    """Whether the member holds exactly the pools of its partitions' segments (read while its thread may write)."""
+    try:
+        return set(member.live.pools) == {s for s in SEGMENTS if partition_for(s.encode(), 4) in member.partitions()}
+    except RuntimeError:  # the pools changed while being read
+        return False
+
+
 def test_two_workers_hold_only_their_partitions_pools_and_get_their_prompts(kafka_settings):
     topics = Topics(kafka_settings.topic_prefix)
     ensure_topics(kafka_settings, [topics.prompts, topics.pools, topics.assignments])
@@ -87,13 +95,14 @@ def test_two_workers_hold_only_their_partitions_pools_and_get_their_prompts(kafk
     assert len(set(partition_of.values())) > 1  # the segments spread over partitions
 
     first = Member(kafka_settings, topics).start()
-    wait_until([first], lambda: first.partitions() == {0, 1, 2, 3})
+    wait_until([first], lambda: first.partitions() == {0, 1, 2, 3} and holds_its_share(first))
     assert set(first.live.pools) == set(SEGMENTS) and first.live.version("s0") == 3  # alone: every pool
 
     second = Member(kafka_settings, topics).start()  # joins: a rebalance splits the partitions
     members = [first, second]
+    # the assignment is visible to this thread before the member's rebalance listener has loaded its pools
     wait_until(members, lambda: first.partitions() and second.partitions() and not first.partitions() & second.partitions()
-               and first.partitions() | second.partitions() == {0, 1, 2, 3})
+               and first.partitions() | second.partitions() == {0, 1, 2, 3} and all(holds_its_share(m) for m in members))
     for m in members:
         assert set(m.live.pools) == {s for s in SEGMENTS if partition_of[s] in m.partitions()}
         assert len(m.live.pools) < len(SEGMENTS)
@@ -111,6 +120,6 @@ def test_two_workers_hold_only_their_partitions_pools_and_get_their_prompts(kafk
     assert sorted(r.request_id for m in members for r, _ in m.prompts) == sorted(r.request_id for r in requests)
 
     second.close()  # leaves: the first takes every partition back, and their pools
-    wait_until([first], lambda: first.partitions() == {0, 1, 2, 3})
+    wait_until([first], lambda: first.partitions() == {0, 1, 2, 3} and holds_its_share(first))
     assert set(first.live.pools) == set(SEGMENTS)
     first.close()
