@@ -59,7 +59,8 @@ class LoadedModel:
 
     @property
     def forward(self) -> str:
-        """The engine's forward: "lean" or "lean+glue" (lean.py), or "transformers"."""
+        """The engine's forward: "lean" or "lean+glue" (lean.py; "+full-prefill" where prefills run on the weights
+        as loaded), or "transformers"."""
         return self.steps.forward.name
 
     def describe(self) -> str:
