@@ -296,7 +296,9 @@ def write_summary(out: Path, mode: str, model: str, records: list[KnowledgeRecor
         "mean_accepted": tokens / steps if steps else 0.0,
         "duplicates": sum(r.get("duplicates", 0) for r in runs),
         "dead_lettered": sum(len(r.get("dead_lettered", {})) for r in runs),
-        "lost": sum(r.get("lost", 0) for r in runs if not r.get("interrupted")),
+        # every run asks again for every entity the file lacks, so what the latest run never got is what is still
+        # missing (a run stopped by Ctrl-C lost nothing: its unanswered prompts were merely not waited for)
+        "lost": next((0 if r.get("interrupted") else r.get("lost", 0) for r in reversed(runs) if not r.get("recovered_from_records")), 0),
         "runs": runs,
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dare.data import load_movielens, prompt_request
-from dare.generate_all import GenerateError, check_prompts, default_output, run_generate_all, summary_path
+from dare.generate_all import GenerateError, check_prompts, default_output, run_generate_all, summary_path, write_summary
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +21,18 @@ SLICE = ["--users", "3", "--items", "3", "--ratings", "5000", "--batch", "2", "-
 
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_lost_counts_what_the_latest_run_never_got(tmp_path):
+    out = tmp_path / "k.jsonl"
+
+    def run(stamp, lost, interrupted=False):
+        return {"stamp": stamp, "entities": 1, "tokens": 1, "wall_s": 1.0, "lost": lost, "interrupted": interrupted}
+
+    assert write_summary(out, "ar", "m", [], run("1", 5))["lost"] == 5  # gave up with 5 prompts unanswered
+    assert write_summary(out, "ar", "m", [], run("2", 0))["lost"] == 0  # the next run asked again and got them
+    assert write_summary(out, "ar", "m", [], run("3", 4, interrupted=True))["lost"] == 0  # Ctrl-C: not waited for
+    assert len(write_summary(out, "ar", "m", [], None)["runs"]) == 3
 
 
 def test_one_file_holds_one_cut_off_templates_version_and_relaxed_guard(tmp_path):
