@@ -50,10 +50,10 @@ def main() -> None:
         start = time.perf_counter()
         thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
         thread.start()
-        while service.builder.counters.user_events < 100_000:
+        while service.counters.user_events < 100_000:
             time.sleep(0.05)
         ingest_s = time.perf_counter() - start
-        while not service.builder.user_segment:
+        while not service.user_segment:
             time.sleep(0.1)
 
         # Knowledge latency while more ratings stream in (the replay again: duplicates, still consumed and checked).
@@ -67,7 +67,7 @@ def main() -> None:
         reader.assign(parts)
         reader.seek_to_end()
         latencies = []
-        users = sorted(service.builder.user_segment, key=int)[:40]
+        users = sorted(service.user_segment, key=int)[:40]
         for n, uid in enumerate(users):
             record = KnowledgeRecord(request_id=f"lat-{n}", entity_kind="user", entity_id=uid, text=f"Knowledge {n} for {uid}.",
                                      token_count=5, mode="ar", model="m", worker="bench",

@@ -231,16 +231,17 @@ def cmd_generate_all(args: argparse.Namespace) -> int:
 def cmd_eval_quality(args: argparse.Namespace) -> int:
     from dare.data import load_catalogue
     from dare.generate_all import default_output
-    from dare.quality import format_report, plot, run_quality
+    from dare.quality import format_report, plot, run_quality, variant_name
 
     settings_from(args)
     catalogue = load_catalogue(args.dataset, args.templates)
     ar, relaxed = (getattr(args, mode) or default_output(mode, catalogue.name, catalogue.templates.source.name)  # type: ignore[union-attr]
                    for mode in ("ar", "relaxed"))
-    for path in (ar, relaxed):
+    extra = {variant_name(path): path for path in args.also or []}
+    for path in (ar, relaxed, *extra.values()):
         if not path.is_file():
             raise FileNotFoundError(2, "no such knowledge file (make it with `dare generate-all --mode ...`)", str(path))
-    report = run_quality(ar, relaxed, seeds=args.seeds, catalogue=catalogue)
+    report = run_quality(ar, relaxed, seeds=args.seeds, catalogue=catalogue, extra=extra)
     print(format_report(report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -541,14 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", help="override the destination topic")
     p.set_defaults(func=cmd_produce)
 
-    p = sub.add_parser("pool-builder", help="the pool-builder service: events and knowledge in, pools and assignments out")
+    p = sub.add_parser("pool-builder", help="the pool-builder service: events and knowledge in, pools and assignments out; "
+                                            "run several to split the users (one consumer group, the same flags)")
     add_kafka_flags(p)
     p.add_argument("--segments", type=positive_int, default=8, help="user segments (k-means k)")
-    p.add_argument("--pool-cap", type=positive_int, default=64, help="texts per segment pool")
+    p.add_argument("--pool-cap", type=positive_int, default=64,
+                   help="texts per segment pool (split evenly over its shards, one per user-events partition)")
     p.add_argument("--neighbourhood", type=non_negative, default=1.5,
                    help="users nearest each centroid whose knowledge enters its pool, x the mean segment size (0: members only)")
     p.add_argument("--refit-every", type=seconds, default=30.0, help="seconds between k-means re-fits while users grow")
-    p.add_argument("--state-dir", type=Path, help="snapshot directory (default: DARE_CACHE_DIR/pool-builder)")
+    p.add_argument("--state-dir", type=Path, help="checkpoint directory, one file per partition held (default: "
+                                                  "DARE_CACHE_DIR/pool-builder)")
     p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port")
     p.set_defaults(func=cmd_pool_builder)
 
@@ -638,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_catalogue_flags(e)
     e.add_argument("--ar", type=Path, help="ar knowledge JSONL (default results/knowledge/CATALOGUE-ar.jsonl)")
     e.add_argument("--relaxed", type=Path, help="relaxed knowledge JSONL (default results/knowledge/CATALOGUE-relaxed.jsonl)")
+    e.add_argument("--also", type=Path, action="append", metavar="FILE",
+                   help="another knowledge file to compare with ar (repeatable), named by its summary: e.g. a guarded "
+                        "relaxed run becomes relaxed-top1-0.5")
     e.add_argument("--seeds", type=positive_int, default=5, help="seeds per variant (default 5)")
     e.add_argument("--json", type=output_file, default=Path("results/quality.json"), help="the report (default results/quality.json)")
     e.add_argument("--plot", type=output_file, default=Path("results/quality.png"), help="AUC per variant (default results/quality.png)")

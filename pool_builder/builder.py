@@ -49,8 +49,9 @@ class SegmentPool:
 
 class PoolBuilder:
     def __init__(self, encoder, segments: int = 8, pool_cap: int = 64, neighbourhood: float = 1.5,  # type: ignore[no-untyped-def]
-                 snapshot_every: int = 50, dedup_window: int = 200_000, pending_cap: int = 100_000) -> None:
+                 snapshot_every: int = 50, dedup_window: int = 200_000, pending_cap: int = 100_000, shard: int = 0) -> None:
         self.encoder = encoder
+        self.shard = shard  # the part of every segment's pool this builder writes (PoolUpdate.shard)
         self.k = segments
         self.pool_cap = pool_cap
         self.neighbourhood = neighbourhood  # x the mean segment size; 0: members only
@@ -62,6 +63,7 @@ class PoolBuilder:
         self.item_segment: dict[str, str] = {}
         self.users = UserVectors()
         self.centroids: np.ndarray | None = None
+        self.centroids_version = 0  # of the fit that gave the centroids: the version of the assignments made with them
         self.user_segment: dict[str, str] = {}
         self.pools: dict[str, SegmentPool] = defaultdict(SegmentPool)
         self.seen: OrderedDict[str, None] = OrderedDict()
@@ -70,6 +72,8 @@ class PoolBuilder:
         self.clock = 0  # counts knowledge texts added: their recency
         self.users_at_refit = 0
         self.fresh_users: set[str] = set()  # users with ratings but no segment yet
+        self.unplaced: dict[str, tuple[str, str, int]] = {}  # text id → entry: user texts whose author has no segment yet
+        self.positions: dict[str, int] = {}  # input topic → the offset of the next message this state has not seen
         self.counters = Counters()
 
     # ------------------------------------------------------------------ events
@@ -97,11 +101,17 @@ class PoolBuilder:
             if self.item_segment.get(event.item_id) != segment:
                 self.item_segment[event.item_id] = segment
                 out.append(SegmentAssignment(entity_kind="item", entity_id=event.item_id, segment=segment, version=0))
-            for waiting in self.pending.pop(event.item_id, []):
-                self.pending_count -= 1
-                self.users.add(waiting.user_id, vector, waiting.rating)
-                self.fresh_users.add(waiting.user_id)
+        self.items_arrived([e.item_id for e in fresh])
         return out
+
+    def items_arrived(self, item_ids: list[str]) -> None:
+        """Apply the ratings that were waiting for these items (now in `item_vectors`, which builders of one
+        process share)."""
+        for item_id in item_ids:
+            for waiting in self.pending.pop(item_id, []):
+                self.pending_count -= 1
+                self.users.add(waiting.user_id, self.item_vectors[item_id], waiting.rating)
+                self.fresh_users.add(waiting.user_id)
 
     def add_user_event(self, event: UserEvent) -> None:
         if self._duplicate(f"u:{event.event_id}"):
@@ -129,9 +139,23 @@ class PoolBuilder:
         self.clock += 1
         text_id = f"{record.entity_kind}-{record.entity_id}"
         entry = (record.entity_id if record.entity_kind == "user" else "", record.text, self.clock)
+        segments = self.segments_for(record.entity_kind, record.entity_id, record.segment)
+        if not segments and record.entity_kind == "user":  # a text read before its author's ratings (a rebuild)
+            self.unplaced[text_id] = entry
         out: list[PoolUpdate] = []
-        for segment in self.segments_for(record.entity_kind, record.entity_id, record.segment):
+        for segment in segments:
             out += self._insert(segment, text_id, entry)
+        return out
+
+    def place_unplaced(self) -> list[PoolUpdate]:
+        """User texts that arrived before their author had a segment, into their pools once it has one."""
+        out: list[PoolUpdate] = []
+        for text_id, entry in list(self.unplaced.items()):
+            segments = self.segments_for("user", entry[0])
+            if segments:
+                del self.unplaced[text_id]
+                for segment in segments:
+                    out += self._insert(segment, text_id, entry)
         return out
 
     def segments_for(self, entity_kind: str, entity_id: str, fallback: str | None = None) -> list[str]:
@@ -171,22 +195,30 @@ class PoolBuilder:
         import time
 
         start = time.perf_counter()
-        ids, matrix = self.users.matrix()
-        centroids = fit_centroids(matrix, self.k)
-        self.centroids = match_to_previous(centroids, self.centroids)  # type: ignore[arg-type]
-        labels = assign(matrix, self.centroids)
-        changed = []
-        for uid, label in zip(ids, labels):
-            segment = segment_name("user", int(label))
-            if self.user_segment.get(uid) != segment:
-                self.user_segment[uid] = segment
-                changed.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=segment, version=self.counters.refits + 1))
-        self.neighbours = self._neighbourhoods(ids, matrix)
-        self.users_at_refit = len(ids)
-        self.counters.refits += 1
-        updates = self._reassign_pools()
+        _, matrix = self.users.matrix()
+        centroids = match_to_previous(fit_centroids(matrix, self.k), self.centroids)  # type: ignore[arg-type]
+        self.users_at_refit = len(matrix)
+        out = self.apply_centroids(centroids, self.centroids_version + 1)
         self.counters.last_refit_s = time.perf_counter() - start
-        return changed, updates
+        return out
+
+    def apply_centroids(self, centroids: np.ndarray, version: int) -> tuple[list[SegmentAssignment], list[PoolUpdate]]:
+        """Segments from these centroids (fitted here or by another member): every user to its nearest one, the
+        neighbourhoods of this builder's users, its texts to their authors' new pools; changed assignments and
+        the re-ranked pools to publish."""
+        self.centroids, self.centroids_version = centroids, version
+        ids, matrix = self.users.matrix()
+        changed = []
+        if ids:
+            for uid, label in zip(ids, assign(matrix, centroids)):
+                segment = segment_name("user", int(label))
+                if self.user_segment.get(uid) != segment:
+                    self.user_segment[uid] = segment
+                    changed.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=segment, version=version))
+        self.fresh_users.clear()
+        self.neighbours = self._neighbourhoods(ids, matrix) if ids else {}
+        self.counters.refits += 1
+        return changed, self._reassign_pools()
 
     def _neighbourhoods(self, ids: list[str], matrix: np.ndarray) -> dict[str, set[str]]:
         """Per segment, the users nearest its centroid (FAISS inner product on unit vectors)."""
@@ -206,7 +238,7 @@ class PoolBuilder:
         out = []
         for uid, label in zip(new, labels):
             self.user_segment[uid] = segment_name("user", int(label))
-            out.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=self.user_segment[uid], version=self.counters.refits))
+            out.append(SegmentAssignment(entity_kind="user", entity_id=uid, segment=self.user_segment[uid], version=self.centroids_version))
         return out
 
     def _user_vector(self, user_id: str) -> np.ndarray | None:
@@ -229,7 +261,8 @@ class PoolBuilder:
     def _reassign_pools(self) -> list[PoolUpdate]:
         """After a re-fit, user texts follow their authors to their new segments and neighbourhoods;
         every user pool is re-ranked to its cap and snapshotted."""
-        entries = {tid: e for s, p in self.pools.items() if s.startswith("u") for tid, e in p.texts.items()}
+        entries = {tid: e for s, p in self.pools.items() if s.startswith("u") for tid, e in p.texts.items()} | self.unplaced
+        self.unplaced = {}
         for segment in [s for s in self.pools if s.startswith("u")]:
             self.pools[segment].texts.clear()
         for text_id, entry in sorted(entries.items(), key=lambda te: te[1][2]):
@@ -251,7 +284,7 @@ class PoolBuilder:
         pool.version += 1
         if pool.version % self.snapshot_every == 0:
             return self.snapshot(segment, bump=False)
-        return [PoolUpdate(segment=segment, version=pool.version, kind="delta", added=added, removed=removed)]
+        return [PoolUpdate(segment=segment, shard=self.shard, version=pool.version, kind="delta", added=added, removed=removed)]
 
     def snapshot(self, segment: str, bump: bool = True) -> list[PoolUpdate]:
         """The whole pool, in chunks small enough for Kafka's default message limit."""
@@ -260,13 +293,13 @@ class PoolBuilder:
             pool.version += 1
         texts = [PoolText(text_id=t, text=e[1]) for t, e in pool.texts.items()]
         chunks = [texts[i : i + MAX_POOL_TEXTS_PER_MESSAGE // 4] for i in range(0, len(texts), MAX_POOL_TEXTS_PER_MESSAGE // 4)] or [[]]
-        return [PoolUpdate(segment=segment, version=pool.version, kind="snapshot", added=chunk, chunk=i, chunks=len(chunks))
+        return [PoolUpdate(segment=segment, shard=self.shard, version=pool.version, kind="snapshot", added=chunk, chunk=i, chunks=len(chunks))
                 for i, chunk in enumerate(chunks)]
 
     def all_snapshots(self) -> list[PoolUpdate]:
         return [u for segment in sorted(self.pools) for u in self.snapshot(segment)]
 
-    def all_assignments(self) -> list[SegmentAssignment]:
-        version = self.counters.refits
+    def all_assignments(self, items: bool = True) -> list[SegmentAssignment]:
+        version = self.centroids_version
         return [SegmentAssignment(entity_kind="user", entity_id=u, segment=s, version=version) for u, s in self.user_segment.items()] + [
-            SegmentAssignment(entity_kind="item", entity_id=i, segment=s, version=0) for i, s in self.item_segment.items()]
+            SegmentAssignment(entity_kind="item", entity_id=i, segment=s, version=0) for i, s in (self.item_segment.items() if items else ())]

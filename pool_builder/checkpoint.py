@@ -1,16 +1,20 @@
 """The pool builder's checkpoint: everything `PoolBuilder` knows, in a documented, versioned file.
 
-Format 1 is a zip archive (read it with any zip tool, numpy and a JSON parser):
+Format 2 is a zip archive (read it with any zip tool, numpy and a JSON parser):
 
-    state.json        {"format": 1, "config": {...}, "items": [ids], "item_segment": {id: segment},
+    state.json        {"format": 2, "config": {...}, "shard": n, "centroids_version": n,
+                       "positions": {topic: next offset}, "items": [ids], "item_segment": {id: segment},
                        "users": [ids], "user_segment": {id: segment}, "neighbours": {segment: [ids]},
                        "pools": {segment: {"version": n, "texts": [[text_id, author, text, seq], ...]}},
                        "seen": [event keys, oldest first], "pending": {item_id: [UserEvent JSON]},
-                       "fresh_users": [ids], "clock": n, "users_at_refit": n, "counters": {...}}
+                       "fresh_users": [ids], "unplaced": [[text_id, author, text, seq], ...], "clock": n, "users_at_refit": n, "counters": {...}}
     item_vectors.npy  float32 [items, dim], rows in the order of "items"
     user_sums.npy     float32 [users, dim], rows in the order of "users" (rating-weighted sums)
     user_counts.npy   int64 [users]
     centroids.npy     float32 [segments, dim], present once segments were fitted
+
+A pool builder that runs several partitions (`service.py`) writes one file per partition without the items, and
+one file of the items alone. Format 1 (before partitions) lacks "shard", "centroids_version" and "positions".
 
 `save` writes `<path>.partial`, syncs it to disk, then renames it over `<path>`: a crash leaves the
 previous checkpoint whole. A later format version loads an older file with defaults for what it
@@ -34,7 +38,7 @@ from pool_builder.builder import Counters, PoolBuilder, SegmentPool
 from pool_builder.embeddings import DIM
 from schemas import UserEvent
 
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -51,16 +55,20 @@ def _npy(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def save(builder: PoolBuilder, path: Path) -> None:
+def save(builder: PoolBuilder, path: Path, items: bool = True) -> None:
+    """`items=False`: without the item vectors and segments (kept in a file of their own)."""
     n_users = len(builder.users.index)
-    items = list(builder.item_vectors)
+    item_ids = list(builder.item_vectors) if items else []
     state = {
         "format": FORMAT,
         "config": {"segments": builder.k, "pool_cap": builder.pool_cap, "neighbourhood": builder.neighbourhood,
                    "snapshot_every": builder.snapshot_every, "dedup_window": builder.dedup_window,
                    "pending_cap": builder.pending_cap},
-        "items": items,
-        "item_segment": builder.item_segment,
+        "shard": builder.shard,
+        "centroids_version": builder.centroids_version,
+        "positions": builder.positions,
+        "items": item_ids,
+        "item_segment": builder.item_segment if items else {},
         "users": list(builder.users.index),
         "user_segment": builder.user_segment,
         "neighbours": {segment: sorted(users) for segment, users in builder.neighbours.items()},
@@ -69,12 +77,13 @@ def save(builder: PoolBuilder, path: Path) -> None:
         "seen": list(builder.seen),
         "pending": {item: [event.model_dump(mode="json") for event in events] for item, events in builder.pending.items()},
         "fresh_users": sorted(builder.fresh_users),
+        "unplaced": [[text_id, *entry] for text_id, entry in builder.unplaced.items()],
         "clock": builder.clock,
         "users_at_refit": builder.users_at_refit,
         "counters": asdict(builder.counters),
     }
     arrays = {
-        "item_vectors": np.stack([builder.item_vectors[i] for i in items]) if items else np.zeros((0, DIM), np.float32),
+        "item_vectors": np.stack([builder.item_vectors[i] for i in item_ids]) if item_ids else np.zeros((0, DIM), np.float32),
         "user_sums": builder.users.sums[:n_users],
         "user_counts": builder.users.counts[:n_users],
     }
@@ -131,6 +140,9 @@ def _builder(state: dict, arrays: dict[str, np.ndarray], encoder) -> PoolBuilder
         builder.users.index = {user: n for n, user in enumerate(users)}
         builder.users.sums, builder.users.counts = sums.astype(np.float32), counts.astype(np.int64)
     builder.centroids = arrays.get("centroids")
+    builder.shard = int(state.get("shard", 0))
+    builder.centroids_version = int(state.get("centroids_version", state.get("counters", {}).get("refits", 0)))
+    builder.positions = {topic: int(offset) for topic, offset in state.get("positions", {}).items()}
     builder.user_segment = dict(state.get("user_segment", {}))
     builder.neighbours = {segment: set(ids) for segment, ids in state.get("neighbours", {}).items()}
     builder.pools = defaultdict(SegmentPool)
@@ -142,6 +154,7 @@ def _builder(state: dict, arrays: dict[str, np.ndarray], encoder) -> PoolBuilder
                                          for item, events in state.get("pending", {}).items()})
     builder.pending_count = sum(len(events) for events in builder.pending.values())
     builder.fresh_users = set(state.get("fresh_users", []))
+    builder.unplaced = {text_id: (author, text, seq) for text_id, author, text, seq in state.get("unplaced", [])}
     builder.clock = state.get("clock", 0)
     builder.users_at_refit = state.get("users_at_refit", 0)
     builder.counters = Counters(**{k: v for k, v in state.get("counters", {}).items() if k in Counters.__dataclass_fields__})

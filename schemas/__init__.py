@@ -4,6 +4,7 @@ from schemas.codec import SchemaError, decode, encode, export_json_schemas
 from schemas.messages import (
     ALL_MESSAGES,
     SCHEMA_VERSION,
+    Centroids,
     DeadLetter,
     DecodeStats,
     ItemEvent,
@@ -22,6 +23,7 @@ from schemas.topics import Topics
 __all__ = [
     "ALL_MESSAGES",
     "SCHEMA_VERSION",
+    "Centroids",
     "DeadLetter",
     "DecodeStats",
     "ItemEvent",

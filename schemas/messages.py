@@ -109,14 +109,17 @@ class PoolText(Message):
 
 
 class PoolUpdate(Message):
-    """A change to one segment's retrieval pool, keyed by segment on the pools topic.
+    """A change to one shard of a segment's retrieval pool, keyed by segment on the pools topic.
 
-    `snapshot` replaces the pool; `delta` adds and removes. Large snapshots are split into
-    chunks (chunk i of n, same version); a consumer applies a snapshot once all chunks arrived.
+    A segment's pool is the union of its shards: each pool-builder partition (`shard`: the user-events
+    partition whose users wrote its texts) keeps its own part, so builders that split the users never
+    write the same pool. `snapshot` replaces the shard; `delta` adds and removes. Large snapshots are
+    split into chunks (chunk i of n, same version); a consumer applies a snapshot once all chunks arrived.
     """
 
     segment: Id
-    version: int = Field(ge=0)
+    shard: int = Field(0, ge=0)
+    version: int = Field(ge=0)  # of this shard
     kind: Literal["snapshot", "delta"]
     added: list[PoolText] = Field(default_factory=list, max_length=MAX_POOL_TEXTS_PER_MESSAGE)
     removed: list[Id] = Field(default_factory=list, max_length=10 * MAX_POOL_TEXTS_PER_MESSAGE)
@@ -132,6 +135,23 @@ class SegmentAssignment(Message):
     entity_id: Id
     segment: Id
     version: int = Field(ge=0)
+
+
+class Centroids(Message):
+    """The segments' centroids, shared by every pool-builder member: one chunk of rows (float32, row-major,
+    base64) of version `version`, keyed by chunk number on the compacted centroids topic. One member (the owner
+    of user-events partition 0) fits them; every member assigns its users with the latest complete version."""
+
+    version: int = Field(ge=1)
+    fit_id: Id  # tells two fits of one version apart (a member that lost partition 0 but has not noticed yet)
+    segments: int = Field(ge=1)
+    dim: int = Field(ge=1)
+    chunk: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+    first_row: int = Field(ge=0)
+    rows_b64: Annotated[str, StringConstraints(min_length=1, max_length=700_000)]
+    fitted_on: int = Field(ge=0, description="users the fit saw")
+    created_at: float = Field(default_factory=time.time)
 
 
 class DeadLetter(Message):
@@ -150,5 +170,5 @@ class DeadLetter(Message):
 
 ALL_MESSAGES: dict[str, type[Message]] = {
     cls.__name__: cls
-    for cls in (UserEvent, ItemEvent, PromptRequest, KnowledgeRecord, PoolUpdate, SegmentAssignment, DeadLetter)
+    for cls in (UserEvent, ItemEvent, PromptRequest, KnowledgeRecord, PoolUpdate, SegmentAssignment, Centroids, DeadLetter)
 }

@@ -1,6 +1,7 @@
-"""How the pools topic's updates apply: a snapshot replaces a segment's pool once all its chunks
-arrived; a delta removes, then adds. Every reader of the topic (the workers' live pools, tests,
-tools) applies updates through `PoolReplica`, so they agree on what a pool holds.
+"""How the pools topic's updates apply: a segment's pool is the union of its shards (one per pool-builder
+partition, `PoolUpdate.shard`); a snapshot replaces one shard once all its chunks arrived; a delta removes, then
+adds. Every reader of the topic (the workers' live pools, tests, tools) applies updates through `PoolReplica`, so
+they agree on what a pool holds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from schemas.messages import PoolText, PoolUpdate
 
 @dataclass
 class PoolChange:
-    """What one applied update did to a segment's pool (a snapshot: everything before is gone)."""
+    """What one applied update did to a segment's pool (a snapshot: every text its shard held before is gone)."""
 
     segment: str
     snapshot: bool
@@ -22,30 +23,41 @@ class PoolChange:
 
 @dataclass
 class PoolReplica:
-    pools: dict[str, dict[str, str]] = field(default_factory=dict)  # segment → text id → text
-    staged: dict[tuple[str, int], list[PoolUpdate]] = field(default_factory=dict)  # snapshot chunks so far
-    versions: dict[str, int] = field(default_factory=dict)  # segment → version of the last update applied
+    pools: dict[str, dict[str, str]] = field(default_factory=dict)  # segment → text id → text (all its shards)
+    shards: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # (segment, shard) → its text ids
+    shard_versions: dict[tuple[str, int], int] = field(default_factory=dict)  # version of each shard's last update
+    staged: dict[tuple[str, int, int], list[PoolUpdate]] = field(default_factory=dict)  # snapshot chunks so far
 
     def apply(self, update: PoolUpdate) -> PoolChange | None:
         """Apply one update; None while a snapshot still waits for chunks."""
+        key = (update.segment, update.shard)
+        ids = self.shards.setdefault(key, set())
         if update.kind == "delta":
             change = PoolChange(update.segment, False, list(update.removed), list(update.added))
         else:
             chunks = self._assemble(update)
             if chunks is None:
                 return None
-            change = PoolChange(update.segment, True, list(self.pools.get(update.segment, {})),
-                                [text for chunk in chunks for text in chunk.added])
+            change = PoolChange(update.segment, True, sorted(ids), [text for chunk in chunks for text in chunk.added])
         pool = self.pools.setdefault(update.segment, {})
-        self.versions[update.segment] = update.version
+        self.shard_versions[key] = update.version
         for text_id in change.removed:
-            pool.pop(text_id, None)
-        pool.update((text.text_id, text.text) for text in change.added)
+            if text_id in ids:  # another shard's text of the same id stays
+                ids.discard(text_id)
+                pool.pop(text_id, None)
+        for text in change.added:
+            pool[text.text_id] = text.text
+            ids.add(text.text_id)
         return change
+
+    def version(self, segment: str) -> int | None:
+        """The segment's pool version: the sum of its shards' (it grows with every update of any shard)."""
+        versions = [v for (s, _), v in self.shard_versions.items() if s == segment]
+        return sum(versions) if versions else None
 
     def _assemble(self, update: PoolUpdate) -> list[PoolUpdate] | None:
         """A snapshot's chunks in order once all have arrived, else None."""
-        key = (update.segment, update.version)
+        key = (update.segment, update.shard, update.version)
         chunks = self.staged.setdefault(key, [])
         chunks.append(update)
         if len({c.chunk for c in chunks}) < update.chunks:
@@ -54,8 +66,8 @@ class PoolReplica:
         return sorted({c.chunk: c for c in chunks}.values(), key=lambda c: c.chunk)
 
     def drop(self, segment: str) -> None:
-        """Forget a segment (its pool, version and any chunks waiting): it is read again from the topic's start."""
+        """Forget a segment (its shards, versions and any chunks waiting): it is read again from the topic's start."""
         self.pools.pop(segment, None)
-        self.versions.pop(segment, None)
-        for key in [k for k in self.staged if k[0] == segment]:
-            del self.staged[key]
+        for table in (self.shards, self.shard_versions, self.staged):
+            for key in [k for k in table if k[0] == segment]:
+                del table[key]

@@ -34,6 +34,10 @@ class Topics:
         return f"{self.prefix}assignments"
 
     @property
+    def centroids(self) -> str:
+        return f"{self.prefix}centroids"
+
+    @property
     def dead_letter(self) -> str:
         return f"{self.prefix}dead-letter"
 
@@ -45,5 +49,6 @@ class Topics:
             self.knowledge,
             self.pools,
             self.assignments,
+            self.centroids,
             self.dead_letter,
         ]

@@ -128,6 +128,22 @@ def test_users_arriving_after_a_refit_join_their_nearest_segment(fed, ml):
     assert fed.assign_new_users() == []  # once only
 
 
+def test_a_text_read_before_its_authors_ratings_waits_for_its_segment():
+    """A partition rebuilt from the topics reads knowledge and ratings side by side: a text may come first."""
+    builder = PoolBuilder(HashEncoder(), segments=2, neighbourhood=0)
+    builder.add_items([ItemEvent(event_id=f"i{g}", item_id=g, title=g, genres=[g], timestamp=0) for g in ("Drama", "Horror")])
+    for n, user in enumerate(("a", "b", "c", "d")):
+        builder.add_user_event(UserEvent(event_id=f"r{n}", user_id=user, item_id=("Drama", "Horror")[n % 2], rating=4.0, timestamp=1))
+    builder.refit()
+    assert builder.add_knowledge(knowledge("early", "Likes silent films.", request_id="early-1")) == []
+    builder.add_user_event(UserEvent(event_id="early-r", user_id="early", item_id="Drama", rating=4.0, timestamp=1))
+    assert builder.place_unplaced() == []  # no segment yet
+    builder.assign_new_users()
+    updates = builder.place_unplaced()
+    assert [u.segment for u in updates] == [builder.user_segment["early"]] and builder.unplaced == {}
+    assert builder.pools[builder.user_segment["early"]].texts["user-early"][1] == "Likes silent films."
+
+
 def test_ratings_for_unknown_items_wait_for_the_item():
     builder = PoolBuilder(HashEncoder(), segments=2)
     builder.add_user_event(UserEvent(event_id="e1", user_id="u", item_id="99", rating=5.0, timestamp=1))
@@ -147,7 +163,8 @@ def state_of(builder):
         "neighbours": builder.neighbours, "pools": {s: (p.version, list(p.texts.items())) for s, p in builder.pools.items()},
         "seen": list(builder.seen), "pending": {i: list(e) for i, e in builder.pending.items()}, "pending_count": builder.pending_count,
         "clock": builder.clock, "users_at_refit": builder.users_at_refit, "fresh_users": builder.fresh_users,
-        "counters": builder.counters,
+        "counters": builder.counters, "shard": builder.shard, "centroids_version": builder.centroids_version,
+        "positions": builder.positions, "unplaced": builder.unplaced,
     }
 
 
@@ -156,6 +173,9 @@ def test_checkpoint_round_trip_keeps_every_field(fed, tmp_path):
     fed.add_knowledge(knowledge(next(iter(fed.user_segment)), "kept across a restart", request_id="ckpt-1"))
     fed.add_user_event(UserEvent(event_id="waits", user_id="u-new", item_id="no-such-item", rating=4.0, timestamp=1))
     fed.fresh_users.add("u-fresh")
+    fed.positions = {"dare.user-events": 1234, "dare.knowledge": 5}
+    fed.add_knowledge(knowledge("u-no-ratings-yet", "waits for its author's segment", request_id="ckpt-2"))
+    assert list(fed.unplaced) == ["user-u-no-ratings-yet"]
     path = tmp_path / "pool_builder.ckpt"
     checkpoint.save(fed, path)
     restored = checkpoint.load(path, HashEncoder())
@@ -182,15 +202,17 @@ def test_an_older_checkpoint_loads_with_defaults_a_newer_one_is_refused(fed, tmp
                     archive.writestr(name, json.dumps(new_state) if name == "state.json" else data)
         return target
 
-    older = {k: v for k, v in state.items() if k not in ("neighbours", "fresh_users", "counters")}
+    older = {k: v for k, v in state.items() if k not in ("neighbours", "fresh_users", "counters", "shard", "centroids_version", "positions")}
+    older["format"] = 1
     restored = checkpoint.load(rewrite(tmp_path / "old.ckpt", older, drop=("centroids.npy",)), HashEncoder())
     assert restored.neighbours == {} and restored.fresh_users == set() and restored.counters.refits == 0
+    assert restored.shard == 0 and restored.centroids_version == 0 and restored.positions == {}
     assert restored.user_segment == fed.user_segment and restored.centroids is None
     uid = next(iter(restored.user_segment))
     assert restored.segments_for("user", uid) == [restored.user_segment[uid]]  # no neighbourhoods yet: members only
     assert restored.assign_new_users() == []
-    with pytest.raises(checkpoint.CheckpointVersionError, match="format 2, written by a newer pool builder"):
-        checkpoint.load(rewrite(tmp_path / "new.ckpt", state | {"format": 2}), HashEncoder())
+    with pytest.raises(checkpoint.CheckpointVersionError, match="format 3, written by a newer pool builder"):
+        checkpoint.load(rewrite(tmp_path / "new.ckpt", state | {"format": 3}), HashEncoder())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no state"])
@@ -280,10 +302,75 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_state_rebuilt_from_the_topi
         return service.run(threading.Event(), idle_exit_s=3.0)
 
     first = run_service()
-    path = tmp_path / "pool_builder.ckpt"
+    paths = sorted(tmp_path.glob("pool_builder-p*.ckpt"))
+    assert len(paths) == 4  # one state per partition of the input topics
+    path = paths[0]
+    users_in_it = checkpoint.load(path, HashEncoder()).counters.user_events
     path.write_bytes(path.read_bytes()[:100])  # a crash of the disk, not of the service: the rename was atomic
-    rebuilt = run_service()  # no crash loop: a clear log line, then the inputs again from the beginning
-    assert (tmp_path / "pool_builder.ckpt.damaged").is_file()
+    rebuilt = run_service()  # no crash loop: a clear log line, then that partition's inputs again from the beginning
+    assert path.with_name(path.name + ".damaged").is_file()
     assert rebuilt.counters.user_events == first.counters.user_events == 5_000
     assert rebuilt.user_segment.keys() == first.user_segment.keys()
-    assert checkpoint.load(path, HashEncoder()).counters.user_events == 5_000  # a good checkpoint again
+    assert checkpoint.load(path, HashEncoder()).counters.user_events == users_in_it  # a good checkpoint again
+
+
+def run_member(settings, state_dir):
+    """A pool-builder member in a process of its own (forked: it can be SIGKILLed like a crashed machine)."""
+    PoolBuilderService(settings, state_dir, segments=6, pool_cap=64, encoder=HashEncoder(), refit_every_s=2.0).run(threading.Event())
+
+
+@pytest.mark.integration
+def test_two_pool_builders_split_the_users_and_one_takes_over_from_a_killed_one(kafka_settings, ml, tmp_path):
+    """Two members in one group, each with its own state directory (two machines): each holds some partitions'
+    users; one is SIGKILLed mid-replay; the other takes its partitions over, rebuilds them from the topics, and
+    every rating is applied, every user assigned."""
+    import multiprocessing
+    import os
+    import signal
+
+    settings = kafka_settings
+    topics = Topics(settings.topic_prefix)
+    ratings = list(user_events(ml))
+    produce(settings, topics.item_events, list(item_events(ml)))
+    produce(settings, topics.user_events, ratings[:50_000])
+    doomed = multiprocessing.get_context("fork").Process(target=run_member, args=(settings, tmp_path / "a"), daemon=True)
+    doomed.start()
+    survivor = PoolBuilderService(settings, tmp_path / "b", segments=6, pool_cap=64, encoder=HashEncoder(), refit_every_s=2.0)
+    stop = threading.Event()
+    thread = threading.Thread(target=survivor.run, args=(stop,), daemon=True)
+    thread.start()
+
+    def wait_for(done, what, timeout_s=120):
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: 0 < len(survivor.builders) < 4 and survivor.counters.user_events > 0, "the group to split the partitions")
+        writers = sorted({e.user_id for e in ratings[:5_000]}, key=int)[:30]
+        produce(settings, topics.knowledge, [knowledge(u, f"User {u} likes film noir.") for u in writers[:15]])
+        time.sleep(1.0)
+        held = set(survivor.builders)
+        os.kill(doomed.pid, signal.SIGKILL)
+        produce(settings, topics.user_events, ratings[50_000:])
+        produce(settings, topics.knowledge, [knowledge(u, f"User {u} likes film noir.") for u in writers[15:]])
+        wait_for(lambda: len(survivor.builders) == 4, "the survivor to take the killed member's partitions")
+        assert held < set(survivor.builders)
+        wait_for(lambda: survivor.counters.user_events == 100_000 and len(survivor.user_segment) == 943
+                 and survivor.counters.knowledge == 30, "every rating, user and text")
+        time.sleep(2.0)  # the last updates published
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert survivor.counters.user_events == 100_000  # nothing lost, nothing applied twice
+    latest = {}
+    for record in read_topic(settings, topics.assignments, timeout_s=5):
+        a = decode(SegmentAssignment, record.value)
+        latest[(a.entity_kind, a.entity_id)] = a
+    users = {e: a for (kind, e), a in latest.items() if kind == "user"}
+    assert len(users) == 943 and len({a.segment for a in users.values()}) == 6
+    assert {e: a.segment for e, a in users.items()} == survivor.user_segment  # the topic ends where the survivor is
+    pools = read_pools(settings)
+    for u in writers:  # every text, those the killed member had taken included, in its author's segment's pool
+        assert pools[survivor.user_segment[u]].get(f"user-{u}") == f"User {u} likes film noir."

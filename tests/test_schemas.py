@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from schemas import (
     ALL_MESSAGES,
+    Centroids,
     DeadLetter,
     DecodeStats,
     ItemEvent,
@@ -33,6 +34,7 @@ EXAMPLES = [
     ),
     PoolUpdate(segment="s3", version=7, kind="delta", added=[PoolText(text_id="k1", text="Likes dramas.")], removed=["k0"]),
     SegmentAssignment(entity_kind="user", entity_id="1", segment="s3", version=2),
+    Centroids(version=2, fit_id="f1", segments=8, dim=384, chunk=0, chunks=1, first_row=0, rows_b64="AAAA", fitted_on=943),
     DeadLetter(reason="bad", error_type="schema", source_topic="p", partition=0, offset=5, value_b64="eA==", service="worker"),
 ]
 
@@ -153,3 +155,21 @@ def test_a_snapshot_replaces_the_pool_and_a_delta_removes_then_adds():
     assert change is not None and not change.snapshot and replica.pools["s"] == {"a": "3", "b": "2"}
     change = replica.apply(PoolUpdate(segment="s", version=3, kind="snapshot", added=[PoolText(text_id="c", text="4")]))
     assert change is not None and sorted(change.removed) == ["a", "b"] and replica.pools["s"] == {"c": "4"}
+
+
+def test_a_segments_pool_is_the_union_of_its_shards_and_a_snapshot_replaces_one_shard():
+    from schemas import PoolReplica
+
+    def texts(*ids):
+        return [PoolText(text_id=i, text=i.upper()) for i in ids]
+
+    replica = PoolReplica()
+    replica.apply(PoolUpdate(segment="s", shard=0, version=4, kind="snapshot", added=texts("a", "b")))
+    replica.apply(PoolUpdate(segment="s", shard=1, version=2, kind="snapshot", added=texts("c")))
+    assert replica.pools["s"] == {"a": "A", "b": "B", "c": "C"} and replica.version("s") == 6
+    change = replica.apply(PoolUpdate(segment="s", shard=1, version=3, kind="snapshot", added=texts("d")))
+    assert change is not None and change.removed == ["c"] and replica.pools["s"] == {"a": "A", "b": "B", "d": "D"}
+    replica.apply(PoolUpdate(segment="s", shard=1, version=4, kind="delta", removed=["a"]))  # not shard 1's: kept
+    assert set(replica.pools["s"]) == {"a", "b", "d"} and replica.version("s") == 8 and replica.version("t") is None
+    replica.drop("s")
+    assert replica.pools == {} and replica.shards == {} and replica.shard_versions == {}

@@ -52,8 +52,11 @@ class LivePools:
         if change is None:
             return
         pool = self._pool(change.segment)
-        # A snapshot replaces the whole pool, texts this worker added itself included.
-        for text_id in list(pool.texts) if change.snapshot else change.removed:
+        removed = list(change.removed)
+        if change.snapshot:  # a shard's snapshot also drops the texts this worker added itself that no shard holds
+            held = self.replica.pools.get(change.segment, {})
+            removed += [t for t in pool.texts if t not in held and t not in removed]
+        for text_id in removed:
             pool.remove(text_id)
             self.global_pool.remove(f"{change.segment}/{text_id}")
         for text in change.added:
@@ -69,7 +72,7 @@ class LivePools:
 
     def version(self, segment: str | None) -> int | None:
         """The version of the segment's pool as last updated from the topic (None: none held)."""
-        return self.replica.versions.get(segment) if segment else None
+        return self.replica.version(segment) if segment else None
 
     def assign(self, assignment: SegmentAssignment) -> None:
         self.assignments[f"{assignment.entity_kind}:{assignment.entity_id}"] = assignment.segment

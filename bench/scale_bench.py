@@ -1,0 +1,229 @@
+"""Scale-out, measured through the real broker: one and two pool builders, and what two workers hold.
+
+1. **Pool builders.** A synthetic catalogue (`dare data synth`: power-law users and items, genre tastes) is
+   replayed to a fresh set of topics (its item events, then its ratings as a backlog); then 1, and on another set
+   of topics 2, pool-builder members (processes of their own, `PoolBuilderService` with the packaged MiniLM, torch
+   threads split between them) consume it. Per run: the seconds until every item is encoded (each member encodes
+   every item), the ratings' ingest rate after that (ratings / seconds from the last member's items to the last
+   rating applied), the seconds until every user's assignment is on the `assignments` topic, each member's peak
+   RSS, and the segments' quality: the mean cosine distance of every user to its segment's centroid (k-means
+   inertia on unit vectors), from the members' checkpoints.
+2. **Two workers' pools.** `--segments-for-pools` segment pools of `--pool-cap` knowledge texts each (sentences of
+   the catalogue file's real texts, spliced) are published to the pools topic as the pool builder does; a worker's
+   `PoolFollower` then follows half of the 4 prompt partitions, the other half, and all of them: texts, trie nodes
+   and the time to load, per share.
+
+    .venv/bin/python -P bench/scale_bench.py --json bench/results/scale.json > bench/results/scale.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import re
+import resource
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from dare.data import item_events, load_catalogue, user_events
+from infra.broker import EmbeddedBroker
+from infra.kafka import ensure_topics, make_producer, produce
+from infra.reader import TopicReader
+from infra.settings import Settings
+from pool_builder import checkpoint
+from schemas import PoolText, PoolUpdate, SegmentAssignment, Topics, decode, encode
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def member(settings: Settings, state_dir: Path, segments: int, threads: int, progress, stop) -> None:  # type: ignore[no-untyped-def]
+    """One pool-builder member; reports (items encoded, ratings applied, peak RSS MB) into `progress`."""
+    import torch
+
+    from pool_builder.embeddings import TextEncoder
+    from pool_builder.service import PoolBuilderService
+
+    torch.set_num_threads(threads)
+    service = PoolBuilderService(settings, state_dir, segments=segments, pool_cap=64, encoder=TextEncoder(), refit_every_s=10.0)
+    done = threading.Event()
+    thread = threading.Thread(target=service.run, args=(done,), daemon=True)
+    thread.start()
+    while not stop.is_set() and thread.is_alive():
+        counters = service.counters
+        progress[:] = [counters.item_events, counters.user_events, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+        time.sleep(0.1)
+    done.set()
+    thread.join(120)
+    progress[2] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_builders(servers: str, catalogue, members: int, segments: int, users_with_ratings: int) -> dict:  # type: ignore[no-untyped-def]
+    settings = Settings(bootstrap_servers=servers, topic_prefix=f"scale{members}x{int(time.time())}.")
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.all())
+    items = list(item_events(catalogue))
+    start = time.perf_counter()
+    produce(settings, topics.item_events, items)
+    ratings = produce(settings, topics.user_events, user_events(catalogue))
+    replay_s = time.perf_counter() - start
+    print(f"  replayed {len(items):,} items and {ratings:,} ratings in {replay_s:.0f}s", flush=True)
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    progress = [context.Array("d", 3) for _ in range(members)]
+    state = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    procs = [context.Process(target=member, args=(settings, state / f"m{n}", segments, max(1, 2 // members), progress[n], stop), daemon=True)
+             for n in range(members)]
+    start = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    assigned: dict[str, str] = {}
+    reader = TopicReader(settings, [topics.assignments], wait_s=10)
+    items_s = ratings_s = assigned_s = None
+    while assigned_s is None or ratings_s is None:
+        for record in reader.poll(timeout_ms=200):
+            a = decode(SegmentAssignment, record.value)
+            if a.entity_kind == "user":
+                assigned[a.entity_id] = a.segment
+        now = time.perf_counter() - start
+        if items_s is None and all(p[0] >= len(items) for p in progress):
+            items_s = now
+        if ratings_s is None and sum(p[1] for p in progress) >= ratings:
+            ratings_s = now
+        if assigned_s is None and len(assigned) >= users_with_ratings:
+            assigned_s = now
+        if now > 3600:
+            raise TimeoutError(f"{members} member(s): not done after an hour ({sum(p[1] for p in progress):,.0f} ratings applied)")
+    reader.close()
+    time.sleep(6)  # a checkpoint after the last event
+    stop.set()
+    for proc in procs:
+        proc.join(180)
+    return {"members": members, "ratings": ratings, "items": len(items), "users": len(assigned), "replay_s": replay_s,
+            "items_encoded_s": items_s, "ratings_done_s": ratings_s, "all_assigned_s": assigned_s,
+            "ingest_events_per_s": ratings / (ratings_s - items_s), "peak_rss_mb": [round(p[2]) for p in progress],
+            "inertia": inertia(state)}
+
+
+def inertia(state: Path) -> float:
+    """Mean 1 − cos(user, its segment's centroid) over every user, from the members' partition checkpoints."""
+    from pool_builder.embeddings import DIM
+
+    class NoEncoder:
+        def encode(self, texts):  # type: ignore[no-untyped-def]
+            return np.zeros((len(texts), DIM), np.float32)
+
+    distances, centroids_version = [], -1
+    builders = [checkpoint.load(path, NoEncoder()) for path in sorted(state.glob("m*/pool_builder-p*.ckpt"))]
+    latest = max(builders, key=lambda b: b.centroids_version)
+    centroids_version = latest.centroids_version
+    for builder in builders:
+        ids, matrix = builder.users.matrix()
+        rows = [int(builder.user_segment[u][1:]) for u in ids]
+        distances.append(1.0 - (matrix * latest.centroids[rows]).sum(1))  # type: ignore[index]
+    all_distances = np.concatenate(distances)
+    print(f"  inertia over {len(all_distances):,} users, centroids version {centroids_version}", flush=True)
+    return float(all_distances.mean())
+
+
+def worker_shares(servers: str, knowledge: Path, segments: int, pool_cap: int) -> dict:  # type: ignore[no-untyped-def]
+    """Publish `segments` pools of `pool_cap` texts; follow half, the other half and all prompt partitions."""
+    from transformers import AutoTokenizer
+
+    from infra.settings import default_cache_dir
+    from workers.engine import PoolTexts, cached_default_model
+    from workers.engine.algorithm.draft import DraftConfig
+    from workers.pools import LivePools, PoolFollower
+
+    settings = Settings(bootstrap_servers=servers, topic_prefix=f"shares{int(time.time())}.")
+    topics = Topics(settings.topic_prefix)
+    ensure_topics(settings, topics.all())
+    sentences = [s for line in knowledge.read_text().splitlines() for s in SENTENCE.split(json.loads(line)["text"]) if s.strip()]
+    rng = random.Random(0)
+    producer = make_producer(settings, "bench", linger_ms=20, batch_size=256 * 1024)
+    for s in range(segments):
+        texts = [PoolText(text_id=f"t{s}-{n}", text=" ".join(rng.sample(sentences, 4))) for n in range(pool_cap)]
+        for chunk in range(0, pool_cap, 50):
+            update = PoolUpdate(segment=f"u{s}", version=1, kind="snapshot", added=texts[chunk : chunk + 50], chunk=chunk // 50,
+                                chunks=(pool_cap + 49) // 50)
+            producer.send(topics.pools, key=update.segment.encode(), value=encode(update))
+    producer.flush()
+    producer.close()
+    tokenizer = AutoTokenizer.from_pretrained(cached_default_model(default_cache_dir()))
+    out = {}
+    for name, partitions in (("worker A", {0, 1}), ("worker B", {2, 3}), ("one worker", {0, 1, 2, 3})):
+        live = LivePools(PoolTexts(tokenizer, DraftConfig()))
+        follower = PoolFollower(settings, live, partitioned=True)
+        start = time.perf_counter()
+        follower.follow(partitions, 4)
+        load_s = time.perf_counter() - start
+        out[name] = {"partitions": sorted(partitions), "segments": len(live.pools), "texts": sum(len(p) for p in live.pools.values()),
+                     "segment_nodes": sum(p.nodes for p in live.pools.values()), "load_s": load_s}
+        follower.close()
+        print(f"  {name}: {out[name]}", flush=True)
+    out["worker_pool_share"] = max(out[w]["segment_nodes"] for w in ("worker A", "worker B")) / out["one worker"]["segment_nodes"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=5_000)
+    parser.add_argument("--ratings", type=int, default=1_000_000)
+    parser.add_argument("--segments", type=int, default=64, help="k-means k of the pool builders")
+    parser.add_argument("--segments-for-pools", type=int, default=1_000, help="segment pools two workers split")
+    parser.add_argument("--pool-cap", type=int, default=64)
+    parser.add_argument("--knowledge", type=Path, default=Path("results/knowledge/ml-100k-short-ar.jsonl"))
+    parser.add_argument("--members", default="1,2")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from dare.synth import synth
+
+    data = Path(tempfile.mkdtemp(prefix="scale-")) / "synth"
+    start = time.perf_counter()
+    synth(data, args.users, args.items, args.ratings)
+    catalogue = load_catalogue(data)
+    with_ratings = len({r.user_id for r in catalogue.ratings})
+    print(f"synthetic catalogue: {args.users:,} users ({with_ratings:,} with ratings), {args.items:,} items, {args.ratings:,} ratings "
+          f"({time.perf_counter() - start:.0f}s)", flush=True)
+    report: dict = {"catalogue": {"users": args.users, "users_with_ratings": with_ratings, "items": args.items, "ratings": args.ratings},
+                    "segments": args.segments, "machine": os.uname().nodename, "builders": []}
+    with ExitStack() as stack:
+        servers = os.environ.get("DARE_BOOTSTRAP_SERVERS") or stack.enter_context(EmbeddedBroker()).bootstrap_servers
+        for members in (int(m) for m in args.members.split(",")):
+            print(f"pool builders: {members}", flush=True)
+            report["builders"].append(run_builders(servers, catalogue, members, args.segments, with_ratings))
+            print(f"  {report['builders'][-1]}", flush=True)
+        print(f"two workers, {args.segments_for_pools} segment pools of {args.pool_cap} texts", flush=True)
+        report["workers"] = worker_shares(servers, args.knowledge, args.segments_for_pools, args.pool_cap)
+    runs = {r["members"]: r for r in report["builders"]}
+    report["users_replayed"] = with_ratings
+    report["worker_pool_share"] = report["workers"]["worker_pool_share"]
+    if 1 in runs and 2 in runs:
+        report["pool_builders_speedup"] = runs[2]["ingest_events_per_s"] / runs[1]["ingest_events_per_s"]
+    print("\n| pool builders | items encoded s | ratings/s after items | every user assigned s | peak RSS MB per member | inertia |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: |")
+    for r in report["builders"]:
+        print(f"| {r['members']} | {r['items_encoded_s']:.0f} | {r['ingest_events_per_s']:,.0f} | {r['all_assigned_s']:.0f} "
+              f"| {', '.join(str(m) for m in r['peak_rss_mb'])} | {r['inertia']:.4f} |")
+    if "pool_builders_speedup" in report:
+        print(f"two pool builders: {report['pool_builders_speedup']:.2f}x one's ingest rate")
+    print("\n| worker | prompt partitions | segments held | texts | trie nodes | load s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name in ("worker A", "worker B", "one worker"):
+        w = report["workers"][name]
+        print(f"| {name} | {w['partitions']} | {w['segments']} | {w['texts']:,} | {w['segment_nodes']:,} | {w['load_s']:.1f} |")
+    print(f"largest share one of two workers holds: {report['worker_pool_share']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
