@@ -16,11 +16,12 @@ field for the user and one for the item, trained with the CTR model.
 Variants: none (no knowledge fields); two controls that tell whether the LLM added anything —
 prompt-only (each entity's prompt itself, as of the train/validation boundary, encoded the same way: what
 the LLM was given, without the LLM) and shuffled (each entity gets another entity's ar vector: knowledge-
-shaped input with no link to the entity) —; ar and relaxed. Each seed trains every variant on the same split
+shaped input with no link to the entity) —; ar and relaxed, and any other knowledge file given (`--also`: a
+guarded relaxed run, say). Each seed trains every variant on the same split
 from the same seed, so relaxed and ar differ only in the texts behind their knowledge vectors. Reported on
 the whole test set and on its cold-start slice (test rows whose user or item has at most `COLD_START`
-training rows), each as AUC and LogLoss (mean ± std over seeds) and, for relaxed − ar, the paired per-seed
-differences with a 95 % t interval. Also: text metrics per mode and entity kind (`dare.text_metrics`),
+training rows), each as AUC and LogLoss (mean ± std over seeds) and, for relaxed − ar (and each other file − ar),
+the paired per-seed differences with a 95 % t interval. Also: text metrics per mode and entity kind (`dare.text_metrics`),
 agreement between the two files (MiniLM cosine, length ratio, share identical), and the files' prompt cut-off
 (`as_of`), checked against the test's boundary: a file whose prompts saw later ratings is reported as leaking.
 """
@@ -276,6 +277,16 @@ def read_summary(knowledge_file: Path) -> dict:  # type: ignore[type-arg]
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def variant_name(knowledge_file: Path) -> str:
+    """A knowledge file's name in the report, from its summary: its mode, and its relaxed guard if any
+    (`relaxed-top1-0.5`); the file's stem without a summary."""
+    summary = read_summary(knowledge_file)
+    if "mode" not in summary:
+        return knowledge_file.name.removesuffix(".jsonl")
+    guard = summary.get("relaxed_max_top1", 1.0)
+    return summary["mode"] + (f"-top1-{guard:g}" if guard < 1.0 else "")
+
+
 def generation_figures(summary: dict) -> dict[str, float]:  # type: ignore[type-arg]
     if not summary:
         return {}
@@ -283,8 +294,10 @@ def generation_figures(summary: dict) -> dict[str, float]:  # type: ignore[type-
             "entities": summary["entities"]}
 
 
-def compare(data: CTRData, variants: dict[str, tuple[np.ndarray, np.ndarray] | None], seeds: int) -> dict:  # type: ignore[type-arg]
-    """Every variant trained with each seed; per variant mean ± std; relaxed vs ar paired."""
+def compare(data: CTRData, variants: dict[str, tuple[np.ndarray, np.ndarray] | None], seeds: int,
+            paired: tuple[str, ...] = ("relaxed",)) -> dict:  # type: ignore[type-arg]
+    """Every variant trained with each seed; per variant mean ± std; each of `paired` against ar, paired by seed
+    (`<name>_vs_ar`, `<name>_vs_ar_cold_start`)."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for seed in range(seeds):
         for name, knowledge in variants.items():
@@ -302,27 +315,28 @@ def compare(data: CTRData, variants: dict[str, tuple[np.ndarray, np.ndarray] | N
                                  "logloss_std": loss["std"], "auc": aucs, "logloss": losses}
         out["cold_start"][name] = {"auc_mean": c["mean"], "auc_std": c["std"], "auc_ci95": c["ci95"], "auc": cold}
     out["cold_start_rows"] = len(data.cold) if data.cold is not None else 0
-    if "ar" in runs and "relaxed" in runs and seeds > 1:
+    if "ar" in runs and seeds > 1:
         from scipy.stats import ttest_rel
 
-        for key, metric in (("relaxed_vs_ar", "auc"), ("relaxed_vs_ar_cold_start", "cold_auc")):
-            diffs = [r[metric] - a[metric] for r, a in zip(runs["relaxed"], runs["ar"], strict=True)]
-            test = ttest_rel([r[metric] for r in runs["relaxed"]], [a[metric] for a in runs["ar"]])
-            out[key] = {"auc_diff_mean": statistics.mean(diffs), "auc_diff_std": statistics.stdev(diffs), "ci95": interval(diffs),
-                        "auc_diffs": diffs, "paired_t": float(test.statistic), "p_value": float(test.pvalue)}
+        for name in paired:
+            for key, metric in ((f"{name}_vs_ar", "auc"), (f"{name}_vs_ar_cold_start", "cold_auc")):
+                diffs = [r[metric] - a[metric] for r, a in zip(runs[name], runs["ar"], strict=True)]
+                test = ttest_rel([r[metric] for r in runs[name]], [a[metric] for a in runs["ar"]])
+                out[key] = {"auc_diff_mean": statistics.mean(diffs), "auc_diff_std": statistics.stdev(diffs), "ci95": interval(diffs),
+                            "auc_diffs": diffs, "paired_t": float(test.statistic), "p_value": float(test.pvalue)}
     return out
 
 
 def plot(report: dict, path: Path) -> None:  # type: ignore[type-arg]
     """Left: test AUC per variant with 95 % intervals over seeds, whole test set and cold-start slice, on an
-    axis from 0.5 (chance). Right: relaxed − ar per seed and its 95 % interval, on an axis centred at 0."""
+    axis from 0.5 (chance). Right: each knowledge variant − ar per seed and its 95 % interval, on an axis centred at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["variants"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1.3]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1.6]})
     x = np.arange(len(names))
     for offset, (label, key, colour) in zip((-0.2, 0.2), (("whole test set", "variants", "#4477aa"),
                                                           ("cold-start slice", "cold_start", "#ee6677"))):
@@ -335,7 +349,9 @@ def plot(report: dict, path: Path) -> None:  # type: ignore[type-arg]
     left.set_ylabel("test AUC (axis from 0.5 = chance)")
     left.legend(fontsize=8, loc="upper left")
     left.set_title(f"DeepFM on {report['setup']['dataset']}, by knowledge (95 % CI over seeds)", fontsize=10)
-    for n, key in enumerate(k for k in ("relaxed_vs_ar", "relaxed_vs_ar_cold_start") if k in report):
+    compared = [n for n in names if f"{n}_vs_ar" in report]
+    ticks = [(f"{n}_vs_ar{suffix}", f"{n}\n{where}") for n in compared for suffix, where in (("", "whole"), ("_cold_start", "cold"))]
+    for n, (key, _) in enumerate(ticks):
         diff = report[key]
         right.scatter([n] * len(diff["auc_diffs"]), diff["auc_diffs"], s=12, color="grey")
         right.errorbar([n], [diff["auc_diff_mean"]], yerr=[[diff["auc_diff_mean"] - diff["ci95"][0]], [diff["ci95"][1] - diff["auc_diff_mean"]]],
@@ -343,50 +359,56 @@ def plot(report: dict, path: Path) -> None:  # type: ignore[type-arg]
     right.axhline(0, color="black", lw=0.8)
     for bound in (-0.002, 0.002):
         right.axhline(bound, color="grey", lw=0.8, ls="--")
-    right.set_xticks([0, 1], ["whole", "cold start"])
-    right.set_xlim(-0.6, 1.6)
-    right.set_ylabel("relaxed − ar AUC (dashes: ±0.002)")
+    right.set_xticks(range(len(ticks)), [label for _, label in ticks], fontsize=7)
+    right.set_xlim(-0.6, len(ticks) - 0.4)
+    right.set_ylabel("variant − ar AUC (dashes: ±0.002)")
     right.set_title("per seed, mean and 95 % CI", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5, catalogue: Catalogue | None = None) -> dict:  # type: ignore[type-arg]
-    """The whole downstream test on `catalogue` (default MovieLens-100k) with the two knowledge files."""
+def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5, catalogue: Catalogue | None = None,
+                extra: dict[str, Path] | None = None) -> dict:  # type: ignore[type-arg]
+    """The whole downstream test on `catalogue` (default MovieLens-100k) with the two knowledge files, and any
+    `extra` ones (name → file, e.g. a guarded relaxed run), each compared with ar like relaxed."""
     from pool_builder.embeddings import TextEncoder
 
     ml = catalogue or load_movielens()
     data, users, items = catalogue_ctr(ml)
     boundary = ml.time_cut(EVAL_TRAIN_SHARE)
     encoder = TextEncoder()
-    ar, relaxed = read_knowledge(ar_path), read_knowledge(relaxed_path)
-    summaries = {"ar": read_summary(ar_path), "relaxed": read_summary(relaxed_path)}
-    as_of = {mode: summary.get("as_of") for mode, summary in summaries.items()}
-    leaking = [mode for mode, cut in as_of.items() if cut is None or cut > boundary]
+    paths = {"ar": ar_path, "relaxed": relaxed_path, **(extra or {})}
+    files = {name: read_knowledge(path) for name, path in paths.items()}
+    summaries = {name: read_summary(path) for name, path in paths.items()}
+    as_of = {name: summary.get("as_of") for name, summary in summaries.items()}
+    leaking = [name for name, cut in as_of.items() if cut is None or cut > boundary]
     print(f"CTR rows: {len(data.train)} train, {len(data.valid)} valid, {len(data.test)} test (split by time at {boundary}), "
-          f"{len(data.cold)} test rows cold-start; knowledge: {len(ar)} ar, {len(relaxed)} relaxed entities", flush=True)
+          f"{len(data.cold)} test rows cold-start; knowledge: "
+          f"{', '.join(f'{len(records)} {name}' for name, records in files.items())} entities", flush=True)
     if leaking:
         print(f"warning: the {' and '.join(leaking)} prompts saw ratings after the train/validation boundary (as of "
               f"{', '.join(str(as_of[m] or 'every rating') for m in leaking)}): the knowledge rows leak test-period ratings; "
               "regenerate with `dare generate-all` (its default --as-of eval)", flush=True)
-    versions = {mode: summary.get("prompt_version") for mode, summary in summaries.items()}
+    versions = {name: summary.get("prompt_version") for name, summary in summaries.items()}
     if ml.templates and any(v not in (None, ml.templates.version) for v in versions.values()):
-        print(f"warning: the knowledge files' templates ({versions['ar']}, {versions['relaxed']}) are not the ones the "
-              f"prompt-only control encodes ({ml.templates.version}): pass the files' --templates", flush=True)
-    ar_vectors = knowledge_vectors(ar, users, items, encoder)
-    variants = {"none": None, "prompt-only": prompt_vectors(ml, users, items, boundary, encoder), "shuffled": shuffled(ar_vectors),
-                "ar": ar_vectors, "relaxed": knowledge_vectors(relaxed, users, items, encoder)}
-    report = compare(data, variants, seeds)
+        print(f"warning: the knowledge files' templates ({', '.join(str(v) for v in versions.values())}) are not the ones "
+              f"the prompt-only control encodes ({ml.templates.version}): pass the files' --templates", flush=True)
+    knowledge = {name: knowledge_vectors(records, users, items, encoder) for name, records in files.items()}
+    variants = {"none": None, "prompt-only": prompt_vectors(ml, users, items, boundary, encoder), "shuffled": shuffled(knowledge["ar"]),
+                **knowledge}
+    report = compare(data, variants, seeds, paired=tuple(n for n in files if n != "ar"))
     report["as_of"] = {"boundary": boundary, "files": as_of, "leaking": leaking}
-    report["prompt_version"] = {"prompt-only": ml.templates.version if ml.templates else None,
-                                **{mode: summary.get("prompt_version") for mode, summary in summaries.items()}}
-    report["text"] = {mode: file_texts(records, summaries[mode]) for mode, records in (("ar", ar), ("relaxed", relaxed))}
-    report["agreement"] = text_agreement(ar, relaxed, encoder)
-    report["generation"] = {mode: generation_figures(summary) for mode, summary in summaries.items()}
+    report["prompt_version"] = {"prompt-only": ml.templates.version if ml.templates else None, **versions}
+    report["text"] = {name: file_texts(records, summaries[name]) for name, records in files.items()}
+    report["agreement"] = text_agreement(files["ar"], files["relaxed"], encoder)
+    if extra:
+        report["agreement_extra"] = {name: text_agreement(files["ar"], files[name], encoder) for name in extra}
+    report["generation"] = {name: generation_figures(summary) for name, summary in summaries.items()}
     report["setup"] = {"dataset": ml.name, "model": "DeepFM", "field_dim": FIELD_DIM, "seeds": seeds, "split": "by time: 80% train, 10% valid, 10% test",
                        "label": "rating >= 4", "cold_start": f"test rows whose user or item has <= {COLD_START} training rows",
-                       "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test), "cold_start": len(data.cold)}}
+                       "rows": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test), "cold_start": len(data.cold)},
+                       "files": {name: str(path) for name, path in paths.items()}}
     return report
 
 
@@ -398,7 +420,9 @@ def format_report(report: dict) -> str:  # type: ignore[type-arg]
         cold = f"{c['auc_mean']:.4f} ± {c['auc_std']:.4f} | [{c['auc_ci95'][0]:.4f}, {c['auc_ci95'][1]:.4f}]" if c else "— | —"
         lines.append(f"| {name} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | [{v['auc_ci95'][0]:.4f}, {v['auc_ci95'][1]:.4f}] | {cold} "
                      f"| {v['logloss_mean']:.4f} | {len(v['auc'])} |")
-    for key, label in (("relaxed_vs_ar", "relaxed - ar AUC"), ("relaxed_vs_ar_cold_start", "relaxed - ar AUC, cold start")):
+    compared = [n for n in report["variants"] if f"{n}_vs_ar" in report]
+    for key, label in ((k, f"{n} - ar AUC{where}") for n in compared
+                       for k, where in ((f"{n}_vs_ar", ""), (f"{n}_vs_ar_cold_start", ", cold start"))):
         if key in report:
             p = report[key]
             lines.append(f"{label}: {p['auc_diff_mean']:+.4f}, 95 % CI [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] "

@@ -109,7 +109,7 @@ def test_text_metrics_see_templates_loops_and_copies():
     assert longest_copied_spans([words("a b c d e"), words("x b c d y"), words("q r s")]) == [3, 3, 0]
 
 
-def write_knowledge(path, catalogue, mode, text_of, as_of):
+def write_knowledge(path, catalogue, mode, text_of, as_of, relaxed_max_top1=None):
     """A knowledge file and its summary, as `dare generate-all` writes them, with texts from `text_of`."""
     import json
 
@@ -121,7 +121,9 @@ def write_knowledge(path, catalogue, mode, text_of, as_of):
                for kind, ids in (("user", catalogue.user_ids()), ("item", catalogue.item_ids())) for e in ids]
     path.write_text("".join(r.model_dump_json() + "\n" for r in records))
     summary = {"as_of": as_of, "tokens_per_s": 10.0, "wall_s": 1.0, "mean_accepted": 1.0, "entities": len(records),
-               "runs": [{"max_new_tokens": 12}]}
+               "runs": [{"max_new_tokens": 12}], "mode": mode}
+    if relaxed_max_top1 is not None:
+        summary["relaxed_max_top1"] = relaxed_max_top1
     path.with_name(path.name.removesuffix(".jsonl") + ".summary.json").write_text(json.dumps(summary))
 
 
@@ -129,7 +131,7 @@ def test_the_downstream_test_on_a_catalogue_of_ones_own(shop_files, tmp_path):
     """`dare eval quality --dataset`: every variant, the controls, the cold-start slice, intervals, the cut-off
     check and the text metrics, on the synthetic shop (its knowledge: what category each entity is about)."""
     from dare.data import load_catalogue
-    from dare.quality import format_report, plot, run_quality
+    from dare.quality import format_report, plot, run_quality, variant_name
 
     shop = load_catalogue(*shop_files)
     category = {i: shop.items[i].genres[0] for i in shop.item_ids()}
@@ -137,8 +139,16 @@ def test_the_downstream_test_on_a_catalogue_of_ones_own(shop_files, tmp_path):
     text = lambda kind, e: f"They like {favourite[e]} things." if kind == "user" else f"A {category[e]} product."
     write_knowledge(tmp_path / "shop-ar.jsonl", shop, "ar", text, shop.time_cut(0.8))
     write_knowledge(tmp_path / "shop-relaxed.jsonl", shop, "relaxed", text, None)  # prompts from every rating: leaking
-    report = run_quality(tmp_path / "shop-ar.jsonl", tmp_path / "shop-relaxed.jsonl", seeds=2, catalogue=shop)
-    assert list(report["variants"]) == ["none", "prompt-only", "shuffled", "ar", "relaxed"]
+    guarded = tmp_path / "shop-relaxed-top1-0.5.jsonl"  # a guarded run whose texts lost the category: no signal left
+    write_knowledge(guarded, shop, "relaxed", lambda kind, e: "Some things." if kind == "user" else "A product.", shop.time_cut(0.8),
+                    relaxed_max_top1=0.5)
+    assert variant_name(guarded) == "relaxed-top1-0.5" and variant_name(tmp_path / "shop-ar.jsonl") == "ar"
+    report = run_quality(tmp_path / "shop-ar.jsonl", tmp_path / "shop-relaxed.jsonl", seeds=2, catalogue=shop,
+                         extra={"relaxed-top1-0.5": guarded})
+    assert list(report["variants"]) == ["none", "prompt-only", "shuffled", "ar", "relaxed", "relaxed-top1-0.5"]
+    assert report["relaxed-top1-0.5_vs_ar"]["auc_diff_mean"] < -0.02  # the signal's loss shows in its paired difference
+    assert report["text"]["relaxed-top1-0.5"]["distinct_2"] < report["text"]["ar"]["distinct_2"]
+    assert "relaxed-top1-0.5 - ar AUC" in format_report(report)
     assert set(report["cold_start"]) == set(report["variants"]) and report["setup"]["dataset"] == "shop"
     assert report["relaxed_vs_ar"]["ci95"] == pytest.approx([0.0, 0.0])  # the same texts: the same vectors, the same runs
     assert report["as_of"]["leaking"] == ["relaxed"] and report["as_of"]["boundary"] == shop.time_cut(0.8)
