@@ -374,3 +374,19 @@ def test_two_pool_builders_split_the_users_and_one_takes_over_from_a_killed_one(
     pools = read_pools(settings)
     for u in writers:  # every text, those the killed member had taken included, in its author's segment's pool
         assert pools[survivor.user_segment[u]].get(f"user-{u}") == f"User {u} likes film noir."
+
+
+def test_centroids_travel_in_chunks_and_only_a_complete_newer_fit_is_taken():
+    from pool_builder.segments import CentroidsReplica, centroid_messages
+
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal((600, 384)).astype(np.float32) for _ in range(2))
+    v1 = centroid_messages(first, version=1, fitted_on=10)
+    v2 = centroid_messages(second, version=2, fitted_on=20)
+    assert len(v1) == 3 and all(len(encode(m)) < 1_000_000 for m in v1)
+    zombie = centroid_messages(first, version=2, fitted_on=5)  # another member's fit of the same version
+    replica = CentroidsReplica()
+    assert [replica.apply(m) for m in (v2[2], zombie[0], v2[0], zombie[1])] == [False] * 4  # neither fit complete
+    assert replica.apply(v2[1]) and replica.version == 2 and np.array_equal(replica.centroids, second)
+    assert not any(replica.apply(m) for m in v1 + zombie[2:])  # older, or the same version again: nothing changes
+    assert np.array_equal(replica.centroids, second) and replica.fitted_on == 20 and replica.staged == {}
