@@ -142,6 +142,8 @@ class PoolBuilder:
         segments = self.segments_for(record.entity_kind, record.entity_id, record.segment)
         if not segments and record.entity_kind == "user":  # a text read before its author's ratings (a rebuild)
             self.unplaced[text_id] = entry
+            if len(self.unplaced) > self.pending_cap:  # bounded like ratings waiting for items: the oldest goes
+                del self.unplaced[next(iter(self.unplaced))]
         out: list[PoolUpdate] = []
         for segment in segments:
             out += self._insert(segment, text_id, entry)
@@ -266,7 +268,10 @@ class PoolBuilder:
         for segment in [s for s in self.pools if s.startswith("u")]:
             self.pools[segment].texts.clear()
         for text_id, entry in sorted(entries.items(), key=lambda te: te[1][2]):
-            for segment in self.segments_for("user", entry[0]):
+            segments = self.segments_for("user", entry[0])
+            if not segments:
+                self.unplaced[text_id] = entry  # its author is still unknown here
+            for segment in segments:
                 self.pools[segment].texts[text_id] = entry
         updates = []
         for segment in sorted(s for s in self.pools if s.startswith("u")):

@@ -136,6 +136,8 @@ def test_a_text_read_before_its_authors_ratings_waits_for_its_segment():
         builder.add_user_event(UserEvent(event_id=f"r{n}", user_id=user, item_id=("Drama", "Horror")[n % 2], rating=4.0, timestamp=1))
     builder.refit()
     assert builder.add_knowledge(knowledge("early", "Likes silent films.", request_id="early-1")) == []
+    builder.refit()
+    assert list(builder.unplaced) == ["user-early"]  # a re-fit keeps it waiting
     builder.add_user_event(UserEvent(event_id="early-r", user_id="early", item_id="Drama", rating=4.0, timestamp=1))
     assert builder.place_unplaced() == []  # no segment yet
     builder.assign_new_users()
