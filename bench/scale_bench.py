@@ -11,7 +11,8 @@
 2. **Two workers' pools.** `--segments-for-pools` segment pools of `--pool-cap` knowledge texts each (sentences of
    the catalogue file's real texts, spliced) are published to the pools topic as the pool builder does; a worker's
    `PoolFollower` then follows half of the 4 prompt partitions, the other half, and all of them: texts, trie nodes
-   and the time to load, per share.
+   and the time to load, per share. One worker's tries of 1,000 such pools would not fit this machine's memory, so
+   the split of `--share-segments` segments is counted from the partitioner alone.
 
     .venv/bin/python -P bench/scale_bench.py --json bench/results/scale.json > bench/results/scale.txt
 """
@@ -169,6 +170,33 @@ def worker_shares(servers: str, knowledge: Path, segments: int, pool_cap: int) -
         follower.close()
         print(f"  {name}: {out[name]}", flush=True)
     out["worker_pool_share"] = max(out[w]["segment_nodes"] for w in ("worker A", "worker B")) / out["one worker"]["segment_nodes"]
+    out["nodes_per_segment"] = out["one worker"]["segment_nodes"] / segments
+    out["load_s_per_segment"] = out["one worker"]["load_s"] / segments
+    return out
+
+
+def partition_share(segments: int, partitions: int = 4) -> float:
+    """The largest share of `segments` equal pools that one of two workers (half the prompt partitions each) holds:
+    segments land on partitions by the producers' hash of their name, as their pools do."""
+    from infra.kafka import partition_for
+
+    counts = np.bincount([partition_for(f"u{s}".encode(), partitions) for s in range(segments)], minlength=partitions)
+    half = partitions // 2
+    return float(max(counts[:half].sum(), counts[half:].sum()) / segments)
+
+
+def retrieval_at_scale(path: Path) -> dict:  # type: ignore[type-arg]
+    """Retrieval per draft and strict tokens per step at the largest pool size `bench/pool_scale.py` measured (its
+    JSON): the segment pool, the worker's capped global pool, both merged, and the uncapped global pool where it fit."""
+    points = json.loads(path.read_text())["points"]
+    largest = max(p["texts"] for p in points)
+    out: dict = {"texts": largest, "source": str(path)}  # type: ignore[type-arg]
+    for p in points:
+        if "retrieval_ms_per_draft" not in p:  # measured only where it fits in memory
+            out[f"{p['pools']} at {p['texts']} texts"] = {"fits": False, "trie_nodes_at_most": p.get("pool_nodes_at_most")}
+        elif p["texts"] == largest or p["pools"] == "global-all":
+            key = p["pools"] if p["texts"] == largest else f"{p['pools']} at {p['texts']} texts"
+            out[key] = {"retrieval_ms_per_draft": p["retrieval_ms_per_draft"], "accepted": p["tokens_per_step"]}
     return out
 
 
@@ -178,11 +206,15 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=5_000)
     parser.add_argument("--ratings", type=int, default=1_000_000)
     parser.add_argument("--segments", type=int, default=64, help="k-means k of the pool builders")
-    parser.add_argument("--segments-for-pools", type=int, default=1_000, help="segment pools two workers split")
+    parser.add_argument("--segments-for-pools", type=int, default=200, help="segment pools two workers split (built as tries)")
+    parser.add_argument("--share-segments", type=int, default=1_000, help="segments whose split by partition is counted")
     parser.add_argument("--pool-cap", type=int, default=64)
     parser.add_argument("--knowledge", type=Path, default=Path("results/knowledge/ml-100k-short-ar.jsonl"))
     parser.add_argument("--members", default="1,2")
+    parser.add_argument("--skip-workers", action="store_true", help="pool builders only")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--retrieval-json", type=Path, default=Path("bench/results/scale_pools.json"),
+                        help="bench/pool_scale.py's figures, copied into the report")
     args = parser.parse_args()
     from dare.synth import synth
 
@@ -201,11 +233,15 @@ def main() -> None:
             print(f"pool builders: {members}", flush=True)
             report["builders"].append(run_builders(servers, catalogue, members, args.segments, with_ratings))
             print(f"  {report['builders'][-1]}", flush=True)
-        print(f"two workers, {args.segments_for_pools} segment pools of {args.pool_cap} texts", flush=True)
-        report["workers"] = worker_shares(servers, args.knowledge, args.segments_for_pools, args.pool_cap)
+        if not args.skip_workers:
+            print(f"two workers, {args.segments_for_pools} segment pools of {args.pool_cap} texts", flush=True)
+            report["workers"] = worker_shares(servers, args.knowledge, args.segments_for_pools, args.pool_cap)
     runs = {r["members"]: r for r in report["builders"]}
     report["users_replayed"] = with_ratings
-    report["worker_pool_share"] = report["workers"]["worker_pool_share"]
+    if args.retrieval_json.is_file():
+        report["retrieval"] = retrieval_at_scale(args.retrieval_json)
+    report["worker_pool_share_by_partition"] = {str(args.segments_for_pools): partition_share(args.segments_for_pools),
+                                                str(args.share_segments): partition_share(args.share_segments)}
     if 1 in runs and 2 in runs:
         report["pool_builders_speedup"] = runs[2]["ingest_events_per_s"] / runs[1]["ingest_events_per_s"]
     print("\n| pool builders | items encoded s | ratings/s after items | every user assigned s | peak RSS MB per member | inertia |")
@@ -215,12 +251,20 @@ def main() -> None:
               f"| {', '.join(str(m) for m in r['peak_rss_mb'])} | {r['inertia']:.4f} |")
     if "pool_builders_speedup" in report:
         print(f"two pool builders: {report['pool_builders_speedup']:.2f}x one's ingest rate")
+    if args.skip_workers:
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return
+    report["worker_pool_share"] = report["workers"]["worker_pool_share"]
     print("\n| worker | prompt partitions | segments held | texts | trie nodes | load s |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in ("worker A", "worker B", "one worker"):
         w = report["workers"][name]
         print(f"| {name} | {w['partitions']} | {w['segments']} | {w['texts']:,} | {w['segment_nodes']:,} | {w['load_s']:.1f} |")
-    print(f"largest share one of two workers holds: {report['worker_pool_share']:.2f}")
+    print(f"largest share one of two workers holds: {report['worker_pool_share']:.2f} (trie nodes, {args.segments_for_pools} segments); "
+          f"by the partitioner's split of {args.share_segments} segments: {report['worker_pool_share_by_partition'][str(args.share_segments)]:.3f}")
+    w = report["workers"]
+    print(f"per segment pool of {args.pool_cap} texts: {w['nodes_per_segment']:,.0f} trie nodes, loaded in {w['load_s_per_segment']:.2f} s")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 

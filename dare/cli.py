@@ -621,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "through the pipeline (resumable)")
     add_kafka_flags(p)
     add_model_flags(p)
-    p.add_argument("--mode", choices=MODES, default="relaxed", help="decoding mode of every prompt (default relaxed)")
+    p.add_argument("--mode", choices=MODES, default="strict",
+                   help="decoding mode of every prompt (default strict: the greedy texts, lossless; relaxed is faster only "
+                        "where a step is cheap, and its texts are more alike: docs/catalogue.md)")
     add_catalogue_flags(p)
     p.add_argument("--as-of", type=cut_off, default="eval", metavar="eval|none|TIMESTAMP",
                    help="user prompts list only ratings before this time: eval (default: the CTR test's train/validation "

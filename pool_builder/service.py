@@ -160,6 +160,8 @@ class PoolBuilderService:
             if p in self.builders:
                 continue
             restored = self._restore(self.partition_path(p))
+            if restored is not None and self._beyond_the_end(p, restored.positions):
+                restored = None
             builder = restored or PoolBuilder(self.encoder, **self.config, shard=p)
             builder.pool_cap = math.ceil(self.config["pool_cap"] / max(1, self.partitions))
             builder.item_vectors, builder.item_segment = self.items.item_vectors, self.items.item_segment
@@ -178,6 +180,17 @@ class PoolBuilderService:
             self.dirty.add(p)
             log.info("partition taken", partition=p, restored=restored is not None, users=len(builder.users.index))
         PARTITIONS.set(len(self.builders))
+
+    def _beyond_the_end(self, partition: int, positions: dict[str, int]) -> bool:
+        """A checkpoint that has read past where the inputs now end belongs to topics that are gone (a broker that
+        lost its data): it is set aside and the partition rebuilt from what the topics hold."""
+        tps = [TopicPartition(topic, partition) for topic in positions]
+        ends = self.consumer.end_offsets(tps) if tps else {}  # type: ignore[union-attr]
+        if all(positions[tp.topic] <= end for tp, end in ends.items()):
+            return False
+        log.warning("checkpoint ahead of its input topics (were they recreated?): rebuilding the partition from them",
+                    partition=partition, positions=positions, ends={tp.topic: end for tp, end in ends.items()})
+        return True
 
     def rebalanced(self, listener: Rebalance) -> set[int]:
         """Act on the group's changes since the last poll; the partitions taken now."""
@@ -229,6 +242,7 @@ class PoolBuilderService:
         listener = Rebalance()
         consumer.subscribe([topics.user_events, topics.knowledge], listener=listener)
         last_checkpoint = last_refit = last_message = time.monotonic()
+        checkpoint_s = 0.0  # how long the last checkpoint took
         self.ready.set()
         log.info("pool builder started", state=str(self.state_dir))
         try:
@@ -247,9 +261,11 @@ class PoolBuilderService:
                 if self._needs_refit() and (idle or now - last_refit > self.refit_every_s):
                     self._refit()
                     last_refit = now
-                if self.dirty and (idle or now - last_checkpoint > self.checkpoint_every_s):
+                # Every few seconds, or at least 9x as long as the last one took: a checkpoint writes the whole state
+                # of each changed partition, so a large state is written less often, never more than ~10 % of the time.
+                if self.dirty and (idle or now - last_checkpoint > max(self.checkpoint_every_s, 9 * checkpoint_s)):
                     self._checkpoint()
-                    last_checkpoint = now
+                    last_checkpoint, checkpoint_s = now, time.monotonic() - now
                 if idle_exit_s is not None and now - last_message > idle_exit_s and not self.dirty:
                     break
         finally:
