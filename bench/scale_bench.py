@@ -2,8 +2,8 @@
 
 1. **Pool builders.** A synthetic catalogue (`dare data synth`: power-law users and items, genre tastes) is
    replayed to a fresh set of topics (its item events, then its ratings as a backlog); then 1, and on another set
-   of topics 2, pool-builder members (processes of their own, `PoolBuilderService` with the packaged MiniLM, torch
-   threads split between them) consume it. Per run: the seconds until every item is encoded (each member encodes
+   of topics 2, pool-builder members (spawned processes of their own, `PoolBuilderService` with the packaged
+   MiniLM, torch threads split between them) consume it. Per run: the seconds until every item is encoded (each member encodes
    every item), the ratings' ingest rate after that (ratings / seconds from the last member's items to the last
    rating applied), the seconds until every user's assignment is on the `assignments` topic, each member's peak
    RSS, and the segments' quality: the mean cosine distance of every user to its segment's centroid (k-means
@@ -76,7 +76,7 @@ def run_builders(servers: str, catalogue, members: int, segments: int, users_wit
     ratings = produce(settings, topics.user_events, user_events(catalogue))
     replay_s = time.perf_counter() - start
     print(f"  replayed {len(items):,} items and {ratings:,} ratings in {replay_s:.0f}s", flush=True)
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # a fresh process: it shares none of this one's catalogue
     stop = context.Event()
     progress = [context.Array("d", 3) for _ in range(members)]
     state = Path(tempfile.mkdtemp(prefix="scale-bench-"))

@@ -27,6 +27,16 @@ from schemas import ItemEvent, KnowledgeRecord, PoolText, PoolUpdate, SegmentAss
 from schemas.messages import MAX_POOL_TEXTS_PER_MESSAGE
 
 RECENCY_WEIGHT = 0.5  # a brand-new text outranks an old one from a user 0.5 cosine closer to the centre
+USER_GROWTH = 1.2  # re-fit once the users grew by 20 % since the last fit,
+RATING_GROWTH = 1.5  # or the ratings by 50 % (users' vectors move with their ratings)
+
+
+def refit_due(users: int, ratings: int, k: int, fitted: bool, last: PoolBuilder) -> bool:
+    """Whether segments should be fitted again: first once there are `k` users, then on growth since the last fit
+    (`last` holds its counts)."""
+    if users < k:
+        return False
+    return not fitted or users >= USER_GROWTH * last.users_at_refit or ratings >= RATING_GROWTH * last.ratings_at_refit
 
 
 @dataclass
@@ -71,6 +81,7 @@ class PoolBuilder:
         self.pending_count = 0
         self.clock = 0  # counts knowledge texts added: their recency
         self.users_at_refit = 0
+        self.ratings_at_refit = 0  # ratings applied when the centroids were last fitted
         self.fresh_users: set[str] = set()  # users with ratings but no segment yet
         self.unplaced: dict[str, tuple[str, str, int]] = {}  # text id → entry: user texts whose author has no segment yet
         self.positions: dict[str, int] = {}  # input topic → the offset of the next message this state has not seen
@@ -189,8 +200,7 @@ class PoolBuilder:
     # ------------------------------------------------------------------ segments
 
     def needs_refit(self) -> bool:
-        users = len(self.users.index)
-        return users >= self.k and (self.centroids is None or users >= 1.2 * self.users_at_refit)
+        return refit_due(len(self.users.index), self.counters.user_events, self.k, self.centroids is not None, self)
 
     def refit(self) -> tuple[list[SegmentAssignment], list[PoolUpdate]]:
         """Re-cluster users; publish changed assignments and re-ranked pools."""
@@ -199,7 +209,7 @@ class PoolBuilder:
         start = time.perf_counter()
         _, matrix = self.users.matrix()
         centroids = match_to_previous(fit_centroids(matrix, self.k), self.centroids)  # type: ignore[arg-type]
-        self.users_at_refit = len(matrix)
+        self.users_at_refit, self.ratings_at_refit = len(matrix), self.counters.user_events
         out = self.apply_centroids(centroids, self.centroids_version + 1)
         self.counters.last_refit_s = time.perf_counter() - start
         return out

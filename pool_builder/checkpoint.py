@@ -7,7 +7,8 @@ Format 2 is a zip archive (read it with any zip tool, numpy and a JSON parser):
                        "users": [ids], "user_segment": {id: segment}, "neighbours": {segment: [ids]},
                        "pools": {segment: {"version": n, "texts": [[text_id, author, text, seq], ...]}},
                        "seen": [event keys, oldest first], "pending": {item_id: [UserEvent JSON]},
-                       "fresh_users": [ids], "unplaced": [[text_id, author, text, seq], ...], "clock": n, "users_at_refit": n, "counters": {...}}
+                       "fresh_users": [ids], "unplaced": [[text_id, author, text, seq], ...], "clock": n, "users_at_refit": n, "ratings_at_refit": n,
+                       "counters": {...}}
     item_vectors.npy  float32 [items, dim], rows in the order of "items"
     user_sums.npy     float32 [users, dim], rows in the order of "users" (rating-weighted sums)
     user_counts.npy   int64 [users]
@@ -80,6 +81,7 @@ def save(builder: PoolBuilder, path: Path, items: bool = True) -> None:
         "unplaced": [[text_id, *entry] for text_id, entry in builder.unplaced.items()],
         "clock": builder.clock,
         "users_at_refit": builder.users_at_refit,
+        "ratings_at_refit": builder.ratings_at_refit,
         "counters": asdict(builder.counters),
     }
     arrays = {
@@ -157,5 +159,6 @@ def _builder(state: dict, arrays: dict[str, np.ndarray], encoder) -> PoolBuilder
     builder.unplaced = {text_id: (author, text, seq) for text_id, author, text, seq in state.get("unplaced", [])}
     builder.clock = state.get("clock", 0)
     builder.users_at_refit = state.get("users_at_refit", 0)
+    builder.ratings_at_refit = state.get("ratings_at_refit", 0)
     builder.counters = Counters(**{k: v for k, v in state.get("counters", {}).items() if k in Counters.__dataclass_fields__})
     return builder

@@ -9,7 +9,7 @@ by every member (each needs every item's vector), and encoded once per member.
 
 Segments. Users need one shared set of centroids: the member that owns partition 0 fits them (k-means over the
 users of all its partitions — keys are hashed, so any partition's users are a random sample of all) whenever
-its users grew by 20 % (or input went idle), and publishes them to the `centroids` topic (chunks, a version and
+its users grew by 20 % or its ratings by 50 %, and publishes them to the `centroids` topic (chunks, a version and
 a fit id). Every member, itself included, applies the latest complete version to every partition it holds:
 each user to its nearest centroid, each partition's neighbourhoods (its own users nearest each centroid, so
 the union over partitions is the whole neighbourhood), its texts to their authors' new pools. Users first
@@ -43,14 +43,13 @@ from infra.kafka import close_producer, ensure_topics, group_id, make_consumer, 
 from infra.reader import TopicReader
 from infra.settings import Settings
 from pool_builder import checkpoint
-from pool_builder.builder import Counters, PoolBuilder
+from pool_builder.builder import Counters, PoolBuilder, refit_due
 from pool_builder.segments import CentroidsReplica, centroid_messages, fit_centroids, match_to_previous
 from schemas import Centroids, ItemEvent, KnowledgeRecord, PoolUpdate, SchemaError, Topics, UserEvent, decode, encode
 
 log = structlog.get_logger("pool_builder")
 
 GROUP = "pool-builder"  # consumer group: the topic prefix + this ("dare.pool-builder" by default)
-REFIT_GROWTH = 1.2  # the fitting member re-fits when its users grew by this factor since the last fit
 
 EVENTS = Counter("dare_pool_builder_events_total", "Events applied", ["kind"])
 DEAD = Counter("dare_pool_builder_dead_letters_total", "Messages sent to the dead-letter topic")
@@ -324,12 +323,14 @@ class PoolBuilderService:
                 self.dirty.add(p)
 
     def _needs_refit(self) -> bool:
-        """The owner of partition 0 fits: when its users reach the segment count, then grow by 20 %."""
+        """The owner of partition 0 fits: when its users reach the segment count, then when its users grew by 20 % or
+        its ratings by 50 % (the counts of the last fit are kept with partition 0's state)."""
         first = self.builders.get(0)
         if first is None:
             return False
         users = sum(len(b.users.index) for b in self.builders.values())
-        return users >= first.k and (self.centroids.centroids is None or users >= REFIT_GROWTH * first.users_at_refit)
+        ratings = sum(b.counters.user_events for b in self.builders.values())
+        return refit_due(users, ratings, first.k, self.centroids.centroids is not None, first)
 
     def _refit(self) -> None:
         with REFIT.time():
@@ -340,7 +341,8 @@ class PoolBuilderService:
             for message in messages:
                 self.producer.send(self.topics.centroids, key=f"centroids/{message.chunk}".encode(), value=encode(message))
                 self.centroids.apply(message)
-            self.builders[0].users_at_refit = len(matrix)
+            first = self.builders[0]
+            first.users_at_refit, first.ratings_at_refit = len(matrix), sum(b.counters.user_events for b in self.builders.values())
             self._apply_centroids()
         log.info("segments re-fitted", version=self.centroids.version, users=len(matrix),
                  refit_s=round(time.perf_counter() - start, 2))

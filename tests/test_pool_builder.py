@@ -119,6 +119,31 @@ def test_refit_keeps_segment_ids_stable(fed):
     assert len(changed) < 0.1 * len(before)  # same data: (almost) nobody moves
 
 
+def test_segments_are_fitted_again_when_users_or_their_ratings_grew():
+    builder = PoolBuilder(HashEncoder(), segments=2)
+    builder.add_items([ItemEvent(event_id=f"i{g}", item_id=g, title=g, genres=[g], timestamp=0) for g in ("Drama", "Horror")])
+
+    def rate(n, users):
+        for i in range(n):
+            builder.add_user_event(UserEvent(event_id=f"r{builder.counters.user_events}", user_id=f"u{i % users}",
+                                             item_id=("Drama", "Horror")[i % 2], rating=4.0, timestamp=1))
+
+    rate(1, 1)
+    assert not builder.needs_refit()  # fewer users than segments
+    rate(10, 10)
+    assert builder.needs_refit()
+    builder.refit()
+    assert not builder.needs_refit()
+    rate(5, 10)  # the same users, 11 + 5 ratings: < 1.5x
+    assert not builder.needs_refit()
+    rate(1, 10)  # 17 ratings >= 1.5 x 11
+    assert builder.needs_refit()
+    builder.refit()
+    for user in ("new-1", "new-2"):  # 12 users >= 1.2 x 10
+        builder.add_user_event(UserEvent(event_id=f"e-{user}", user_id=user, item_id="Drama", rating=4.0, timestamp=1))
+    assert builder.needs_refit()
+
+
 def test_users_arriving_after_a_refit_join_their_nearest_segment(fed, ml):
     fed.refit()
     item = next(iter(fed.item_vectors))
@@ -164,7 +189,7 @@ def state_of(builder):
         "centroids": None if builder.centroids is None else builder.centroids.tolist(), "user_segment": builder.user_segment,
         "neighbours": builder.neighbours, "pools": {s: (p.version, list(p.texts.items())) for s, p in builder.pools.items()},
         "seen": list(builder.seen), "pending": {i: list(e) for i, e in builder.pending.items()}, "pending_count": builder.pending_count,
-        "clock": builder.clock, "users_at_refit": builder.users_at_refit, "fresh_users": builder.fresh_users,
+        "clock": builder.clock, "users_at_refit": builder.users_at_refit, "ratings_at_refit": builder.ratings_at_refit, "fresh_users": builder.fresh_users,
         "counters": builder.counters, "shard": builder.shard, "centroids_version": builder.centroids_version,
         "positions": builder.positions, "unplaced": builder.unplaced,
     }
