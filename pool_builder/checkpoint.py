@@ -15,7 +15,8 @@ Format 2 is a zip archive (read it with any zip tool, numpy and a JSON parser):
     centroids.npy     float32 [segments, dim], present once segments were fitted
 
 A pool builder that runs several partitions (`service.py`) writes one file per partition without the items, and
-one file of the items alone. Format 1 (before partitions) lacks "shard", "centroids_version" and "positions".
+one file of the items alone. Format 1 (before partitions) lacks "shard", "centroids_version", "positions",
+"unplaced" and "ratings_at_refit": they load as 0 or empty (the centroids' version as the re-fit count).
 
 `save` writes `<path>.partial`, syncs it to disk, then renames it over `<path>`: a crash leaves the
 previous checkpoint whole. A later format version loads an older file with defaults for what it

@@ -139,7 +139,8 @@ class SegmentAssignment(Message):
 
 class Centroids(Message):
     """The segments' centroids, shared by every pool-builder member: one chunk of rows (float32, row-major,
-    base64) of version `version`, keyed by chunk number on the compacted centroids topic. One member (the owner
+    base64) of version `version`, keyed by chunk number on the centroids topic (readers keep the latest complete
+    fit, so the topic may be compacted; `ensure_topics` creates it plain). One member (the owner
     of user-events partition 0) fits them; every member assigns its users with the latest complete version."""
 
     version: int = Field(ge=1)
