@@ -365,8 +365,10 @@ class PoolBuilderService:
             builder.positions[record.topic] = record.offset + 1
             self.dirty.add(record.partition)
         for builder in self.builders.values():
-            self._publish(builder.assign_new_users())
-            self._publish(builder.place_unplaced())
+            assigned = builder.assign_new_users()
+            self._publish(assigned)
+            if assigned and builder.unplaced:  # only a newly assigned author can place a waiting text here
+                self._publish(builder.place_unplaced())
 
     def _dead_letter(self, record, exc: SchemaError) -> None:  # type: ignore[no-untyped-def]
         # Delivered with the next checkpoint's flush, before the offsets that cover it are committed.
