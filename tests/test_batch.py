@@ -125,6 +125,27 @@ def test_the_batch_budget_picks_a_width_the_cost_curve_pays_for():
     assert allocate(scores, [1.0, 0.0, 1.0], flat) == [4, 0, 2]  # a row whose drafts never pass sends none
 
 
+def test_allocate_packed_sends_drafts_only_where_they_pay():
+    from workers.engine.algorithm.budget import allocate_packed
+
+    scores = [[0.9, 0.8, 0.1], [0.5], []]
+    flat = CostModel({1: 1.0, 64: 1.0})
+    assert allocate_packed(scores, [1.0, 1.0, 0.0], flat, rows=3) == [3, 1, 0]  # free tokens: send all
+    steep = CostModel({1: 1.0, 2: 2.0, 64: 64.0})  # every token costs a whole step
+    assert allocate_packed(scores, [1.0, 1.0, 0.0], steep, rows=3) == [0, 0, 0]
+    mild = CostModel({1: 1.0, 3: 1.0, 6: 1.5, 64: 20.0})  # a few tokens almost free, then expensive
+    sizes = allocate_packed(scores, [1.0, 1.0, 0.0], mild, rows=3)
+    assert sizes[0] >= 1 and sizes[0] >= sizes[1] and sizes[2] == 0
+    assert allocate_packed(scores, [0.0, 0.0, 0.0], flat, rows=3) == [0, 0, 0]  # uncalibrated rows send none
+    linear = CostModel({1: 1.0, 64: 64.0})  # 1 s a token: a wide step on a compute-bound CPU, by the curve
+    likely = [[0.9, 0.8], [0.7], [0.2]]
+    assert allocate_packed(likely, [1.0] * 3, linear) == [0, 0, 0]  # 3 tokens in 3 s beat 5.4 in 6 s
+    # measured, a plain step of these 3 rows takes 6 s, not 3 (attention over their contexts): each draft token
+    # still adds 1 s, so the likely ones pay, the unlikely one does not
+    assert allocate_packed(likely, [1.0] * 3, linear, plain_s=6.0) == [2, 1, 0]
+    assert allocate_packed(likely, [1.0] * 3, linear, overhead_s=3.0, plain_s=6.0) == [0, 0, 0]  # retrieval eats it
+
+
 def test_drafting_overhead_counts_against_the_drafts():
     from workers.engine.algorithm.budget import allocate
 

@@ -12,11 +12,16 @@ import transformers
 from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
 from tests.test_weights import KINDS, stock_tiny
-from workers.engine.algorithm.draft import DraftConfig
+from workers.engine.algorithm.accept import Acceptance
+from workers.engine.algorithm.budget import Budget
+from workers.engine.algorithm.cost import CostModel
+from workers.engine.algorithm.draft import DraftConfig, RetrievalDrafter
+from workers.engine.backends.batch import BatchDecoder
 from workers.engine.runtime import kernels
 from workers.engine.runtime.cache import SlotCache
 from workers.engine.runtime.forward import TransformersForward, additive, ancestor_matrix, causal_mask, engine_forward
 from workers.engine.runtime.lean import LeanForward
+from workers.engine.runtime.steps import StepForward
 from workers.engine.runtime.weights import Projection, linear_kernels
 
 
@@ -52,7 +57,7 @@ def tree_step_logits(forward, prompt, parents, tokens):
     visible = torch.zeros((width, n + width), dtype=torch.bool)
     visible[:, :n] = True
     visible[:, n:] = ancestor_matrix(parents)
-    cache.prepare(0, positions, n + width)
+    cache.prepare(0, (n + torch.arange(width))[None], n + width)  # node i at column n + i, as the engine writes it
     return forward(cache, torch.tensor([[prompt[-1], *tokens]]), positions, additive(visible, dtype)[None, None])
 
 
@@ -109,8 +114,8 @@ def test_lean_forward_on_packed_weights_fuses_them_and_decodes_its_own_greedy(ki
         assert decode(model, prompt, pools, "strict", n=30, forward=fast).token_ids == greedy(model, prompt, 30)
 
 
-@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
-def test_the_glued_lean_forward_attends_in_cpp_at_head_size_64(tmp_path, monkeypatch):
+def head_size_64_blocks():
+    """A tiny float32 Llama with head size 64 (the C++ attention's), weights exactly block-representable."""
     torch.manual_seed(4)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
@@ -118,7 +123,12 @@ def test_the_glued_lean_forward_attends_in_cpp_at_head_size_64(tmp_path, monkeyp
     model = transformers.LlamaForCausalLM(config).eval()
     model.lm_head.weight.data *= 8
     model.generation_config.eos_token_id = EOS
-    as_blocks(model)
+    return as_blocks(model)
+
+
+@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
+def test_the_glued_lean_forward_attends_in_cpp_at_head_size_64(tmp_path, monkeypatch):
+    model = head_size_64_blocks()
     prompt, parents, tokens = [5, 9, 13, 2, 7], [-1, 0, 0, 2], [11, 4, 30, 6]
     stock = tree_step_logits(TransformersForward(model), prompt, parents, tokens)
     ran = []
@@ -133,6 +143,69 @@ def test_the_glued_lean_forward_attends_in_cpp_at_head_size_64(tmp_path, monkeyp
     pools = random_pools(model, rng, prompts)
     for prompt in prompts:
         assert decode(model, prompt, pools, "strict", n=30, forward=glued).token_ids == greedy(model, prompt, 30)
+
+
+@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
+def test_a_packed_step_gives_each_real_token_the_bits_of_the_padded_step(tmp_path):
+    """Rows verifying 5, 1 and 3 tokens of a 5-wide step: the packed forward computes 9 tokens, not 15; each
+    real token's logits and cached keys/values are those of the padded step, bit for bit."""
+    model = head_size_64_blocks()
+    glued = LeanForward(model, linear_kernels(model, "blocks", tmp_path), kernels.library(tmp_path))
+    assert glued.packs
+    rng = random.Random(8)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (7, 12, 4)]
+    cache = SlotCache(model)
+    cache.reserve(3, 64)
+    for row, prompt in enumerate(prompts):
+        cache.prepare(row, torch.arange(len(prompt))[None], len(prompt))
+        glued(cache, torch.tensor([prompt]), torch.arange(len(prompt))[None], causal_mask(len(prompt), 0, torch.float32))
+    counts, width, span = [5, 1, 3], 5, 12 + 5
+    ids = torch.tensor([[rng.randrange(2, VOCAB) for _ in range(width)] for _ in prompts])
+    lengths = torch.tensor([len(p) for p in prompts])
+    positions = lengths[:, None] + torch.arange(width)[None]
+    visible = torch.arange(span)[None, None, :] < lengths[:, None, None]
+    visible = visible.repeat(1, width, 1)
+    for b, n in enumerate(counts):  # a chain of n real tokens; padding sees itself only
+        visible[b, :, lengths[b] : lengths[b] + width] = torch.eye(width, dtype=torch.bool)
+        visible[b, :n, lengths[b] : lengths[b] + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = additive(visible, torch.float32)[:, None]
+    before = cache.data.clone()
+    cache.prepare(0, positions, span)
+    padded = glued(cache, ids, positions, mask)
+    padded_cache = cache.data.clone()
+    cache.data.copy_(before)
+    cache.prepare(0, positions, span)
+    packed = glued(cache, ids, positions, mask, counts=counts).split(counts)
+    for b, n in enumerate(counts):
+        assert torch.equal(packed[b], padded[b, :n]), f"row {b}"
+        written = slice(0, int(lengths[b]) + n)
+        assert torch.equal(cache.data[:, :, b, :, written], padded_cache[:, :, b, :, written]), f"row {b}'s cache"
+
+
+@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
+def test_strict_rows_of_a_packed_batch_equal_their_own_greedy_decoding(tmp_path, monkeypatch):
+    """Several rows drafting trees of different sizes, joining at different steps, through the packed forward:
+    every row's strict output is its own greedy decoding, and steps did pack."""
+    model = head_size_64_blocks()
+    glued = LeanForward(model, linear_kernels(model, "blocks", tmp_path), kernels.library(tmp_path))
+    packed_steps = []
+    packed = glued.packed
+    monkeypatch.setattr(glued, "packed", lambda *args: packed_steps.append(args[-1]) or packed(*args))
+    rng = random.Random(6)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 20))] for _ in range(6)]
+    pools = random_pools(model, rng, prompts)
+    decoder = BatchDecoder(model, {EOS}, rows=4, steps=StepForward(glued))
+    results, step = {}, 0
+    while step < 3 or len(decoder):
+        if step < 3:
+            for i in (2 * step, 2 * step + 1):
+                drafter = RetrievalDrafter([(p, 1.0) for p in pools], DraftConfig(), prompt=prompts[i])
+                decoder.add(i, prompts[i], drafter, Budget(CostModel.flat()), Acceptance("strict"), 30)
+        results.update({f.key: f for f in decoder.step()})
+        step += 1
+    assert any(len(set(counts)) > 1 for counts in packed_steps)
+    for i, prompt in enumerate(prompts):
+        assert results[i].token_ids == greedy(model, prompt, 30), f"row {i}"
 
 
 def test_a_projection_equals_the_layers_it_joins():

@@ -17,7 +17,7 @@ from workers.engine.algorithm.accept import Acceptance
 from workers.engine.algorithm.cost import CostModel
 from workers.engine.algorithm.draft import DraftTree
 from workers.engine.algorithm.trie import Pool
-from workers.engine.backends.vllm import allocate_packed, best_chain, chain_tokens, dare_args
+from workers.engine.backends.vllm import best_chain, chain_tokens, dare_args
 
 VOCAB = 512
 
@@ -29,18 +29,6 @@ def test_best_chain_follows_the_best_child_in_pop_order():
     assert best_chain(tree, 8) == ([10, 12, 14], [0.9, 0.6, 0.3])
     assert best_chain(tree, 2) == ([10, 12], [0.9, 0.6])
     assert best_chain(DraftTree(), 8) == ([], [])
-
-
-def test_allocate_packed_sends_drafts_only_where_they_pay():
-    scores = [[0.9, 0.8, 0.1], [0.5], []]
-    flat = CostModel({1: 1.0, 64: 1.0})
-    assert allocate_packed(scores, [1.0, 1.0, 0.0], flat, rows=3) == [3, 1, 0]  # free tokens: send all
-    steep = CostModel({1: 1.0, 2: 2.0, 64: 64.0})  # every token costs a whole step
-    assert allocate_packed(scores, [1.0, 1.0, 0.0], steep, rows=3) == [0, 0, 0]
-    mild = CostModel({1: 1.0, 3: 1.0, 6: 1.5, 64: 20.0})  # a few tokens almost free, then expensive
-    sizes = allocate_packed(scores, [1.0, 1.0, 0.0], mild, rows=3)
-    assert sizes[0] >= 1 and sizes[0] >= sizes[1] and sizes[2] == 0
-    assert allocate_packed(scores, [0.0, 0.0, 0.0], flat, rows=3) == [0, 0, 0]  # uncalibrated rows send none
 
 
 def _logits(rows: list[dict[int, float]]) -> torch.Tensor:

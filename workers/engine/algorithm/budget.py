@@ -4,7 +4,8 @@ The draft tree's scores estimate each node's chance of acceptance; recent steps 
 them. The budget takes the prefix of the tree (in score order) that maximises expected
 tokens per second: (1 + calibration * sum(scores[:n])) / cost(1 + n).
 On a CPU a 64-token verify can cost several one-token steps, so trees stay small; on a GPU it costs
-about one, so the whole tree is worth sending. `allocate` picks a batch's width; `StepClock` and
+about one, so the whole tree is worth sending. `allocate` picks a padded batch's width, `allocate_packed` a
+packed batch's tokens row by row; `StepClock` and
 `DraftPause` judge drafting at width by measured step times (docs/under-load.md).
 """
 
@@ -56,14 +57,57 @@ def allocate(scores: list[list[float]], calibrations: list[float], cost: CostMod
     return [min(best_width, len(s)) if c > 0 else 0 for s, c in zip(scores, calibrations)]
 
 
+def _ranked(scores: list[list[float]], calibrations: list[float]) -> list[tuple[float, int]]:
+    """Every row's draft nodes as (calibrated score, row), best first (a row's scores never rise, so the
+    first n of a row taken are its tree's prefix of n)."""
+    return sorted(((c * s, r) for r, (row, c) in enumerate(zip(scores, calibrations)) if c > 0 for s in row), reverse=True)
+
+
+def _packed_rates(ranked: list[tuple[float, int]], rows: int, cost: CostModel, overhead_s: float,
+                  plain_s: float | None) -> list[float]:
+    """Expected tokens per second of a packed batch by draft tokens taken best first (index 0: none, no
+    overhead). A step of rows + n tokens costs `plain_s` (a plain step's time, measured; else cost(rows)) plus
+    what the curve adds for the n tokens: what a wide batch's step costs beyond the curve (attention over every
+    row's context, per-row work) is paid by the plain step too."""
+    base = cost.cost(rows)
+    plain = base if plain_s is None else plain_s
+    rates, expected = [rows / plain], float(rows)
+    for n, (gain, _) in enumerate(ranked, start=1):
+        expected += gain
+        rates.append(expected / (plain + cost.cost(rows + n) - base + overhead_s))
+    return rates
+
+
+def allocate_packed(scores: list[list[float]], calibrations: list[float], cost: CostModel, rows: int | None = None,
+                    overhead_s: float = 0.0, plain_s: float | None = None) -> list[int]:
+    """Draft sizes for a batch whose forward computes only real tokens (a packed forward: vLLM's, or the lean
+    forward with `counts`): each row sends its own number. Draft tokens are taken best first, over all rows, as
+    many as maximise the batch's expected tokens per second ((rows + calibrated scores taken) / (its step's
+    cost + `overhead_s`)) against a plain step's; `rows` (default: one per score list) counts rows that draft
+    nothing too; `plain_s`: a plain step's measured time (`_packed_rates`)."""
+    rows = len(scores) if rows is None else rows
+    ranked = _ranked(scores, calibrations)
+    rates = _packed_rates(ranked, rows, cost, overhead_s, plain_s)
+    best = max(range(len(rates)), key=lambda n: (rates[n], -n))
+    sizes = [0] * len(scores)
+    for _, r in ranked[:best]:
+        sizes[r] += 1
+    return sizes
+
+
 def drafting_value(scores: list[list[float]], calibrations: list[float], cost: CostModel, retrieval_s: float,
-                   accept_s: float) -> float:
+                   accept_s: float, packed: bool = False, plain_s: float | None = None) -> float:
     """What retrieving drafts did for a step, as a ratio of tokens per second to a step that did not
-    retrieve: the best width's expected rate with the overhead counted (`retrieval_s` + `accept_s`), or, if
-    no width pays, a plain step slowed by the retrieval already spent. Below 1: retrieval lost time."""
-    rates = _rates(scores, calibrations, cost, retrieval_s + accept_s)
+    retrieve: the best width's (`packed`: the best number of tokens') expected rate with the overhead counted
+    (`retrieval_s` + `accept_s`), or, if none pays, a plain step slowed by the retrieval already spent. Below 1:
+    retrieval lost time."""
     rows = len(scores)
-    plain = rows / (cost.cost(rows) + retrieval_s)
+    if packed:
+        rates = _packed_rates(_ranked(scores, calibrations), rows, cost, retrieval_s + accept_s, plain_s)
+        plain = rows / (rows / rates[0] + retrieval_s)
+    else:
+        rates = _rates(scores, calibrations, cost, retrieval_s + accept_s)
+        plain = rows / (cost.cost(rows) + retrieval_s)
     return max([plain, *rates[1:]]) / rates[0]
 
 

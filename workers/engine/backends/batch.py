@@ -4,10 +4,12 @@ The rows share one preallocated KV cache (`SlotCache`): row r keeps its tokens i
 [0, length_r), in order, with no holes. Per step:
 
     each row drafts its tree from its own pools; the batch's draft tokens go to the rows whose
-    nodes are most likely accepted, as many as the device's cost curve says pay (`allocate`)
+    nodes are most likely accepted, as many as the device's cost curve says pay (`allocate_packed`
+    where the forward packs, `allocate` where it pads)
     one forward over [pending, *tree] per row, right-padded to the longest; row r's tokens are
     written at columns [length_r, length_r + width), and the 4D mask shows each token its own
-    row's context and its tree ancestors; position ids count only the row's own tokens
+    row's context and its tree ancestors; position ids count only the row's own tokens. A forward
+    that packs (the lean forward with C++ glue) runs its linear layers on the real tokens only
     each row accepts its path (strict or relaxed); the accepted columns move to the front of
     the tree's columns and the row's length grows by them; the rest is overwritten next step
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.engine.algorithm.accept import Acceptance, accept
-from workers.engine.algorithm.budget import Budget, DraftPause, StepClock, allocate, drafting_value
+from workers.engine.algorithm.budget import Budget, DraftPause, StepClock, allocate, allocate_packed, drafting_value
 from workers.engine.algorithm.draft import Drafter, DraftTree, NoDrafter
 from workers.engine.runtime.cache import SlotCache
 from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask
@@ -199,11 +201,16 @@ class BatchDecoder:
         t1 = time.perf_counter()
         rows, cost, self.emitted = len(self.rows), self.rows[0].budget.cost, 0
         ids, positions, mask = self._inputs(trees)
-        logits = self.steps(self.cache, ids, positions, mask)
+        counts = [len(t) + 1 for t in trees]
+        if self.steps.packs and drafting and len(set(counts)) > 1:  # padding is not computed; logits come packed
+            packed = self.steps(self.cache, ids, positions, mask, counts=counts)
+            logits = packed.split(counts)
+        else:
+            logits = self.steps(self.cache, ids, positions, mask)
         t2 = time.perf_counter()
         paths = []
         for b, (row, tree) in enumerate(zip(self.rows, trees)):
-            path, bonus = accept(logits[b, : len(tree) + 1], tree, row.rule)
+            path, bonus = accept(logits[b][: len(tree) + 1], tree, row.rule)
             paths.append([0, *path])
             row.budget.observe(sum(tree.scores), len(path))
             self._emit(row, [tree.tokens[p - 1] for p in path] + [bonus], len(tree))
@@ -241,9 +248,15 @@ class BatchDecoder:
         scores = [c.scores[: r.budget.max_tokens] for c, r in zip(candidates, self.rows)]
         calibrations = [r.budget.calibration for r in self.rows]
         cost = self.rows[0].budget.cost
-        sizes = allocate(scores, calibrations, cost)  # retrieval is spent: send what pays from here on
+        # retrieval is spent: send what pays from here on
+        if self.steps.packs:  # each row its own number of tokens, against a plain step as timed at these rows
+            ratio = self.clock.ratio
+            plain_s = None if ratio is None else ratio * cost.cost(rows)
+            sizes = allocate_packed(scores, calibrations, cost, plain_s=plain_s)
+        else:  # every row pays for the widest row's tokens
+            plain_s, sizes = None, allocate(scores, calibrations, cost)
         accept_s = max(0.0, self.keep_s[True] - self.keep_s[False])
-        self.expected = drafting_value(scores, calibrations, cost, retrieval_s, accept_s)
+        self.expected = drafting_value(scores, calibrations, cost, retrieval_s, accept_s, self.steps.packs, plain_s)
         return [c.prefix(n) for c, n in zip(candidates, sizes)], True
 
     def _inputs(self, trees: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]

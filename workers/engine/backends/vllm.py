@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from workers.engine.algorithm.accept import Acceptance, accept
-from workers.engine.algorithm.budget import Budget
+from workers.engine.algorithm.budget import Budget, allocate_packed
 from workers.engine.algorithm.cost import CostModel, cached_cost
 from workers.engine.algorithm.draft import DraftConfig, Drafter, DraftTree, Source
 from workers.engine.algorithm.modes import Strategy
@@ -84,23 +84,6 @@ def best_chain(tree: DraftTree, limit: int) -> tuple[list[int], list[float]]:
             scores.append(score)
             parent = i
     return tokens, scores
-
-
-def allocate_packed(scores: list[list[float]], calibrations: list[float], cost: CostModel, rows: int) -> list[int]:
-    """Draft lengths for a batch whose forward costs cost(total tokens) (vLLM packs requests, no padding).
-    Draft tokens are taken best first (a chain's scores never rise, so every row keeps a prefix) as long
-    as the batch's expected tokens per second, (rows + calibrated scores taken) / cost(rows + taken), grows."""
-    ranked = sorted(((c * s, r) for r, (row, c) in enumerate(zip(scores, calibrations)) for s in row), reverse=True)
-    expected, best_rate, best_n = float(rows), rows / cost.cost(rows), 0
-    for n, (gain, _) in enumerate(ranked, start=1):
-        expected += gain
-        rate = expected / cost.cost(rows + n)
-        if rate > best_rate:
-            best_rate, best_n = rate, n
-    sizes = [0] * len(scores)
-    for _, r in ranked[:best_n]:
-        sizes[r] += 1
-    return sizes
 
 
 @dataclass

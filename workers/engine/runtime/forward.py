@@ -35,11 +35,14 @@ class Forward(Protocol):
     model: torch.nn.Module
     name: str  # "lean", "lean+glue" or "transformers"
     prefill_chunk: int | None  # prefills one prompt at a time, in chunks of this many tokens (None: as they come)
+    packs: bool  # whether `counts` spares the padding's cost (else the padded step is computed whole)
 
     def __call__(self, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 0, prefill: bool = False) -> torch.Tensor:
+                 logits_to_keep: int = 0, prefill: bool = False, counts: list[int] | None = None) -> torch.Tensor:
         """Logits for `ids` (batch, n) (the last `logits_to_keep` only, if set), appending their keys/values to `cache`.
-        `prefill`: the tokens are a prompt's (the forward may run them on other kernels)."""
+        `prefill`: the tokens are a prompt's (the forward may run them on other kernels). `counts` (a forward that
+        `packs`): row b's tokens are its first counts[b], the rest padding, and the logits come packed,
+        (sum(counts), vocab), row after row."""
         ...
 
 
@@ -48,6 +51,7 @@ class TransformersForward:
 
     name = "transformers"
     prefill_chunk = None
+    packs = False
 
     def __init__(self, model: torch.nn.Module, run: Callable[..., Any] | None = None) -> None:
         self.model, self.run = model, model if run is None else run
@@ -55,7 +59,7 @@ class TransformersForward:
 
     @torch.inference_mode()
     def __call__(self, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 0, prefill: bool = False) -> torch.Tensor:
+                 logits_to_keep: int = 0, prefill: bool = False, counts: list[int] | None = None) -> torch.Tensor:
         kwargs = {self.cache_argument: cache, "logits_to_keep": logits_to_keep}
         return self.run(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, **kwargs).logits
 

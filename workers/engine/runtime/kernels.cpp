@@ -19,6 +19,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <cstring>
+#include <vector>
+
 static inline void dequant_q4(const uint8_t* q, float d, float m, __m256 w[4]) {
     const __m128i raw = _mm_loadu_si128((const __m128i*)q), nibble = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(raw, nibble), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
@@ -249,53 +252,107 @@ extern "C" void silu_mul(const float* gate_up, int64_t M, int64_t I, float* out)
 
 // Attention of T queries per row over S cached keys, grouped-query (H query heads share KV key/value
 // heads), under an additive mask shared by the heads: softmax(q . k * scale + mask) . v. Each (row,
-// head, query) is computed alone, in the same order whatever T is. Strides are in floats; every
-// vector's last dimension (D = 8 * D8) is contiguous. out: (B, T, H * D).
+// head, query) is computed alone. Row b reads only its first rk[b] keys and computes only its first rq[b]
+// queries (the rest, padding, are zeros in out); rq/rk null: T and S. A key's weight lands in the same lane of
+// the softmax's sum (its column mod 8) whatever S and rk are, and masked keys weigh exactly 0, so a row's bits
+// depend neither on how many keys the batch's longest row has nor on where its own end is cut. Strides are in
+// floats; every vector's last dimension (D = 8 * D8) is contiguous. out: (B, T, H * D).
 template <int D8>
 static void attention_impl(const float* q, int64_t qb, int64_t qh, int64_t qt, const float* k, const float* v, int64_t kb,
                            int64_t kh, int64_t ks, const float* mask, int64_t mb, int64_t mt, int64_t B, int64_t H,
-                           int64_t KV, int64_t T, int64_t S, float scale, float* out) {
-    const int64_t group = H / KV, items = B * H * T;
-#pragma omp parallel if (items * S >= 1024)
+                           int64_t KV, int64_t T, int64_t S, float scale, float* out, const int64_t* rq, const int64_t* rk) {
+    const int64_t group = H / KV;
+    // The (row, head, query) items computed, in that order (padding queries are zeroed here, not listed), cut
+    // into tasks shared among the threads: with rows enough, one task per row and key/value head (its keys and
+    // values come from memory once and serve every query of the group from cache: attention over many rows is
+    // bound by reading them), else one per item.
+    std::vector<int32_t> todo;
+    std::vector<int64_t> tasks{0};
+    todo.reserve(B * H * T);
+    const bool by_kv_head = B * KV >= 8;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t t = 0; t < T; t++) {
+                if (rq && t >= rq[b]) std::memset(out + (b * T + t) * H * D8 * 8 + h * D8 * 8, 0, D8 * 8 * sizeof(float));
+                else {
+                    todo.push_back((int32_t)((b * H + h) * T + t));
+                    if (!by_kv_head) tasks.push_back((int64_t)todo.size());
+                }
+            }
+            if (by_kv_head && (h + 1) % group == 0 && (int64_t)todo.size() > tasks.back()) tasks.push_back((int64_t)todo.size());
+        }
+    const int64_t count = (int64_t)tasks.size() - 1;
+#pragma omp parallel if ((int64_t)todo.size() * S >= 1024)
     {
         float* p = (float*)aligned_alloc(32, ((S + 7) / 8) * 8 * sizeof(float));
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < items; item++) {
-            const int64_t b = item / (H * T), h = item / T % H, t = item % T;
+        for (int64_t task = 0; task < count; task++)
+        for (int64_t item = tasks[task]; item < tasks[task + 1]; item++) {
+            const int64_t b = todo[item] / (H * T), h = todo[item] / T % H, t = todo[item] % T;
+            float* o = out + (b * T + t) * H * D8 * 8 + h * D8 * 8;
+            const int64_t keys = rk ? (rk[b] < S ? rk[b] : S) : S;
             const float* qv = q + b * qb + h * qh + t * qt;
             const float* kr = k + b * kb + h / group * kh;
             const float* vr = v + b * kb + h / group * kh;
             const float* m = mask + b * mb + t * mt;
             __m256 qs[D8];
             for (int j = 0; j < D8; j++) qs[j] = _mm256_loadu_ps(qv + 8 * j);
-            float top = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                __m256 acc = _mm256_mul_ps(qs[0], _mm256_loadu_ps(kr + s * ks));
-                for (int j = 1; j < D8; j++) acc = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(kr + s * ks + 8 * j), acc);
-                p[s] = hsum(acc) * scale + m[s];
-                top = p[s] > top ? p[s] : top;
+            // q . k for 8 keys at a time, each key's 8 lanes reduced by the same adds whatever its place in the
+            // block (a block past the end holds zeros): a key's score never depends on where the keys end
+            const int64_t padded = (keys + 7) / 8 * 8;
+            const __m256 scalev = _mm256_set1_ps(scale);
+            __m256 topv8 = _mm256_set1_ps(-INFINITY);
+            for (int64_t s = 0; s < padded; s += 8) {
+                __m256 a[8];
+                for (int r = 0; r < 8; r++) {
+                    if (s + r >= keys) {
+                        a[r] = _mm256_setzero_ps();
+                        continue;
+                    }
+                    const float* kv = kr + (s + r) * ks;
+                    a[r] = _mm256_mul_ps(qs[0], _mm256_loadu_ps(kv));
+                    for (int j = 1; j < D8; j++) a[r] = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(kv + 8 * j), a[r]);
+                }
+                const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+                const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+                __m256 mv;
+                if (s + 8 <= keys) mv = _mm256_loadu_ps(m + s);
+                else {
+                    float tail[8];
+                    for (int r = 0; r < 8; r++) tail[r] = s + r < keys ? m[s + r] : -INFINITY;
+                    mv = _mm256_loadu_ps(tail);
+                }
+                const __m256 scores = _mm256_add_ps(_mm256_mul_ps(dots, scalev), mv);
+                _mm256_storeu_ps(p + s, scores);
+                topv8 = _mm256_max_ps(topv8, scores);
             }
-            int64_t s = 0;
+            float lanes[8];
+            _mm256_storeu_ps(lanes, topv8);
+            float top = lanes[0];
+            for (int r = 1; r < 8; r++) top = lanes[r] > top ? lanes[r] : top;
+            for (int64_t s = keys; s < padded; s++) p[s] = top;  // lanes past the end: weighed 0 below
             __m256 total = _mm256_setzero_ps();
-            const __m256 topv = _mm256_set1_ps(top);
-            for (; s + 8 <= S; s += 8) {
-                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+            const __m256 topv = _mm256_set1_ps(top), floor = _mm256_set1_ps(-87.0f);
+            for (int64_t s = 0; s < padded; s += 8) {
+                const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + s), topv);
+                __m256 e = _mm256_and_ps(exp256(x), _mm256_cmp_ps(x, floor, _CMP_GT_OQ));  // masked keys: exactly 0
+                if (s + 8 > keys) {
+                    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+                    e = _mm256_and_ps(e, _mm256_cmp_ps(lane, _mm256_set1_ps((float)(keys - s)), _CMP_LT_OQ));
+                }
                 _mm256_storeu_ps(p + s, e);
                 total = _mm256_add_ps(total, e);
             }
-            float sum = hsum(total);
-            for (; s < S; s++) {
-                p[s] = expf(p[s] - top);
-                sum += p[s];
-            }
+            const float sum = hsum(total);
             __m256 acc[D8];
             for (int j = 0; j < D8; j++) acc[j] = _mm256_setzero_ps();
-            for (s = 0; s < S; s++) {
+            for (int64_t s = 0; s < keys; s++) {
+                if (p[s] == 0.0f) continue;  // masked: adds nothing
                 const __m256 w = _mm256_set1_ps(p[s]);
                 for (int j = 0; j < D8; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + s * ks + 8 * j), acc[j]);
             }
             const __m256 inverse = _mm256_set1_ps(1.0f / sum);
-            float* o = out + (b * T + t) * H * D8 * 8 + h * D8 * 8;
             for (int j = 0; j < D8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], inverse));
         }
         free(p);
@@ -305,9 +362,9 @@ static void attention_impl(const float* q, int64_t qb, int64_t qh, int64_t qt, c
 // Returns 0, or -1 for a head size it was not built for (the caller falls back to SDPA).
 extern "C" int attention(const float* q, int64_t qb, int64_t qh, int64_t qt, const float* k, const float* v, int64_t kb,
                          int64_t kh, int64_t ks, const float* mask, int64_t mb, int64_t mt, int64_t B, int64_t H, int64_t KV,
-                         int64_t T, int64_t S, int64_t D, float scale, float* out) {
-    if (D == 64) attention_impl<8>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out);
-    else if (D == 128) attention_impl<16>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out);
+                         int64_t T, int64_t S, int64_t D, float scale, float* out, const int64_t* rq, const int64_t* rk) {
+    if (D == 64) attention_impl<8>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out, rq, rk);
+    else if (D == 128) attention_impl<16>(q, qb, qh, qt, k, v, kb, kh, ks, mask, mb, mt, B, H, KV, T, S, scale, out, rq, rk);
     else return -1;
     return 0;
 }

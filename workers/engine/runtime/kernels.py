@@ -89,7 +89,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.add_rms_norm.argtypes = [p, p, p, f, i, i, p]
     lib.rope.argtypes = [p, p, p, i, i, i, i]
     lib.silu_mul.argtypes = [p, i, i, p]
-    lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p]
+    lib.attention.argtypes = [p, i, i, i, p, p, i, i, i, p, i, i, i, i, i, i, i, i, f, p, p, p]
     lib.attention.restype = ctypes.c_int
     if hasattr(lib, "fma_roof"):  # absent from older builds, which benches load beside the current one
         lib.fma_roof.argtypes = [i]
@@ -142,11 +142,13 @@ def fma_roof(lib: ctypes.CDLL, seconds: float = 0.5) -> float:
         iterations *= 4
 
 
-def attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-              ) -> torch.Tensor | None:
+def attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              row_queries: torch.Tensor | None = None, row_keys: torch.Tensor | None = None) -> torch.Tensor | None:
     """Grouped-query attention of q (batch, heads, T, dim) over k/v (batch, kv_heads, S, dim) under an
     additive mask (batch or 1, 1, T or 1, >= S): (batch, T, heads * dim); None where the kernel does not
-    apply (head size other than 64 or 128, a layout it does not read), for the caller to use SDPA."""
+    apply (head size other than 64 or 128, a layout it does not read), for the caller to use SDPA.
+    `row_queries` / `row_keys` (contiguous int64, one per row): row b computes only its first row_queries[b]
+    queries (the rest are zeros) over its first row_keys[b] keys (the mask must hide the rest from it)."""
     batch, heads, queries, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     if (heads % kv_heads or q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1 or mask.stride(-1) != 1
@@ -157,5 +159,6 @@ def attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     mask_t = mask.stride(2) if mask.shape[2] > 1 else 0
     done = lib.attention(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(), k.stride(0),
                          k.stride(1), k.stride(2), mask.data_ptr(), mask_b, mask_t, batch, heads, kv_heads, queries, keys,
-                         dim, scale, out.data_ptr())
+                         dim, scale, out.data_ptr(), None if row_queries is None else row_queries.data_ptr(),
+                         None if row_keys is None else row_keys.data_ptr())
     return out if done == 0 else None

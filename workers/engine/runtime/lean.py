@@ -85,11 +85,18 @@ class LeanForward:
         self.prefill_linears = self.linears if prefill is None else Linears(model, prefill)
         self.prefill_chunk = None if prefill is None else prefill_chunk  # tokens per prefill call (None: any)
 
+    @property
+    def packs(self) -> bool:
+        """Whether a step's rows may verify different numbers of tokens at no cost for the padding (`counts`)."""
+        return self.glue is not None
+
     @torch.inference_mode()
     def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 logits_to_keep: int = 0, prefill: bool = False) -> torch.Tensor:
+                 logits_to_keep: int = 0, prefill: bool = False, counts: list[int] | None = None) -> torch.Tensor:
         lin = self.prefill_linears if prefill else self.linears
         if self.glue is not None:
+            if counts is not None:
+                return self.packed(lin, cache, ids, positions, mask, counts)
             return self.glued(lin, cache, ids, positions, mask, logits_to_keep)
         inner = self.model.model
         h = inner.embed_tokens(ids)
@@ -110,16 +117,29 @@ class LeanForward:
         batch, tokens = qkv.shape[:2]
         return tuple(t.reshape(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in qkv.split(self.linears.qkv[i].sizes, dim=-1))
 
-    def attend(self, lin: Linears, i: int, cache: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, lin: Linears, i: int, cache: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               row_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Layer i's attention from rotated q, k and v, through the cache: o_proj's output (batch, tokens, hidden)."""
+        return lin.o[i].joined(self.attention(i, cache, q, k, v, mask, row_keys=row_keys))
+
+    def attention(self, i: int, cache: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                  row_queries: torch.Tensor | None = None, row_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer i's attention from rotated q, k and v, through the cache, before o_proj: (batch, tokens, heads * dim).
+        The C++ kernel takes `row_queries`/`row_keys` (kernels.attention); SDPA computes everything."""
         scaling = self.model.model.layers[i].self_attn.scaling
         keys, values = cache.layers[i].update(k, v)  # type: ignore[attr-defined]
         if self.glue is not None:
-            out = kernels.attention(self.glue, q, keys, values, mask, scaling)  # type: ignore[arg-type]
+            out = kernels.attention(self.glue, q, keys, values, mask, scaling, row_queries, row_keys)  # type: ignore[arg-type]
             if out is not None:
-                return lin.o[i].joined(out)
-        out = gqa_attention(q, keys, values, mask, scaling)
-        return lin.o[i].joined(out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+                return out
+        return gqa_attention(q, keys, values, mask, scaling).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    @staticmethod
+    def row_keys(cache: object) -> torch.Tensor | None:
+        """The keys each row of the forward's rows may see: up to the last column it writes (the slot cache's
+        rows have no holes), so attention skips the columns a longer row beside it fills; None: every column."""
+        columns = getattr(cache, "write_cols", None)
+        return None if columns is None or columns.numel() == 0 else (columns.max(dim=1).values.cpu() + 1).contiguous()
 
     def glued(self, lin: Linears, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
               logits_to_keep: int) -> torch.Tensor:
@@ -131,15 +151,55 @@ class LeanForward:
         layers = inner.layers
         first = layers[0].input_layernorm
         x = kernels.rms_norm(lib, h, first.weight, first.variance_epsilon)  # type: ignore[arg-type]
+        row_keys = self.row_keys(cache)
         for i, layer in enumerate(layers):
             qkv = lin.qkv[i].joined(x)
             kernels.rope_(lib, qkv.view(batch * tokens, -1), cos, sin, self.heads + self.kv_heads, self.head_dim)  # type: ignore[arg-type]
             post = layer.post_attention_layernorm
-            attended = self.attend(lin, i, cache, *self.split_heads(i, qkv), mask)
+            attended = self.attend(lin, i, cache, *self.split_heads(i, qkv), mask, row_keys)
             x = kernels.add_rms_norm(lib, h, attended, post.weight, post.variance_epsilon)  # type: ignore[arg-type]
             down = lin.down[i].joined(kernels.silu_mul(lib, lin.gate_up[i].joined(x)))  # type: ignore[arg-type]
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
             x = kernels.add_rms_norm(lib, h, down, norm.weight, norm.variance_epsilon)  # type: ignore[arg-type]
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        return lin.head.joined(x)
+
+    def packed(self, lin: Linears, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               counts: list[int]) -> torch.Tensor:
+        """`glued` for a step whose row b verifies only its first counts[b] tokens (the rest is padding): the
+        linear layers and the glue run on those tokens alone, packed, and only their keys and values are written
+        to the cache; attention takes the queries in the padded layout and computes only the real ones, each over
+        its row's own keys. Every kernel here computes a token's row alone, so each token's logits are those of
+        the padded step, bit for bit (tests/test_lean.py). Returns the logits packed: (sum(counts), vocab), row
+        after row."""
+        lib, inner = self.glue, self.model.model
+        batch, tokens = ids.shape
+        row_queries = torch.tensor(counts, dtype=torch.long)
+        row_keys = cache.write_cols[:, 0].cpu() + row_queries  # type: ignore[attr-defined]
+        keep = torch.cat([torch.arange(b * tokens, b * tokens + n) for b, n in enumerate(counts)]).to(ids.device)
+        padded_writes = cache.write_rows, cache.write_cols  # type: ignore[attr-defined]
+        cache.write_rows, cache.write_cols = (w.reshape(-1).index_select(0, keep)[None] for w in padded_writes)  # type: ignore[attr-defined]
+        h = inner.embed_tokens(ids.reshape(-1).index_select(0, keep)).contiguous()  # (packed tokens, hidden)
+        cos, sin = (t[0].contiguous() for t in inner.rotary_emb(h[None], positions.reshape(-1).index_select(0, keep)[None]))
+        layers = inner.layers
+        first = layers[0].input_layernorm
+        x = kernels.rms_norm(lib, h, first.weight, first.variance_epsilon)  # type: ignore[arg-type]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        padded_q = x.new_zeros(batch * tokens, q_size)  # padding queries stay zeros (and are never computed)
+        for i, layer in enumerate(layers):
+            qkv = lin.qkv[i].joined(x)
+            kernels.rope_(lib, qkv, cos, sin, self.heads + self.kv_heads, self.head_dim)  # type: ignore[arg-type]
+            padded_q.index_copy_(0, keep, qkv[:, :q_size])
+            q = padded_q.view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+            k, v = (t.reshape(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+                    for t in (qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]))
+            attended = self.attention(i, cache, q, k, v, mask, row_queries, row_keys).view(batch * tokens, -1)
+            attended = lin.o[i].joined(attended.index_select(0, keep))
+            post = layer.post_attention_layernorm
+            x = kernels.add_rms_norm(lib, h, attended, post.weight, post.variance_epsilon)  # type: ignore[arg-type]
+            down = lin.down[i].joined(kernels.silu_mul(lib, lin.gate_up[i].joined(x)))  # type: ignore[arg-type]
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
+            x = kernels.add_rms_norm(lib, h, down, norm.weight, norm.variance_epsilon)  # type: ignore[arg-type]
+        cache.write_rows, cache.write_cols = padded_writes  # type: ignore[attr-defined]
         return lin.head.joined(x)

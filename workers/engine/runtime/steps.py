@@ -51,13 +51,23 @@ class StepForward:
         """Cache columns a step reads when it needs the first `needed`: compiled steps read them all (one shape)."""
         return cache.capacity if self.compiled else needed
 
-    def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def packs(self) -> bool:
+        """Whether a step's rows may verify different numbers of tokens without paying for the padding."""
+        return self._graph is None and self.forward.packs
+
+    def __call__(self, cache: object, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 counts: list[int] | None = None) -> torch.Tensor:
+        """Logits of one step, (rows, tokens, vocab); `counts` where the forward `packs`: row b's real tokens are its
+        first counts[b] (the rest padding), and the logits come packed, (sum(counts), vocab), row after row."""
         if self._graph is not None:
             try:
                 return self._graph(cache, ids, positions, mask)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 (no C++ compiler, an unsupported op, ...: the eager path serves)
                 log.warning("compiling the decoding steps failed; running them eager", error=repr(exc)[:300])
                 self._graph, self.compiled = None, False
+        if counts is not None and self.forward.packs:
+            return self.forward(cache, ids, positions, mask, counts=counts)  # type: ignore[arg-type]
         return self.forward(cache, ids, positions, mask)  # type: ignore[arg-type]
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
