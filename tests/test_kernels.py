@@ -78,22 +78,25 @@ def test_attention_matches_sdpa_over_a_slot_cache_layout_and_rows_do_not_depend_
 
 
 def test_a_rows_attention_bits_depend_neither_on_longer_rows_nor_on_padding_queries(lib):
-    """A row whose context ends at column 21 (the mask hides the rest): the same bits when the batch's longest
-    row reads 22, 29 or 37 columns, when the row's own keys are cut at its end, and when only its first queries
-    are computed (the others come back zero)."""
+    """A row whose 4 queries sit at its last columns, 17 to 20, each seeing the columns up to its own (the mask hides
+    the rest): the same bits when the batch's longest row reads 22, 29 or 37 columns, when the row's own keys are
+    cut at its end (each query then reads up to its own column only), and when only its first queries are computed
+    (the others come back zero)."""
     torch.manual_seed(5)
     heads, kv_heads, queries, dim, end = 9, 3, 4, 64, 21
     q = torch.randn(1, heads, queries, dim)
     store = torch.randn(2, 1, kv_heads, 40, dim)
     visible = torch.zeros(1, 1, queries, 40, dtype=torch.bool)
-    visible[..., :end] = True
+    for t in range(queries):
+        visible[..., t, : end - queries + t + 1] = True
     mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
     reference = kernels.attention(lib, q, store[0, :, :, :end], store[1, :, :, :end], mask, 0.125)
     for keys in (22, 29, 37):
         k, v = store[0, :, :, :keys], store[1, :, :, :keys]
         assert torch.equal(kernels.attention(lib, q, k, v, mask, 0.125), reference), keys
-        cut = kernels.attention(lib, q, k, v, mask, 0.125, torch.tensor([2]), torch.tensor([end]))
-        assert torch.equal(cut[:, :2], reference[:, :2]) and not cut[:, 2:].any(), keys
+        assert torch.equal(kernels.attention(lib, q, k, v, mask, 0.125, None, torch.tensor([end])), reference), keys
+        cut = kernels.attention(lib, q[:, :, :2], k, v, mask[:, :, :2], 0.125, torch.tensor([1]), torch.tensor([end - 2]))
+        assert torch.equal(cut[:, :1], reference[:, :1]) and not cut[:, 1:].any(), keys
 
 
 def test_build_errors_name_the_compiler(tmp_path, monkeypatch):

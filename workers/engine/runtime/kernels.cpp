@@ -253,7 +253,9 @@ extern "C" void silu_mul(const float* gate_up, int64_t M, int64_t I, float* out)
 // Attention of T queries per row over S cached keys, grouped-query (H query heads share KV key/value
 // heads), under an additive mask shared by the heads: softmax(q . k * scale + mask) . v. Each (row,
 // head, query) is computed alone. Row b reads only its first rk[b] keys and computes only its first rq[b]
-// queries (the rest, padding, are zeros in out); rq/rk null: T and S. A key's weight lands in the same lane of
+// queries (the rest, padding, are zeros in out); rq/rk null: T and S. Given rk, the caller vouches that a row's
+// queries sit in order at its last rq[b] key columns and that none sees a later column than its own (causal
+// prefill, draft trees in pop order), so query t reads keys up to its own column only. A key's weight lands in the same lane of
 // the softmax's sum (its column mod 8) whatever S and rk are, and masked keys weigh exactly 0, so a row's bits
 // depend neither on how many keys the batch's longest row has nor on where its own end is cut. Strides are in
 // floats; every vector's last dimension (D = 8 * D8) is contiguous. out: (B, T, H * D).
@@ -290,7 +292,11 @@ static void attention_impl(const float* q, int64_t qb, int64_t qh, int64_t qt, c
         for (int64_t item = tasks[task]; item < tasks[task + 1]; item++) {
             const int64_t b = todo[item] / (H * T), h = todo[item] / T % H, t = todo[item] % T;
             float* o = out + (b * T + t) * H * D8 * 8 + h * D8 * 8;
-            const int64_t keys = rk ? (rk[b] < S ? rk[b] : S) : S;
+            int64_t keys = rk ? (rk[b] < S ? rk[b] : S) : S;
+            if (rk) {  // the row's queries sit at its last keys, each seeing no later column: stop at its own
+                const int64_t own = rk[b] - (rq ? rq[b] : T) + t + 1;
+                keys = own < keys ? (own > 0 ? own : 1) : keys;
+            }
             const float* qv = q + b * qb + h * qh + t * qt;
             const float* kr = k + b * kb + h / group * kh;
             const float* vr = v + b * kb + h / group * kh;

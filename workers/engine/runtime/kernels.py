@@ -148,7 +148,9 @@ def attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     additive mask (batch or 1, 1, T or 1, >= S): (batch, T, heads * dim); None where the kernel does not
     apply (head size other than 64 or 128, a layout it does not read), for the caller to use SDPA.
     `row_queries` / `row_keys` (contiguous int64, one per row): row b computes only its first row_queries[b]
-    queries (the rest are zeros) over its first row_keys[b] keys (the mask must hide the rest from it)."""
+    queries (the rest are zeros) over its first row_keys[b] keys (the mask must hide the rest from it). Given
+    `row_keys`, a row's queries sit in order at its last key columns and none sees a column after its own (a causal
+    prefill, a draft tree in pop order): each query reads keys up to its own column only."""
     batch, heads, queries, dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     if (heads % kv_heads or q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1 or mask.stride(-1) != 1

@@ -137,7 +137,8 @@ class LeanForward:
     @staticmethod
     def row_keys(cache: object) -> torch.Tensor | None:
         """The keys each row of the forward's rows may see: up to the last column it writes (the slot cache's
-        rows have no holes), so attention skips the columns a longer row beside it fills; None: every column."""
+        rows have no holes), so attention skips the columns a longer row beside it fills, and each query the
+        columns after its own (kernels.attention); None: every column."""
         columns = getattr(cache, "write_cols", None)
         return None if columns is None or columns.numel() == 0 else (columns.max(dim=1).values.cpu() + 1).contiguous()
 
