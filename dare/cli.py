@@ -237,7 +237,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     catalogue = load_catalogue(args.dataset, args.templates)
     ar, relaxed = (getattr(args, mode) or default_output(mode, catalogue.name, catalogue.templates.source.name)  # type: ignore[union-attr]
                    for mode in ("ar", "relaxed"))
-    extra = {variant_name(path): path for path in args.also or []}
+    extra = {variant_name(path, catalogue.templates.version if catalogue.templates else None): path for path in args.also or []}
     for path in (ar, relaxed, *extra.values()):
         if not path.is_file():
             raise FileNotFoundError(2, "no such knowledge file (make it with `dare generate-all --mode ...`)", str(path))
@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="offered loads as fractions of the first method's saturation rate (default 0.5,0.8,1.2)")
     rates.add_argument("--rates", type=numbers, metavar="R[,R...]", help="offered loads in prompts/s instead")
     p.add_argument("--saturation", type=positive_number, metavar="R",
-                   help="with --load: the 100%% in prompts/s, from an earlier run (default: the first method's backlog, measured first)")
+                   help="with --load: the 100%% in prompts/s, from an earlier run (default: the first method's backlog, measured "
+                        "first); an earlier report's rates_saturation_prompts_per_s gives its very arrivals")
     p.add_argument("--prompts-per-point", type=positive_int, default=60, metavar="N", help="prompts per (method, rate) point (default 60)")
     p.add_argument("--batch", type=positive_int, default=16, help="the worker's most rows decoded together (default 16)")
     p.add_argument("--repeat", type=positive_int, default=1, metavar="N", help="every point N times (rounds), medians reported")

@@ -28,6 +28,7 @@ agreement between the two files (MiniLM cosine, length ratio, share identical), 
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 from dataclasses import dataclass
@@ -37,7 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from dare.data import EVAL_TRAIN_SHARE, Catalogue, DataError, item_prompt, load_movielens, user_prompt
+from dare.data import (
+    EVAL_TRAIN_SHARE,
+    Catalogue,
+    DataError,
+    item_prompt,
+    load_movielens,
+    packaged_templates,
+    read_templates,
+    templates_dir,
+    user_prompt,
+)
 from dare.text_metrics import text_metrics
 from schemas import KnowledgeRecord, decode
 
@@ -215,6 +226,18 @@ def knowledge_vectors(records: dict[tuple[str, str], KnowledgeRecord], users: li
     return side("user", users), side("item", items)
 
 
+def other_templates(ml: Catalogue, version: str) -> Catalogue | None:
+    """The catalogue with the packaged templates of `version` instead of its own; None if no packaged set has it."""
+    if template_set(version) not in packaged_templates():
+        return None
+    other = copy.copy(ml)
+    try:
+        other.templates = read_templates(templates_dir(template_set(version)), ml)
+    except DataError:  # the set does not fit this catalogue's fields
+        return None
+    return other if other.templates.version == version else None
+
+
 def prompt_vectors(ml: Catalogue, users: list[str], items: list[str], as_of: int, encoder) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """The `prompt-only` control: each entity's prompt as of `as_of`, encoded like its knowledge (no LLM)."""
     u = encoder.encode([user_prompt(ml, user, as_of=as_of) for user in users]).astype(np.float32)
@@ -277,14 +300,22 @@ def read_summary(knowledge_file: Path) -> dict:  # type: ignore[type-arg]
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def variant_name(knowledge_file: Path) -> str:
-    """A knowledge file's name in the report, from its summary: its mode, and its relaxed guard if any
-    (`relaxed-top1-0.5`); the file's stem without a summary."""
+def variant_name(knowledge_file: Path, templates_version: str | None = None) -> str:
+    """A knowledge file's name in the report, from its summary: its mode, its relaxed guard if any
+    (`relaxed-top1-0.5`), and its templates where they are not `templates_version` (the report's: `ar-kar`);
+    the file's stem without a summary."""
     summary = read_summary(knowledge_file)
     if "mode" not in summary:
         return knowledge_file.name.removesuffix(".jsonl")
-    guard = summary.get("relaxed_max_top1", 1.0)
-    return summary["mode"] + (f"-top1-{guard:g}" if guard < 1.0 else "")
+    guard = summary.get("relaxed_max_top1") or 1.0
+    version = summary.get("prompt_version")
+    other = f"-{template_set(version)}" if version and templates_version and version != templates_version else ""
+    return summary["mode"] + (f"-top1-{guard:g}" if guard < 1.0 else "") + other
+
+
+def template_set(version: str) -> str:
+    """`kar` of a prompt version `kar-1a2b3c4d`."""
+    return version.rsplit("-", 1)[0]
 
 
 def generation_figures(summary: dict) -> dict[str, float]:  # type: ignore[type-arg]
@@ -391,12 +422,16 @@ def run_quality(ar_path: Path, relaxed_path: Path, seeds: int = 5, catalogue: Ca
               f"{', '.join(str(as_of[m] or 'every rating') for m in leaking)}): the knowledge rows leak test-period ratings; "
               "regenerate with `dare generate-all` (its default --as-of eval)", flush=True)
     versions = {name: summary.get("prompt_version") for name, summary in summaries.items()}
-    if ml.templates and any(v not in (None, ml.templates.version) for v in versions.values()):
-        print(f"warning: the knowledge files' templates ({', '.join(str(v) for v in versions.values())}) are not the ones "
-              f"the prompt-only control encodes ({ml.templates.version}): pass the files' --templates", flush=True)
+    controls = {"prompt-only": prompt_vectors(ml, users, items, boundary, encoder)}
+    for version in sorted({v for v in versions.values() if v and ml.templates and v != ml.templates.version}):
+        other = other_templates(ml, version)  # files made with another set: its own prompt-only control
+        if other is None:
+            print(f"warning: no templates of version {version} here (edited since?): its files have no prompt-only control",
+                  flush=True)
+        else:
+            controls[f"prompt-only-{template_set(version)}"] = prompt_vectors(other, users, items, boundary, encoder)
     knowledge = {name: knowledge_vectors(records, users, items, encoder) for name, records in files.items()}
-    variants = {"none": None, "prompt-only": prompt_vectors(ml, users, items, boundary, encoder), "shuffled": shuffled(knowledge["ar"]),
-                **knowledge}
+    variants = {"none": None, **controls, "shuffled": shuffled(knowledge["ar"]), **knowledge}
     report = compare(data, variants, seeds, paired=tuple(n for n in files if n != "ar"))
     report["as_of"] = {"boundary": boundary, "files": as_of, "leaking": leaking}
     report["prompt_version"] = {"prompt-only": ml.templates.version if ml.templates else None, **versions}

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         "where the model's top-1 probability is at most this, so pool wording replaces the model's only where it is unsure "
         "(1.0: no guard).",
     )
+    prefill_per_step: int = Field(
+        256, ge=0, description="Prompt tokens a worker prefills between two decoding steps while rows decode (one chunk), "
+        "so a long prompt does not stall them for its whole prefill; 0: every joining prompt whole before the next step "
+        "(transformers backend; vLLM chunks its own prefills).",
+    )
 
     # Logging
     log_format: Literal["auto", "json", "console"] = Field(

@@ -96,6 +96,24 @@ def test_rows_joining_and_leaving_mid_run_change_no_other_row(tiny):
         assert results[i].token_ids == greedy(tiny, prompts[i], n), f"row {i}"
 
 
+def test_rows_prefilled_a_group_a_step_while_others_decode_change_no_row(tiny):
+    rng = random.Random(13)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(4, 40))] for _ in range(9)]
+    pool = pools_with_answers(tiny, prompts, rng)
+    decoder = BatchDecoder(tiny, {EOS}, prefill_per_step=1)  # one prefill call between two steps
+    results, overlapping, step = {}, 0, 0
+    while step < 5 or len(decoder):
+        for i in range(2 * step - 1, 2 * step + 1) if step < 5 else ():
+            if i >= 0:
+                join(decoder, i, prompts[i], pool, 25)
+        results.update({f.key: f for f in decoder.step()})
+        overlapping += bool(decoder.rows and decoder.filling)
+        step += 1
+    assert overlapping >= 2  # rows decoded while others still waited for their prefill
+    for i, prompt in enumerate(prompts):
+        assert results[i].token_ids == greedy(tiny, prompt, 25), f"row {i}"
+
+
 def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):
     rng = random.Random(5)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(12)] for _ in range(4)]

@@ -22,7 +22,7 @@ from workers.engine.runtime.cache import SlotCache
 from workers.engine.runtime.forward import TransformersForward, additive, ancestor_matrix, causal_mask, engine_forward
 from workers.engine.runtime.lean import LeanForward
 from workers.engine.runtime.steps import StepForward
-from workers.engine.runtime.weights import Projection, linear_kernels
+from workers.engine.runtime.weights import Projection, full_kernels, linear_kernels
 
 
 def tiny(family):
@@ -206,6 +206,39 @@ def test_strict_rows_of_a_packed_batch_equal_their_own_greedy_decoding(tmp_path,
     assert any(len(set(counts)) > 1 for counts in packed_steps)
     for i, prompt in enumerate(prompts):
         assert results[i].token_ids == greedy(model, prompt, 30), f"row {i}"
+
+
+@pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
+def test_prefill_in_chunks_spread_over_steps_changes_no_strict_row(tmp_path):
+    """Prompts prefilled in chunks of 3 tokens (on other weights, as the engine's prefill runs on MKL), a chunk
+    between steps while other rows decode: every strict row is its own greedy decoding, token for token what a
+    decoder that prefills every joining prompt whole gives."""
+    model = head_size_64_blocks()
+    rng = random.Random(8)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(16, 40))] for _ in range(8)]
+    pools = random_pools(model, rng, prompts)
+
+    def decode_all(per_step):
+        glued = LeanForward(model, linear_kernels(model, "blocks", tmp_path), kernels.library(tmp_path),
+                            prefill=full_kernels, prefill_chunk=3)
+        decoder = BatchDecoder(model, {EOS}, rows=4, steps=StepForward(glued), prefill_per_step=per_step)
+        results, step, overlapping = {}, 0, 0
+        while step < 4 or len(decoder):
+            if step < 4:
+                for i in (2 * step, 2 * step + 1):
+                    drafter = RetrievalDrafter([(p, 1.0) for p in pools], DraftConfig(), prompt=prompts[i])
+                    decoder.add(i, prompts[i], drafter, Budget(CostModel.flat()), Acceptance("strict"), 30)
+            results.update({f.key: f for f in decoder.step()})
+            overlapping += bool(decoder.rows and decoder.filling)  # rows decoded while others were half prefilled
+            step += 1
+        return results, overlapping
+
+    spread, overlapping = decode_all(3)
+    whole, none = decode_all(0)
+    assert overlapping >= 2 and none == 0
+    for i, prompt in enumerate(prompts):
+        assert spread[i].token_ids == whole[i].token_ids == greedy(model, prompt, 30), f"row {i}"
+        assert spread[i].stats.prefill_s > 0
 
 
 def test_a_projection_equals_the_layers_it_joins():

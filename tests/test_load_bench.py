@@ -22,13 +22,17 @@ from dare.benchmarks.workload import BenchPrompt
 from schemas import DecodeStats, KnowledgeRecord
 
 
-def test_arrivals_are_a_seeded_poisson_process():
+def test_arrivals_are_a_seeded_poisson_process_at_exactly_the_offered_rate():
     times = arrivals(2000, 4.0, seed=7)
     assert times == arrivals(2000, 4.0, seed=7) and times != arrivals(2000, 4.0, seed=8)
     assert times[0] == 0.0 and all(b >= a for a, b in itertools.pairwise(times))
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert statistics.mean(gaps) == pytest.approx(0.25, rel=0.08)  # exponential gaps of mean 1/rate
+    assert statistics.mean(gaps) == pytest.approx(0.25, rel=0.01)  # exponential gaps of mean 1/rate, the sum held
     assert statistics.stdev(gaps) == pytest.approx(0.25, rel=0.12)  # ... whose spread equals their mean
+    short = [arrivals(60, 2.0, seed=s)[-1] for s in range(20)]  # a short point offers its rate, whatever the draw
+    assert all(26.0 < t < 30.0 for t in short)  # (n+1)-th arrival at 30 s; free gaps spread it over ±4 s
+    faster = arrivals(60, 2.02, seed=3)  # another rate, the same draw: the same arrivals, rescaled
+    assert faster == pytest.approx([t * 2.0 / 2.02 for t in arrivals(60, 2.0, seed=3)])
     assert arrivals(5, None, seed=1) == [0.0] * 5  # a backlog: all at once
     with pytest.raises(ValueError):
         arrivals(3, 0.0, seed=1)
@@ -95,6 +99,7 @@ def test_a_small_load_run_answers_every_prompt_once_on_schedule(kafka_settings, 
     assert all(p["answered"] == 6 and p["lost"] == 0 and p["duplicates"] == 0 for p in points)
     rated = [p for p in points if p["load_fraction"]]
     assert all(p["offered_prompts_per_s"] == pytest.approx(1.5 * report["ar_saturation_prompts_per_s"]) for p in rated)
+    assert report["rates_saturation_prompts_per_s"] == pytest.approx(report["ar_saturation_prompts_per_s"])
     assert all(p["schedule_late_max_s"] < 0.5 for p in points)  # produced on the seeded schedule
     assert all(p["latency_p50_s"] > 0 and p["batch_occupancy"] >= 1 for p in points)
     assert next(p for p in points if p["method"] == "dare-relaxed")["tokens_per_step"] >= 1.0
@@ -117,3 +122,6 @@ def test_reports_from_two_environments_merge_into_one_table():
     assert "| vllm-greedy | backlog |" in format_table(merged)
     with pytest.raises(LoadBenchError, match="different max_new_tokens"):
         merge_reports([report(["dare-ar"], 0.25, 3.0), report(["vllm-greedy"], 0.25, 9.0) | {"max_new_tokens": 96}])
+    with pytest.raises(LoadBenchError, match="--saturation 0.5"):  # loads taken of other rates: other arrivals
+        merge_reports([report(["dare-ar"], 0.25, 3.0, rates_saturation_prompts_per_s=0.5),
+                       report(["vllm-greedy"], 0.25, 9.0, rates_saturation_prompts_per_s=0.505)])

@@ -109,7 +109,7 @@ def test_text_metrics_see_templates_loops_and_copies():
     assert longest_copied_spans([words("a b c d e"), words("x b c d y"), words("q r s")]) == [3, 3, 0]
 
 
-def write_knowledge(path, catalogue, mode, text_of, as_of, relaxed_max_top1=None):
+def write_knowledge(path, catalogue, mode, text_of, as_of, relaxed_max_top1=None, prompt_version=None):
     """A knowledge file and its summary, as `dare generate-all` writes them, with texts from `text_of`."""
     import json
 
@@ -124,6 +124,8 @@ def write_knowledge(path, catalogue, mode, text_of, as_of, relaxed_max_top1=None
                "runs": [{"max_new_tokens": 12}], "mode": mode}
     if relaxed_max_top1 is not None:
         summary["relaxed_max_top1"] = relaxed_max_top1
+    if prompt_version is not None:
+        summary["prompt_version"] = prompt_version
     path.with_name(path.name.removesuffix(".jsonl") + ".summary.json").write_text(json.dumps(summary))
 
 
@@ -131,7 +133,7 @@ def test_the_downstream_test_on_a_catalogue_of_ones_own(shop_files, tmp_path):
     """`dare eval quality --dataset`: every variant, the controls, the cold-start slice, intervals, the cut-off
     check and the text metrics, on the synthetic shop (its knowledge: what category each entity is about)."""
     from dare.data import load_catalogue
-    from dare.quality import format_report, plot, run_quality, variant_name
+    from dare.quality import format_report, other_templates, plot, run_quality, variant_name
 
     shop = load_catalogue(*shop_files)
     category = {i: shop.items[i].genres[0] for i in shop.item_ids()}
@@ -143,6 +145,10 @@ def test_the_downstream_test_on_a_catalogue_of_ones_own(shop_files, tmp_path):
     write_knowledge(guarded, shop, "relaxed", lambda kind, e: "Some things." if kind == "user" else "A product.", shop.time_cut(0.8),
                     relaxed_max_top1=0.5)
     assert variant_name(guarded) == "relaxed-top1-0.5" and variant_name(tmp_path / "shop-ar.jsonl") == "ar"
+    kar = tmp_path / "shop-kar-ar.jsonl"  # made with other templates: named after them, no prompt-only control of its own here
+    write_knowledge(kar, shop, "ar", text, shop.time_cut(0.8), prompt_version="kar-00000000")
+    assert variant_name(kar, shop.templates.version) == "ar-kar" and variant_name(kar) == "ar"
+    assert other_templates(shop, "kar-00000000") is None and other_templates(shop, "mine-12345678") is None
     report = run_quality(tmp_path / "shop-ar.jsonl", tmp_path / "shop-relaxed.jsonl", seeds=2, catalogue=shop,
                          extra={"relaxed-top1-0.5": guarded})
     assert list(report["variants"]) == ["none", "prompt-only", "shuffled", "ar", "relaxed", "relaxed-top1-0.5"]

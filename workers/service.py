@@ -119,7 +119,8 @@ class Worker:
         self.stats = WorkerStats()
         model_dir = str(Path(settings.model).expanduser()) if settings.model else None
         self.engine = open_engine(backend, lm, settings.cache_dir, rows=batch, model_dir=model_dir, vllm_method=vllm_method,
-                                  eager=eager, learn=learn, strategy=Strategy(max_top1=settings.relaxed_max_top1))
+                                  eager=eager, learn=learn, strategy=Strategy(max_top1=settings.relaxed_max_top1,
+                                                                              prefill_per_step=settings.prefill_per_step))
         self._alone: Decoder | None = None  # `answer`'s decoder
         self.pools = LivePools(PoolTexts(lm.tokenizer, DraftConfig()))
         self.follower: PoolFollower | None = None

@@ -70,16 +70,21 @@ def parse_methods(text: str) -> list[str]:
 
 def arrivals(n: int, rate: float | None, seed: int) -> list[float]:
     """Seconds after the point's start at which each of `n` prompts is produced: a Poisson process of
-    `rate` prompts/s (exponential gaps, the first at 0), or all at once when `rate` is None (a backlog)."""
+    `rate` prompts/s conditioned on its (n+1)-th arrival falling at exactly (n+1)/rate (exponential gaps,
+    scaled to that sum; the first at 0), or all at once when `rate` is None (a backlog). Conditioning keeps
+    the offered rate of a short point at `rate` (60 free gaps spread their span by ±13 %), and the draw
+    depends on `seed` alone: the same seed at another rate gives the same arrivals, rescaled."""
     if rate is None:
         return [0.0] * n
     if rate <= 0:
         raise ValueError(f"rate must be positive, got {rate}")
     rng = random.Random(seed)
+    gaps = [rng.expovariate(1.0) for _ in range(n)]
+    scale = n / rate / sum(gaps) if gaps else 0.0
     times, t = [], 0.0
-    for _ in range(n):
+    for gap in gaps:
         times.append(t)
-        t += rng.expovariate(rate)
+        t += gap * scale
     return times
 
 
@@ -303,8 +308,8 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
                     saturations.append(point["achieved_prompts_per_s"])
                     if fractions and round_ == 0:  # the rates, fixed for every method and round
                         targets = [(f, f * point["achieved_prompts_per_s"]) for f in fractions]
-                for fraction, rate in targets:
-                    schedule = arrivals(per_point, rate, seed + round_ * 1000 + int(1000 * rate))
+                for index, (fraction, rate) in enumerate(targets):
+                    schedule = arrivals(per_point, rate, seed + round_ * 1000 + index)
                     reqs = requests_for(prompts, per_point, mode, max_new, f"{tag}-{rate:.4f}", seed + round_)
                     measure(method, reqs, schedule, fraction, rate, port)
         run.processes.stop()  # the next worker gets the cores to itself
@@ -313,8 +318,11 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
         backend, name = point_name(method)
         report_points.append(median_point(tries) | {"backend": backend, "method": name, "bench_method": method,
                                                     "samples_latency_p50_s": [t["latency_p50_s"] for t in tries]})
+    basis = targets[0][1] / targets[0][0] if targets and targets[0][0] else None
     return {"prompts_per_point": per_point, "batch": batch, "max_new_tokens": max_new, "repeat": repeat, "seed": seed,
             "methods": methods, "ar_saturation_prompts_per_s": statistics.median(saturations) if saturations else None,
+            # the 100 % the load fractions were taken of: pass it as --saturation for the same arrivals elsewhere
+            "rates_saturation_prompts_per_s": basis,
             "latency_objective_s": LATENCY_OBJECTIVE_S, "points": report_points,
             "highest_rate_within_objective": highest_rates(report_points)}
 
@@ -394,7 +402,9 @@ def format_point(p: dict) -> str:
 
 def format_table(report: dict) -> str:
     lines = [(f"{report['prompts_per_point']} prompts per point, worker batch up to {report['batch']}, {report['max_new_tokens']} new "
-             f"tokens; `dare-ar` saturates at {report['ar_saturation_prompts_per_s']:.3f} prompts/s; medians of {report['repeat']}"),
+             f"tokens; `dare-ar` saturates at {report['ar_saturation_prompts_per_s']:.3f} prompts/s"
+             + (f" (loads are fractions of {report['rates_saturation_prompts_per_s']:.4f})"
+                if report.get("rates_saturation_prompts_per_s") else "") + f"; medians of {report['repeat']}"),
              ("| method | load | offered prompts/s | achieved tokens/s | p50 s | p90 s | p99 s | queue p50 s | decode p50 s "
              "| tokens/step | rows/step | answered | lost | dup |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -471,6 +481,10 @@ def merge_reports(reports: list[dict]) -> dict:
         for key in ("prompts_per_point", "batch", "max_new_tokens", "seed"):
             if other[key] != first[key]:
                 raise LoadBenchError(f"cannot merge runs with different {key}: {first[key]} and {other[key]}")
+        a, b = first.get("rates_saturation_prompts_per_s"), other.get("rates_saturation_prompts_per_s")
+        if a and b and abs(a - b) > 1e-9 * a:  # the load fractions were taken of different rates: other arrivals
+            raise LoadBenchError(f"cannot merge runs whose loads are fractions of different rates ({a} and {b} prompts/s): "
+                                 f"run the second with --saturation {a!r}")
     points = {(p["bench_method"], p["offered_prompts_per_s"] and round(p["offered_prompts_per_s"], 6)): p
               for r in reports for p in r["points"]}
     methods = list(dict.fromkeys(m for r in reports for m in r["methods"]))

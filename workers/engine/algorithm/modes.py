@@ -18,6 +18,9 @@ from workers.engine.algorithm.draft import DraftConfig, Drafter, NoDrafter, Retr
 MODES = ("ar", "strict", "relaxed")
 
 
+PREFILL_PER_STEP = 256  # one chunk of the lean forward's prefill (`LeanForward.prefill_chunk`)
+
+
 @dataclass(frozen=True)
 class Strategy:
     """The decoding settings a backend runs every mode with."""
@@ -27,6 +30,7 @@ class Strategy:
     min_prob: float = 0.1  # ... with at least this probability is accepted ...
     max_top1: float = 1.0  # ... where the model's own top-1 probability is at most this (1.0: no guard)
     self_weight: float = 1.0  # weight of the request's own prompt and output as a draft source
+    prefill_per_step: int = PREFILL_PER_STEP  # prompt tokens prefilled between two steps while rows decode (0: whole)
 
     def check(self, mode: str) -> str:
         if mode not in MODES:

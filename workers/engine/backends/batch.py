@@ -13,9 +13,12 @@ The rows share one preallocated KV cache (`SlotCache`): row r keeps its tokens i
     each row accepts its path (strict or relaxed); the accepted columns move to the front of
     the tree's columns and the row's length grows by them; the rest is overwritten next step
 
-Rows that join are prefilled into free rows of the cache at the next step, rows of similar length
-together; the chat template's head, which every prompt starts with, is computed once and copied. A
-finished row leaves and a row from the end moves into its place, so the batch's rows stay contiguous.
+Rows that join take the free rows of the cache after the decoding ones and are prefilled there in order
+of arrival (shortest first among those that arrive together), between steps: all at once while no row
+decodes, else about `prefill_per_step` tokens a step, so a long prompt does not stall the decoding rows
+for its whole prefill; a row joins the decoding ones when its prompt is in the cache. The chat template's head, which every prompt starts with, is computed
+once and copied. A finished row leaves and a row from the end moves into its place, so the batch's rows
+stay contiguous (the rows being prefilled follow them).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from workers.engine.algorithm.accept import Acceptance, accept
 from workers.engine.algorithm.budget import Budget, DraftPause, StepClock, allocate, allocate_packed, drafting_value
 from workers.engine.algorithm.draft import Drafter, DraftTree, NoDrafter
+from workers.engine.algorithm.modes import PREFILL_PER_STEP
 from workers.engine.runtime.cache import SlotCache
 from workers.engine.runtime.forward import additive, ancestor_matrix, causal_mask
 from workers.engine.runtime.steps import StepForward
@@ -79,6 +83,7 @@ class Row:
     stats: RequestStats = field(default_factory=RequestStats)
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
+    filled: int = 0  # while prefilling: the prompt's tokens in the cache so far (then = length)
 
     @property
     def drafts(self) -> bool:
@@ -87,10 +92,11 @@ class Row:
 
 class BatchDecoder:
     def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1, prefix: Sequence[int] = (),
-                 steps: StepForward | None = None) -> None:
+                 steps: StepForward | None = None, prefill_per_step: int = PREFILL_PER_STEP) -> None:
         """`rows`: how many rows to make room for at once (the batch size); more grow the cache.
         `prefix`: tokens most prompts start with (the chat template's head): computed once, copied
-        into each such row instead of prefilled again. `steps`: the steps' forward (if None: the model's `engine_forward`, eager)."""
+        into each such row instead of prefilled again. `steps`: the steps' forward (if None: the model's `engine_forward`, eager).
+        `prefill_per_step`: prompt tokens prefilled between two steps while rows decode (0: every joining prompt whole)."""
         self.model = model
         self.steps = steps or StepForward(model)
         self.room = rows
@@ -99,6 +105,8 @@ class BatchDecoder:
         self.dtype = next(model.parameters()).dtype
         self.rows: list[Row] = []
         self.joining: list[Row] = []
+        self.filling: list[Row] = []  # admitted, being prefilled: cache rows len(rows), len(rows) + 1, ...
+        self.prefill_per_step = prefill_per_step
         self.cache = SlotCache(model)
         self.prefix = list(prefix)
         self.prefix_kv: torch.Tensor | None = None
@@ -109,51 +117,70 @@ class BatchDecoder:
         self.emitted = 0  # tokens the current step emitted
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.joining)
+        return len(self.rows) + len(self.filling) + len(self.joining)
 
     # ------------------------------------------------------------------ joining and leaving
 
     def add(self, key: Hashable, input_ids: Sequence[int], drafter: Drafter, budget: Budget, rule: Acceptance,
             max_new_tokens: int) -> None:
-        """Queue a request; it is prefilled (with the others queued) at the start of the next step."""
+        """Queue a request; its prefill starts before the next step."""
         if not input_ids:
             raise ValueError("empty prompt: nothing to continue")
         self.joining.append(Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens))
 
-    def _prefill(self) -> None:
-        """Prefill the queued rows into the next free rows of the cache: all but each prompt's last
-        token (the first pending token). Rows of similar length share a forward (right-padded);
-        rows starting with the shared prefix get its keys/values copied and prefill the rest."""
+    def _admit(self) -> None:
+        """Queued rows take the next free rows of the cache, after the decoding and filling ones, shortest
+        first; rows starting with the shared prefix get its keys/values copied. `_fill` prefills the rest."""
         joining = sorted(self.joining, key=lambda r: (self._shared(r), r.length))
         self.joining = []
         need = max(len(r.context) + r.max_new_tokens + r.budget.max_tokens + 1 for r in joining)
-        self.cache.reserve(max(len(self.rows) + len(joining), self.room), need)
-        while joining:
-            group = [joining.pop(0)]
-            while (joining and len(group) < PREFILL_GROUP and self._shared(joining[0]) == self._shared(group[0])
-                   and joining[0].length <= PREFILL_PADDING * sum(r.length for r in group) / len(group)):
-                group.append(joining.pop(0))
-            self._prefill_group(group)
+        self.cache.reserve(max(len(self.rows) + len(self.filling) + len(joining), self.room), need)
+        for row in joining:
+            index, shared = len(self.rows) + len(self.filling), self._shared(row)
+            if shared and self.prefix_kv is None:  # computed once, in the first such row
+                self._forward_prefill(index, [self.prefix], 0)
+                self.prefix_kv = self.cache.data[:, :, index, :, :shared].clone()
+            if shared:
+                self.cache.data[:, :, index, :, :shared] = self.prefix_kv
+            row.filled = shared
+            self.filling.append(row)
+
+    def _fill(self) -> None:
+        """Prefill the filling rows in order: all of them while no row decodes, else calls until about
+        `prefill_per_step` tokens (at least one call; 0: all). A call is the same whatever runs beside it
+        or however the prefill is spread over steps (so a row's cache is too): with a `prefill_chunk`, one
+        chunk of one prompt, at offsets shared, shared + chunk, ...; else one group of rows of similar
+        length, whole. A row whose prompt is in the cache joins the decoding rows."""
+        limit = self.prefill_per_step if self.rows and self.prefill_per_step else None
+        chunk, spent = self.steps.forward.prefill_chunk, 0
+        while self.filling and (limit is None or spent < limit):
+            start, first = time.perf_counter(), len(self.rows)
+            group = [self.filling[0]] if chunk else self._group()
+            end = [min(r.filled + chunk, r.length) if chunk else r.length for r in group]
+            tokens = [r.context[r.filled : e] for r, e in zip(group, end)]
+            if any(tokens):
+                self._forward_prefill_rows(first, tokens, group[0].filled)
+            for row, e in zip(group, end):
+                row.filled = e
+                row.stats.prefill_s += (time.perf_counter() - start) / len(group)
+            spent += max(len(t) for t in tokens)
+            while self.filling and self.filling[0].filled == self.filling[0].length:
+                self.rows.append(self.filling.pop(0))
+
+    def _group(self) -> list[Row]:
+        """The first filling rows that share a prefill forward: as many as PREFILL_GROUP, of the same
+        prefilled offset, each at most PREFILL_PADDING times their mean length (padding is computed)."""
+        group = [self.filling[0]]
+        for row in self.filling[1 : PREFILL_GROUP]:
+            if row.filled != group[0].filled or row.length > PREFILL_PADDING * sum(r.length for r in group) / len(group):
+                break
+            group.append(row)
+        return group
 
     def _shared(self, row: Row) -> int:
         """How many of the row's tokens come from the shared prefix."""
         p = len(self.prefix)
         return p if p and row.length > p and row.context[:p] == self.prefix else 0
-
-    def _prefill_group(self, group: list[Row]) -> None:
-        start, first = time.perf_counter(), len(self.rows)
-        shared = self._shared(group[0])
-        if shared and self.prefix_kv is None:  # computed once, in the first such row
-            self._forward_prefill(first, [self.prefix], 0)
-            self.prefix_kv = self.cache.data[:, :, first, :, :shared].clone()
-        if shared:
-            self.cache.data[:, :, first : first + len(group), :, :shared] = self.prefix_kv[:, :, None]
-        rest = [r.context[shared : r.length] for r in group]
-        if any(rest):
-            self._forward_prefill(first, rest, shared)
-        for row in group:
-            row.stats.prefill_s = (time.perf_counter() - start) / len(group)
-        self.rows.extend(group)
 
     def _forward_prefill(self, first: int, tokens: list[list[int]], offset: int) -> None:
         """Rows [first, first + len(tokens)) take `tokens` at columns (and positions) offset.., seeing
@@ -177,8 +204,9 @@ class BatchDecoder:
         self.steps.forward(self.cache, ids, positions.to(self.device), mask, logits_to_keep=1, prefill=True)
 
     def _leave(self, finished: set[int]) -> None:
-        """Finished rows leave; rows from the end move into their places (at most one move per leaver)."""
-        n = len(self.rows) - len(finished)
+        """Finished rows leave; rows from the end move into their places (at most one move per leaver);
+        the rows being prefilled move down behind them."""
+        was, n = len(self.rows), len(self.rows) - len(finished)
         holes = sorted(i for i in finished if i < n)
         movers = sorted(i for i in range(n, len(self.rows)) if i not in finished)
         width = max((self.rows[i].length for i in movers), default=0)
@@ -186,6 +214,9 @@ class BatchDecoder:
         for hole, mover in zip(holes, movers):
             self.rows[hole] = self.rows[mover]
         self.rows = self.rows[:n]
+        filled = max((r.filled for r in self.filling), default=0)
+        self.cache.move_rows(list(range(was, was + len(self.filling))) if filled else [],
+                             list(range(n, n + len(self.filling))), filled)
 
     # ------------------------------------------------------------------ one step
 
@@ -193,7 +224,9 @@ class BatchDecoder:
     def step(self) -> list[Finished]:
         """Verify one draft tree per row in one forward; returns the rows that finished."""
         if self.joining:
-            self._prefill()
+            self._admit()
+        if self.filling:
+            self._fill()
         if not self.rows:
             return []
         t0 = time.perf_counter()

@@ -108,7 +108,8 @@ class TransformersDecoder:
 
     def __init__(self, engine: TransformersEngine, rows: int) -> None:
         self.engine = engine
-        self.batch = BatchDecoder(engine.model, engine.eos_token_ids, rows=rows, prefix=engine.prompt_prefix, steps=engine.steps)
+        self.batch = BatchDecoder(engine.model, engine.eos_token_ids, rows=rows, prefix=engine.prompt_prefix, steps=engine.steps,
+                                  prefill_per_step=engine.strategy.prefill_per_step)
 
     def __len__(self) -> int:
         return len(self.batch)
