@@ -451,11 +451,16 @@ def plot(report: dict, path: Path) -> None:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, `+dirty` where tracked code differs from it (the figures are then of uncommitted code)."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.cpp"],
+                                 capture_output=True, text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+dirty" if changed else "")
 
 
 def machine() -> str:
