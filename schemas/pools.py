@@ -27,6 +27,7 @@ class PoolReplica:
     shards: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # (segment, shard) → its text ids
     shard_versions: dict[tuple[str, int], int] = field(default_factory=dict)  # version of each shard's last update
     staged: dict[tuple[str, int, int], list[PoolUpdate]] = field(default_factory=dict)  # snapshot chunks so far
+    versions: dict[str, int] = field(default_factory=dict)  # segment → the sum of its shards' versions (`version`)
 
     def apply(self, update: PoolUpdate) -> PoolChange | None:
         """Apply one update; None while a snapshot still waits for chunks."""
@@ -40,6 +41,7 @@ class PoolReplica:
                 return None
             change = PoolChange(update.segment, True, sorted(ids), [text for chunk in chunks for text in chunk.added])
         pool = self.pools.setdefault(update.segment, {})
+        self.versions[update.segment] = self.versions.get(update.segment, 0) + update.version - self.shard_versions.get(key, 0)
         self.shard_versions[key] = update.version
         for text_id in change.removed:
             if text_id in ids:  # another shard's text of the same id stays
@@ -52,8 +54,7 @@ class PoolReplica:
 
     def version(self, segment: str) -> int | None:
         """The segment's pool version: the sum of its shards' (it grows with every update of any shard)."""
-        versions = [v for (s, _), v in self.shard_versions.items() if s == segment]
-        return sum(versions) if versions else None
+        return self.versions.get(segment)
 
     def _assemble(self, update: PoolUpdate) -> list[PoolUpdate] | None:
         """A snapshot's chunks in order once all have arrived, else None."""
@@ -68,6 +69,7 @@ class PoolReplica:
     def drop(self, segment: str) -> None:
         """Forget a segment (its shards, versions and any chunks waiting): it is read again from the topic's start."""
         self.pools.pop(segment, None)
+        self.versions.pop(segment, None)
         for table in (self.shards, self.shard_versions, self.staged):
             for key in [k for k in table if k[0] == segment]:
                 del table[key]

@@ -172,4 +172,4 @@ def test_a_segments_pool_is_the_union_of_its_shards_and_a_snapshot_replaces_one_
     replica.apply(PoolUpdate(segment="s", shard=1, version=4, kind="delta", removed=["a"]))  # not shard 1's: kept
     assert set(replica.pools["s"]) == {"a", "b", "d"} and replica.version("s") == 8 and replica.version("t") is None
     replica.drop("s")
-    assert replica.pools == {} and replica.shards == {} and replica.shard_versions == {}
+    assert replica.pools == {} and replica.shards == {} and replica.shard_versions == {} and replica.version("s") is None
