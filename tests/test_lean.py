@@ -182,6 +182,13 @@ def test_a_packed_step_gives_each_real_token_the_bits_of_the_padded_step(tmp_pat
         assert torch.equal(cache.data[:, :, b, :, written], padded_cache[:, :, b, :, written]), f"row {b}'s cache"
 
 
+def add_two_strict_rows(decoder, step, prompts, pools):
+    """Rows 2 * step and 2 * step + 1 join, strict, drafting from every pool, 30 new tokens."""
+    for i in (2 * step, 2 * step + 1):
+        drafter = RetrievalDrafter([(p, 1.0) for p in pools], DraftConfig(), prompt=prompts[i])
+        decoder.add(i, prompts[i], drafter, Budget(CostModel.flat()), Acceptance("strict"), 30)
+
+
 @pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
 def test_strict_rows_of_a_packed_batch_equal_their_own_greedy_decoding(tmp_path, monkeypatch):
     """Several rows drafting trees of different sizes, joining at different steps, through the packed forward:
@@ -198,9 +205,7 @@ def test_strict_rows_of_a_packed_batch_equal_their_own_greedy_decoding(tmp_path,
     results, step = {}, 0
     while step < 3 or len(decoder):
         if step < 3:
-            for i in (2 * step, 2 * step + 1):
-                drafter = RetrievalDrafter([(p, 1.0) for p in pools], DraftConfig(), prompt=prompts[i])
-                decoder.add(i, prompts[i], drafter, Budget(CostModel.flat()), Acceptance("strict"), 30)
+            add_two_strict_rows(decoder, step, prompts, pools)
         results.update({f.key: f for f in decoder.step()})
         step += 1
     assert any(len(set(counts)) > 1 for counts in packed_steps)
@@ -225,9 +230,7 @@ def test_prefill_in_chunks_spread_over_steps_changes_no_strict_row(tmp_path):
         results, step, overlapping = {}, 0, 0
         while step < 4 or len(decoder):
             if step < 4:
-                for i in (2 * step, 2 * step + 1):
-                    drafter = RetrievalDrafter([(p, 1.0) for p in pools], DraftConfig(), prompt=prompts[i])
-                    decoder.add(i, prompts[i], drafter, Budget(CostModel.flat()), Acceptance("strict"), 30)
+                add_two_strict_rows(decoder, step, prompts, pools)
             results.update({f.key: f for f in decoder.step()})
             overlapping += bool(decoder.rows and decoder.filling)  # rows decoded while others were half prefilled
             step += 1
