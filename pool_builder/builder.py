@@ -16,6 +16,7 @@ Every change is returned as messages for the caller to publish; `checkpoint.py` 
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -204,15 +205,18 @@ class PoolBuilder:
 
     def refit(self) -> tuple[list[SegmentAssignment], list[PoolUpdate]]:
         """Re-cluster users; publish changed assignments and re-ranked pools."""
-        import time
-
-        start = time.perf_counter()
         _, matrix = self.users.matrix()
-        centroids = match_to_previous(fit_centroids(matrix, self.k), self.centroids)  # type: ignore[arg-type]
-        self.users_at_refit, self.ratings_at_refit = len(matrix), self.counters.user_events
-        out = self.apply_centroids(centroids, self.centroids_version + 1)
+        centroids = self.fit(matrix, self.counters.user_events, self.centroids)
+        return self.apply_centroids(centroids, self.centroids_version + 1)
+
+    def fit(self, matrix: np.ndarray, ratings: int, previous: np.ndarray | None) -> np.ndarray:
+        """k centroids of these user vectors, numbered to match the `previous` fit's; notes the counts the next fit
+        is due from (`refit_due`) and the time it took. Here, or in a service over several partitions' users."""
+        start = time.perf_counter()
+        centroids = match_to_previous(fit_centroids(matrix, self.k), previous)  # type: ignore[arg-type]
+        self.users_at_refit, self.ratings_at_refit = len(matrix), ratings
         self.counters.last_refit_s = time.perf_counter() - start
-        return out
+        return centroids
 
     def apply_centroids(self, centroids: np.ndarray, version: int) -> tuple[list[SegmentAssignment], list[PoolUpdate]]:
         """Segments from these centroids (fitted here or by another member): every user to its nearest one, the

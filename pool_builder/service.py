@@ -44,7 +44,7 @@ from infra.reader import TopicReader
 from infra.settings import Settings
 from pool_builder import checkpoint
 from pool_builder.builder import Counters, PoolBuilder, refit_due
-from pool_builder.segments import CentroidsReplica, centroid_messages, fit_centroids, match_to_previous
+from pool_builder.segments import CentroidsReplica, centroid_messages
 from schemas import Centroids, ItemEvent, KnowledgeRecord, PoolUpdate, SchemaError, Topics, UserEvent, decode, encode
 
 log = structlog.get_logger("pool_builder")
@@ -171,14 +171,17 @@ class PoolBuilderService:
                     builder.positions[topic] = consumer.beginning_offsets([tp])[tp]
                 consumer.seek(tp, builder.positions[topic])
             self.builders[p] = builder
-            out = builder.all_snapshots() + builder.all_assignments(items=False)
-            if self.centroids.centroids is not None and self.centroids.version > builder.centroids_version:
-                assignments, updates = builder.apply_centroids(self.centroids.centroids, self.centroids.version)
-                out += assignments + updates
-            self._publish(out)
+            self._publish(self.republish(builder))
             self.dirty.add(p)
             log.info("partition taken", partition=p, restored=restored is not None, users=len(builder.users.index))
         PARTITIONS.set(len(self.builders))
+
+    def republish(self, builder: PoolBuilder) -> list:  # type: ignore[type-arg]
+        """A taken partition's every pool shard and user assignment, once each, under the latest centroids (a
+        checkpoint older than the last fit is brought up to it first)."""
+        if self.centroids.centroids is not None and self.centroids.version > builder.centroids_version:
+            builder.apply_centroids(self.centroids.centroids, self.centroids.version)  # its changes are all in what follows
+        return builder.all_snapshots() + builder.all_assignments(items=False)
 
     def _beyond_the_end(self, partition: int, positions: dict[str, int]) -> bool:
         """A checkpoint that has read past where the inputs now end belongs to topics that are gone (a broker that
@@ -334,18 +337,14 @@ class PoolBuilderService:
 
     def _refit(self) -> None:
         with REFIT.time():
-            start = time.perf_counter()
             matrix = np.concatenate([b.users.matrix()[1] for b in self.builders.values() if b.users.index])
-            fitted = match_to_previous(fit_centroids(matrix, self.builders[0].k), self.centroids.centroids)  # type: ignore[arg-type]
-            messages = centroid_messages(fitted, self.centroids.version + 1, fitted_on=len(matrix))
-            for message in messages:
+            first = self.builders[0]  # keeps the counts the next fit is due from
+            fitted = first.fit(matrix, sum(b.counters.user_events for b in self.builders.values()), self.centroids.centroids)
+            for message in centroid_messages(fitted, self.centroids.version + 1, fitted_on=len(matrix)):
                 self.producer.send(self.topics.centroids, key=f"centroids/{message.chunk}".encode(), value=encode(message))
                 self.centroids.apply(message)
-            first = self.builders[0]
-            first.users_at_refit, first.ratings_at_refit = len(matrix), sum(b.counters.user_events for b in self.builders.values())
             self._apply_centroids()
-        log.info("segments re-fitted", version=self.centroids.version, users=len(matrix),
-                 refit_s=round(time.perf_counter() - start, 2))
+        log.info("segments re-fitted", version=self.centroids.version, users=len(matrix), refit_s=round(first.counters.last_refit_s, 2))
 
     def _apply(self, records: list) -> None:  # type: ignore[type-arg]
         topics = self.topics

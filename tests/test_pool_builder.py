@@ -417,3 +417,30 @@ def test_centroids_travel_in_chunks_and_only_a_complete_newer_fit_is_taken():
     assert replica.apply(v2[1]) and replica.version == 2 and np.array_equal(replica.centroids, second)
     assert not any(replica.apply(m) for m in v1 + zombie[2:])  # older, or the same version again: nothing changes
     assert np.array_equal(replica.centroids, second) and replica.fitted_on == 20 and replica.staged == {}
+
+
+def test_a_partition_taken_with_an_older_fit_republishes_each_pool_and_user_once_under_the_latest(ml, tmp_path):
+    """A checkpoint older than the group's last fit: its pools and assignments go out once, brought up to the fit."""
+    from infra.settings import Settings
+    from pool_builder.segments import centroid_messages
+
+    builder = PoolBuilder(HashEncoder(), segments=4, pool_cap=8)
+    builder.add_items(list(item_events(ml)))
+    for event in user_events(ml, limit=5_000):
+        builder.add_user_event(event)
+    builder.refit()
+    for uid in list(builder.user_segment)[:20]:
+        builder.add_knowledge(knowledge(uid, f"Text of {uid}."))
+    service = PoolBuilderService(Settings(), tmp_path, encoder=HashEncoder())
+    _, vectors = builder.users.matrix()
+    newer = builder.fit(vectors[::-1].copy(), 0, builder.centroids)  # another member's fit: other centroids, version 2
+    for message in centroid_messages(newer[::-1].copy(), version=builder.centroids_version + 1, fitted_on=len(vectors)):
+        service.centroids.apply(message)
+
+    out = service.republish(builder)
+    snapshots = [(m.segment, m.chunk) for m in out if isinstance(m, PoolUpdate)]
+    assignments = [m for m in out if isinstance(m, SegmentAssignment)]
+    assert sorted(snapshots) == sorted({(s, 0) for s in builder.pools}) and len(snapshots) == len(builder.pools)
+    assert sorted(a.entity_id for a in assignments) == sorted(builder.user_segment)  # each user once
+    assert {a.version for a in assignments} == {2} and builder.centroids_version == 2
+    assert {a.entity_id: a.segment for a in assignments} == builder.user_segment
