@@ -37,6 +37,7 @@ import numpy as np
 from dare.data import item_events, load_catalogue, user_events
 from infra.broker import EmbeddedBroker
 from infra.kafka import ensure_topics, make_producer, produce
+from infra.process import cpu_seconds
 from infra.reader import TopicReader
 from infra.settings import Settings
 from pool_builder import checkpoint
@@ -46,7 +47,7 @@ SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def member(settings: Settings, state_dir: Path, segments: int, threads: int, progress, stop) -> None:  # type: ignore[no-untyped-def]
-    """One pool-builder member; reports (items encoded, ratings applied, peak RSS MB) into `progress`."""
+    """One pool-builder member; reports (items encoded, ratings applied, peak RSS MB, CPU seconds) into `progress`."""
     import torch
 
     from pool_builder.embeddings import TextEncoder
@@ -59,14 +60,18 @@ def member(settings: Settings, state_dir: Path, segments: int, threads: int, pro
     thread.start()
     while not stop.is_set() and thread.is_alive():
         counters = service.counters
-        progress[:] = [counters.item_events, counters.user_events, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        progress[:] = [counters.item_events, counters.user_events, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime]
         time.sleep(0.1)
     done.set()
     thread.join(120)
     progress[2] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_builders(servers: str, catalogue, members: int, segments: int, users_with_ratings: int) -> dict:  # type: ignore[no-untyped-def]
+def run_builders(servers: str, catalogue, members: int, segments: int, users_with_ratings: int,  # type: ignore[no-untyped-def]
+                 broker_pid: int | None = None) -> dict:
+    """Where the CPU went while the ratings were applied (from the last member's items to the last rating), per
+    process: the members', the broker's and this process's own (it reads every assignment), as seconds."""
     settings = Settings(bootstrap_servers=servers, topic_prefix=f"scale{members}x{int(time.time())}.")
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.all())
@@ -78,7 +83,7 @@ def run_builders(servers: str, catalogue, members: int, segments: int, users_wit
     print(f"  replayed {len(items):,} items and {ratings:,} ratings in {replay_s:.0f}s", flush=True)
     context = multiprocessing.get_context("spawn")  # a fresh process: it shares none of this one's catalogue
     stop = context.Event()
-    progress = [context.Array("d", 3) for _ in range(members)]
+    progress = [context.Array("d", 4) for _ in range(members)]
     state = Path(tempfile.mkdtemp(prefix="scale-bench-"))
     procs = [context.Process(target=member, args=(settings, state / f"m{n}", segments, max(1, 2 // members), progress[n], stop), daemon=True)
              for n in range(members)]
@@ -95,9 +100,9 @@ def run_builders(servers: str, catalogue, members: int, segments: int, users_wit
                 assigned[a.entity_id] = a.segment
         now = time.perf_counter() - start
         if items_s is None and all(p[0] >= len(items) for p in progress):
-            items_s = now
+            items_s, cpu_at_items = now, cpu_now(progress, broker_pid)
         if ratings_s is None and sum(p[1] for p in progress) >= ratings:
-            ratings_s = now
+            ratings_s, cpu_at_ratings = now, cpu_now(progress, broker_pid)
         if assigned_s is None and len(assigned) >= users_with_ratings:
             assigned_s = now
         if now > 3600:
@@ -107,10 +112,16 @@ def run_builders(servers: str, catalogue, members: int, segments: int, users_wit
     stop.set()
     for proc in procs:
         proc.join(180)
+    cpu = {k: np.round(np.subtract(cpu_at_ratings[k], cpu_at_items[k]), 1).tolist() for k in cpu_at_items}
     return {"members": members, "ratings": ratings, "items": len(items), "users": len(assigned), "replay_s": replay_s,
             "items_encoded_s": items_s, "ratings_done_s": ratings_s, "all_assigned_s": assigned_s,
             "ingest_events_per_s": ratings / (ratings_s - items_s), "peak_rss_mb": [round(p[2]) for p in progress],
-            "inertia": inertia(state)}
+            "inertia": inertia(state), "cpu_s_while_ingesting": cpu,
+            "member_cpu_us_per_rating": 1e6 * sum(cpu["members"]) / ratings}
+
+
+def cpu_now(progress, broker_pid: int | None) -> dict:  # type: ignore[no-untyped-def]
+    return {"members": [p[3] for p in progress], "broker": cpu_seconds(broker_pid) if broker_pid else 0.0, "bench": cpu_seconds()}
 
 
 def inertia(state: Path) -> float:
@@ -228,10 +239,13 @@ def main() -> None:
     report: dict = {"catalogue": {"users": args.users, "users_with_ratings": with_ratings, "items": args.items, "ratings": args.ratings},
                     "segments": args.segments, "machine": os.uname().nodename, "builders": []}
     with ExitStack() as stack:
-        servers = os.environ.get("DARE_BOOTSTRAP_SERVERS") or stack.enter_context(EmbeddedBroker()).bootstrap_servers
+        servers, broker_pid = os.environ.get("DARE_BOOTSTRAP_SERVERS"), None
+        if not servers:
+            broker = stack.enter_context(EmbeddedBroker())
+            servers, broker_pid = broker.bootstrap_servers, broker.process.pid  # type: ignore[union-attr]
         for members in (int(m) for m in args.members.split(",")):
             print(f"pool builders: {members}", flush=True)
-            report["builders"].append(run_builders(servers, catalogue, members, args.segments, with_ratings))
+            report["builders"].append(run_builders(servers, catalogue, members, args.segments, with_ratings, broker_pid))
             print(f"  {report['builders'][-1]}", flush=True)
         if not args.skip_workers:
             print(f"two workers, {args.segments_for_pools} segment pools of {args.pool_cap} texts", flush=True)
@@ -244,11 +258,14 @@ def main() -> None:
                                                 str(args.share_segments): partition_share(args.share_segments)}
     if 1 in runs and 2 in runs:
         report["pool_builders_speedup"] = runs[2]["ingest_events_per_s"] / runs[1]["ingest_events_per_s"]
-    print("\n| pool builders | items encoded s | ratings/s after items | every user assigned s | peak RSS MB per member | inertia |")
-    print("| ---: | ---: | ---: | ---: | --- | ---: |")
+    print("\n| pool builders | items encoded s | ratings/s after items | every user assigned s | peak RSS MB per member | inertia "
+          "| member CPU µs per rating | CPU s while ingesting: members / broker / bench |")
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |")
     for r in report["builders"]:
+        cpu = r["cpu_s_while_ingesting"]
         print(f"| {r['members']} | {r['items_encoded_s']:.0f} | {r['ingest_events_per_s']:,.0f} | {r['all_assigned_s']:.0f} "
-              f"| {', '.join(str(m) for m in r['peak_rss_mb'])} | {r['inertia']:.4f} |")
+              f"| {', '.join(str(m) for m in r['peak_rss_mb'])} | {r['inertia']:.4f} | {r['member_cpu_us_per_rating']:.0f} "
+              f"| {' + '.join(str(c) for c in cpu['members'])} / {cpu['broker']} / {cpu['bench']} |")
     if "pool_builders_speedup" in report:
         print(f"two pool builders: {report['pool_builders_speedup']:.2f}x one's ingest rate")
     if args.skip_workers:

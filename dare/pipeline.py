@@ -238,7 +238,8 @@ def pipeline(settings: Settings, name: str, timeout_s: float, broker_port: int |
             stack.callback(processes.stop)
             run = Pipeline(settings, processes, log_dir, timeout_s)
             run.downstream = stack.enter_context(
-                TopicReader(settings, [run.topics.knowledge, run.topics.dead_letter], from_beginning=False, role=name))
+                TopicReader(settings, [run.topics.knowledge, run.topics.dead_letter], from_beginning=False, role=name,
+                            fetch_wait_ms=settings.fetch_wait_ms))
             yield run
     finally:
         for sig, handler in previous.items():

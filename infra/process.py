@@ -50,3 +50,13 @@ def child_env(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
             env[f"DARE_{name.upper()}"] = str(value)
     return env
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds a process (every thread of it) has used so far; this process's without a pid."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

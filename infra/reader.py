@@ -18,10 +18,12 @@ from infra.settings import Settings
 
 class TopicReader:
     def __init__(self, settings: Settings, topics: list[str], from_beginning: bool = True, role: str = "reader",
-                 wait_s: float = 0.0) -> None:
+                 wait_s: float = 0.0, fetch_wait_ms: int | None = None) -> None:
         """`wait_s`: how long to wait for a topic's partitions to show in the metadata (it may lag
-        the topic's creation); a topic still without partitions then is read from none."""
-        self.consumer = make_consumer(settings, role, None, [])
+        the topic's creation); a topic still without partitions then is read from none. `fetch_wait_ms`: the
+        longest a fetch waits at the broker (default kafka-python's 500 ms; a reader whose latency counts passes
+        `settings.fetch_wait_ms`)."""
+        self.consumer = make_consumer(settings, role, None, [], **({"fetch_max_wait_ms": fetch_wait_ms} if fetch_wait_ms else {}))
         deadline = time.monotonic() + wait_s
         parts = []
         for topic in topics:

@@ -193,7 +193,8 @@ class Worker:
         # At most as many prompts per poll as the decoder has room for keeps the time between polls
         # to one decode (batch 1) or one batch step: no rebalance storms.
         consumer = make_consumer(self.settings, "worker", group_id(self.settings, GROUP), [self.topics.prompts],
-                                 listener=FollowPools(self.follower, self._pools_loaded), max_poll_records=1)
+                                 listener=FollowPools(self.follower, self._pools_loaded), max_poll_records=1,
+                                 fetch_max_wait_ms=self.settings.fetch_wait_ms)
         self._last_message = time.monotonic()
         log.info("worker started", worker=self.worker_id, mode=self.mode, batch=self.batch, topic=self.topics.prompts)
         try:
