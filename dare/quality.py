@@ -375,7 +375,7 @@ def plot(report: dict, path: Path) -> None:  # type: ignore[type-arg]
         ci = np.array([report[key][n]["auc_ci95"] for n in names])
         left.bar(x + offset, means - 0.5, 0.4, bottom=0.5, yerr=[means - ci[:, 0], ci[:, 1] - means], capsize=4, color=colour,
                  label=label)
-    left.set_xticks(x, names)
+    left.set_xticks(x, [name.replace("-", "-\n", 1) if len(name) > 8 else name for name in names], fontsize=8)
     left.set_ylim(0.5, max(0.8, max(report["variants"][n]["auc_ci95"][1] for n in names) + 0.02))
     left.set_ylabel("test AUC (axis from 0.5 = chance)")
     left.legend(fontsize=8, loc="upper left")
