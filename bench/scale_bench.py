@@ -7,7 +7,9 @@
    every item), the ratings' ingest rate after that (ratings / seconds from the last member's items to the last
    rating applied), the seconds until every user's assignment is on the `assignments` topic, each member's peak
    RSS, and the segments' quality: the mean cosine distance of every user to its segment's centroid (k-means
-   inertia on unit vectors), from the members' checkpoints.
+   inertia on unit vectors), from the members' checkpoints; the CPU seconds of each member, the broker and this
+   process while the ratings are applied; the ratings each member applied. `--partitions`: of these topics (the
+   system creates 4; power-law users split unevenly over few).
 2. **Two workers' pools.** `--segments-for-pools` segment pools of `--pool-cap` knowledge texts each (sentences of
    the catalogue file's real texts, spliced) are published to the pools topic as the pool builder does; a worker's
    `PoolFollower` then follows half of the 4 prompt partitions, the other half, and all of them: texts, trie nodes
@@ -69,12 +71,12 @@ def member(settings: Settings, state_dir: Path, segments: int, threads: int, pro
 
 
 def run_builders(servers: str, catalogue, members: int, segments: int, users_with_ratings: int,  # type: ignore[no-untyped-def]
-                 broker_pid: int | None = None) -> dict:
+                 broker_pid: int | None = None, partitions: int = 4) -> dict:
     """Where the CPU went while the ratings were applied (from the last member's items to the last rating), per
     process: the members', the broker's and this process's own (it reads every assignment), as seconds."""
     settings = Settings(bootstrap_servers=servers, topic_prefix=f"scale{members}x{int(time.time())}.")
     topics = Topics(settings.topic_prefix)
-    ensure_topics(settings, topics.all())
+    ensure_topics(settings, topics.all(), partitions=partitions)
     items = list(item_events(catalogue))
     start = time.perf_counter()
     produce(settings, topics.item_events, items)
@@ -113,7 +115,8 @@ def run_builders(servers: str, catalogue, members: int, segments: int, users_wit
     for proc in procs:
         proc.join(180)
     cpu = {k: np.round(np.subtract(cpu_at_ratings[k], cpu_at_items[k]), 1).tolist() for k in cpu_at_items}
-    return {"members": members, "ratings": ratings, "items": len(items), "users": len(assigned), "replay_s": replay_s,
+    return {"members": members, "partitions": partitions, "ratings": ratings, "items": len(items), "users": len(assigned), "replay_s": replay_s,
+            "ratings_per_member": [round(p[1]) for p in progress],
             "items_encoded_s": items_s, "ratings_done_s": ratings_s, "all_assigned_s": assigned_s,
             "ingest_events_per_s": ratings / (ratings_s - items_s), "peak_rss_mb": [round(p[2]) for p in progress],
             "inertia": inertia(state), "cpu_s_while_ingesting": cpu,
@@ -222,6 +225,8 @@ def main() -> None:
     parser.add_argument("--pool-cap", type=int, default=64)
     parser.add_argument("--knowledge", type=Path, default=Path("results/knowledge/ml-100k-short-ar.jsonl"))
     parser.add_argument("--members", default="1,2")
+    parser.add_argument("--partitions", type=int, default=4, help="of the pool builders' topics (the system's default: 4); "
+                        "users are power-law active, so with as many partitions as members one gets more ratings")
     parser.add_argument("--skip-workers", action="store_true", help="pool builders only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--retrieval-json", type=Path, default=Path("bench/results/scale_pools.json"),
@@ -245,7 +250,8 @@ def main() -> None:
             servers, broker_pid = broker.bootstrap_servers, broker.process.pid  # type: ignore[union-attr]
         for members in (int(m) for m in args.members.split(",")):
             print(f"pool builders: {members}", flush=True)
-            report["builders"].append(run_builders(servers, catalogue, members, args.segments, with_ratings, broker_pid))
+            report["builders"].append(run_builders(servers, catalogue, members, args.segments, with_ratings, broker_pid,
+                                                   args.partitions))
             print(f"  {report['builders'][-1]}", flush=True)
         if not args.skip_workers:
             print(f"two workers, {args.segments_for_pools} segment pools of {args.pool_cap} texts", flush=True)
