@@ -72,8 +72,9 @@ def member(settings: Settings, state_dir: Path, segments: int, threads: int, pro
 
 def run_builders(servers: str, catalogue, members: int, segments: int, users_with_ratings: int,  # type: ignore[no-untyped-def]
                  broker_pid: int | None = None, partitions: int = 4) -> dict:
-    """Where the CPU went while the ratings were applied (from the last member's items to the last rating), per
-    process: the members', the broker's and this process's own (it reads every assignment), as seconds."""
+    """`members` pool builders over the catalogue, on fresh topics of `partitions` partitions. Besides the rates and
+    times: the CPU seconds each process used while the ratings were applied (from the last member's items to the
+    last rating): the members', the broker's and this process's own (it reads every assignment)."""
     settings = Settings(bootstrap_servers=servers, topic_prefix=f"scale{members}x{int(time.time())}.")
     topics = Topics(settings.topic_prefix)
     ensure_topics(settings, topics.all(), partitions=partitions)
@@ -226,7 +227,7 @@ def main() -> None:
     parser.add_argument("--knowledge", type=Path, default=Path("results/knowledge/ml-100k-short-ar.jsonl"))
     parser.add_argument("--members", default="1,2")
     parser.add_argument("--partitions", type=int, default=4, help="of the pool builders' topics (the system's default: 4); "
-                        "users are power-law active, so with as many partitions as members one gets more ratings")
+                        "few partitions split power-law users unevenly between the members")
     parser.add_argument("--skip-workers", action="store_true", help="pool builders only")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--retrieval-json", type=Path, default=Path("bench/results/scale_pools.json"),

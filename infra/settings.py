@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     fetch_wait_ms: int = Field(
         50, ge=1, description="Longest the latency-critical consumers (a worker's prompts, a downstream reader) wait at the "
         "broker for new messages. Kafka answers as soon as one arrives; Tansu, the embedded broker, only when this runs "
-        "out, so there it is a hop's latency (kafka-python's 500 ms made a hop ~125 ms p50). Lower: less latency, more "
+        "out, so there it is a hop's latency (kafka-python's 500 ms made a hop ~130 ms p50). Lower: less latency, more "
         "idle requests.")
     broker_timeout_s: float = Field(60.0, gt=0, description="How long a command waits for a Kafka broker to answer before it gives up.")
 
