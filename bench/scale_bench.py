@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--pool-cap", type=int, default=64)
     parser.add_argument("--knowledge", type=Path, default=Path("results/knowledge/ml-100k-short-ar.jsonl"))
     parser.add_argument("--members", default="1,2")
-    parser.add_argument("--partitions", type=int, default=4, help="of the pool builders' topics (the system's default: 4); "
+    parser.add_argument("--partitions", type=int, default=Settings().partitions, help="of the pool builders' topics (default: DARE_PARTITIONS, 4); "
                         "few partitions split power-law users unevenly between the members")
     parser.add_argument("--skip-workers", action="store_true", help="pool builders only")
     parser.add_argument("--json", type=Path)

@@ -93,8 +93,10 @@ def make_consumer(settings: Settings, role: str, group_id: str | None, topics: l
     return consumer
 
 
-def ensure_topics(settings: Settings, topics: list[str], partitions: int = 4) -> None:
-    """Create topics that do not exist yet (existing ones are left as they are)."""
+def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
+    """Create topics that do not exist yet, with `partitions` (default `settings.partitions`) partitions each;
+    existing ones are left as they are."""
+    partitions = partitions or settings.partitions
     admin = KafkaAdminClient(**client_config(settings, "admin"))
     try:
         existing = set(admin.list_topics())

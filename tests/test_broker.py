@@ -38,6 +38,26 @@ def test_produce_consume_with_keys_across_partitions(kafka_settings):
     assert all(len(parts) == 1 for parts in by_key.values())  # one key, one partition
 
 
+def test_topics_are_created_with_the_configured_partitions_and_existing_ones_keep_theirs(kafka_settings):
+    settings = kafka_settings.model_copy(update={"partitions": 6})
+    old, new = f"{settings.topic_prefix}old", f"{settings.topic_prefix}new"
+    ensure_topics(settings, [old], partitions=2)
+    ensure_topics(settings, [old, new])  # DARE_PARTITIONS=6
+    consumer = make_consumer(settings, "test", None, [])
+
+    def partitions(topic: str) -> int:
+        deadline = time.monotonic() + 10  # metadata may lag a topic's creation
+        while not (found := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return len(found or ())
+
+    try:
+        assert partitions(new) == 6
+        assert partitions(old) == 2
+    finally:
+        consumer.close()
+
+
 def test_committed_offsets_survive_a_consumer_restart(kafka_settings):
     topic = f"{kafka_settings.topic_prefix}jobs"
     group = f"{kafka_settings.topic_prefix}group"
