@@ -62,8 +62,8 @@ def member(settings: Settings, state_dir: Path, segments: int, threads: int, pro
     thread.start()
     while not stop.is_set() and thread.is_alive():
         counters = service.counters
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        progress[:] = [counters.item_events, counters.user_events, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime]
+        progress[:] = [counters.item_events, counters.user_events, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       cpu_seconds()]
         time.sleep(0.1)
     done.set()
     thread.join(120)

@@ -7,7 +7,7 @@ import pytest
 
 from infra.broker import BrokerError, EmbeddedBroker, port_in_use
 from infra.kafka import BrokerUnavailable, ensure_topics, make_consumer, make_producer, wait_for_broker
-from infra.reader import read_topic
+from infra.reader import TopicReader, read_topic
 from infra.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -43,19 +43,13 @@ def test_topics_are_created_with_the_configured_partitions_and_existing_ones_kee
     old, new = f"{settings.topic_prefix}old", f"{settings.topic_prefix}new"
     ensure_topics(settings, [old], partitions=2)
     ensure_topics(settings, [old, new])  # DARE_PARTITIONS=6
-    consumer = make_consumer(settings, "test", None, [])
 
     def partitions(topic: str) -> int:
-        deadline = time.monotonic() + 10  # metadata may lag a topic's creation
-        while not (found := consumer.partitions_for_topic(topic)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return len(found or ())
+        with TopicReader(settings, [topic], wait_s=10) as reader:  # it waits for the topic's metadata
+            return len(reader.consumer.assignment())
 
-    try:
-        assert partitions(new) == 6
-        assert partitions(old) == 2
-    finally:
-        consumer.close()
+    assert partitions(new) == 6
+    assert partitions(old) == 2
 
 
 def test_committed_offsets_survive_a_consumer_restart(kafka_settings):
