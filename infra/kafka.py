@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
@@ -109,6 +109,26 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int | None 
             log.info("topics created", topics=[t.name for t in missing], partitions=partitions)
     finally:
         admin.close()
+
+
+def end_offsets(settings: Settings, partitions: list[TopicPartition], timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+    """The offset after each partition's last record. Kafka answers it to ListOffsets (`end_offsets`); the embedded
+    Tansu answers the first offset of the last record batch + 1 there, short by the rest of that batch. So the
+    last listed record of each non-empty partition is fetched too: a fetch's high watermark is exact on both."""
+    if not partitions:
+        return {}
+    consumer = make_consumer(settings, "end-offsets", None, [])
+    try:
+        consumer.assign(partitions)
+        listed = consumer.end_offsets(partitions)
+        for tp, end in listed.items():
+            consumer.seek(tp, max(0, end - 1))
+        deadline = time.monotonic() + timeout_s
+        while any(end and consumer.highwater(tp) is None for tp, end in listed.items()) and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=200)
+        return {tp: max(end, consumer.highwater(tp) or 0) for tp, end in listed.items()}
+    finally:
+        consumer.close()
 
 
 def wait_for_broker(settings: Settings, timeout_s: float | None = None) -> None:

@@ -39,7 +39,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from infra.delivery import commit, consumer_lag, dead_letter
-from infra.kafka import close_producer, ensure_topics, group_id, make_consumer, make_producer
+from infra.kafka import close_producer, end_offsets, ensure_topics, group_id, make_consumer, make_producer
 from infra.reader import TopicReader
 from infra.settings import Settings
 from pool_builder import checkpoint
@@ -187,7 +187,7 @@ class PoolBuilderService:
         """A checkpoint that has read past where the inputs now end belongs to topics that are gone (a broker that
         lost its data): it is set aside and the partition rebuilt from what the topics hold."""
         tps = [TopicPartition(topic, partition) for topic in positions]
-        ends = self.consumer.end_offsets(tps) if tps else {}  # type: ignore[union-attr]
+        ends = end_offsets(self.settings, tps)
         if all(positions[tp.topic] <= end for tp, end in ends.items()):
             return False
         log.warning("checkpoint ahead of its input topics (were they recreated?): rebuilding the partition from them",

@@ -4,9 +4,10 @@ import socket
 import time
 
 import pytest
+from kafka import TopicPartition
 
 from infra.broker import BrokerError, EmbeddedBroker, port_in_use
-from infra.kafka import BrokerUnavailable, ensure_topics, make_consumer, make_producer, wait_for_broker
+from infra.kafka import BrokerUnavailable, end_offsets, ensure_topics, make_consumer, make_producer, wait_for_broker
 from infra.reader import TopicReader, read_topic
 from infra.settings import Settings
 
@@ -50,6 +51,20 @@ def test_topics_are_created_with_the_configured_partitions_and_existing_ones_kee
 
     assert partitions(new) == 6
     assert partitions(old) == 2
+
+
+def test_end_offsets_are_where_the_records_end_whatever_the_batches(kafka_settings):
+    """Batches of several records: the offset after the last record (Tansu's ListOffsets alone answers the first
+    offset of the last batch + 1), an empty partition 0; a checkpoint's position is judged against these."""
+    topic = f"{kafka_settings.topic_prefix}batched"
+    ensure_topics(kafka_settings, [topic], partitions=2)
+    producer = make_producer(kafka_settings, "test", linger_ms=50)
+    for batch in (1, 10, 37):
+        for _ in range(batch):
+            producer.send(topic, partition=0, value=b"x")
+        producer.flush()
+    ends = end_offsets(kafka_settings, [TopicPartition(topic, 0), TopicPartition(topic, 1)])
+    assert ends == {TopicPartition(topic, 0): 48, TopicPartition(topic, 1): 0}
 
 
 def test_committed_offsets_survive_a_consumer_restart(kafka_settings):

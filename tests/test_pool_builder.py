@@ -301,8 +301,10 @@ def test_service_replay_knowledge_restart_and_dead_letters(kafka_settings, ml, t
     uid = "42"
     producer.send(topics.knowledge, key=uid.encode(), value=encode(knowledge(uid, "Likes film noir and westerns.")))
     producer.flush()
+    refits = builder.counters.refits
     builder = run_service()  # a restart: state from the checkpoint, only the new record consumed
     assert builder.counters.user_events == 100_000
+    assert builder.counters.refits == refits  # no partition rebuilt from the topics, so no fit due again
     pools = read_pools(settings)
     assert pools[user_segments[uid]][f"user-{uid}"] == "Likes film noir and westerns."
     assert builder.user_segment == user_segments  # segment ids kept across the restart

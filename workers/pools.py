@@ -17,7 +17,7 @@ from __future__ import annotations
 import structlog
 from kafka import TopicPartition
 
-from infra.kafka import partition_for
+from infra.kafka import end_offsets, partition_for
 from infra.reader import TopicReader
 from infra.settings import Settings
 from schemas import PoolReplica, PoolUpdate, SchemaError, SegmentAssignment, Topics, decode
@@ -94,6 +94,7 @@ class PoolFollower:
     def __init__(self, settings: Settings, live: LivePools, partitioned: bool = False) -> None:
         """`partitioned`: read no pool until `follow` names the partitions (a worker in a group); else every pool."""
         self.live = live
+        self.settings = settings
         self.topics = Topics(settings.topic_prefix)
         self.reader = TopicReader(settings, [self.topics.pools, self.topics.assignments], role="worker-pools")
         self.partitions = len(self.reader.consumer.partitions_for_topic(self.topics.pools) or ())
@@ -124,7 +125,7 @@ class PoolFollower:
         for segment in [s for s in self.live.pools if partition_for(s.encode(), self.partitions) not in wanted]:
             self.live.drop(segment)
         self.owned = wanted
-        ends = consumer.end_offsets(new) if new else {}
+        ends = end_offsets(self.settings, new)
         while any(consumer.position(tp) < end for tp, end in ends.items()):  # caught up before any prompt decodes
             self.poll(timeout_ms=200)
         log.info("pools followed", partitions=sorted(wanted), segments=len(self.live.pools))
