@@ -29,6 +29,7 @@ from workers.engine.algorithm.modes import Strategy
 from workers.engine.algorithm.texts import PoolTexts, template_parts
 from workers.engine.algorithm.trie import Pool
 from workers.engine.backends.batch import BatchDecoder, Finished, RequestStats
+from workers.engine.runtime import kernels
 from workers.engine.runtime.cache import SlotCache
 from workers.engine.runtime.forward import causal_mask
 from workers.engine.runtime.model import LoadedModel
@@ -162,9 +163,11 @@ def measure_cost(steps: StepForward, device: torch.device, context: int = 300, r
 
 def load_or_measure(lm: LoadedModel, cache_dir: Path | None) -> CostModel:
     """The cost curve of this model's decoding steps on this device, measured once and cached as JSON
-    (by model, device, CPU capability, dtype, packed weights, forward, threads and whether steps are compiled)."""
+    (by model, device, CPU capability, dtype, packed weights, forward, threads, whether steps are compiled, and
+    the version of the engine's C++ kernels where the forward runs them)."""
     capability = torch.backends.cpu.get_cpu_capability() if lm.device.type == "cpu" else torch.cuda.get_device_name(lm.device)
     compiled = "-compiled" if lm.steps.compiled else f"-{lm.forward}"
     packed = "" if lm.weights == "full" else f"-{lm.weights}w"
-    key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}{packed}-{torch.get_num_threads()}t{compiled}".replace("/", "_").replace(" ", "_")
+    built = f"-k{kernels.digest()[:8]}" if "glue" in lm.forward else ""  # the engine's own kernels, as built now
+    key = f"{lm.model_id}-{lm.device.type}-{capability}-{lm.dtype}{packed}-{torch.get_num_threads()}t{compiled}{built}".replace("/", "_").replace(" ", "_")
     return cached_cost(cache_dir / "cost" / f"{key}.json" if cache_dir else None, lambda: measure_cost(lm.steps, lm.device))

@@ -59,13 +59,16 @@ def library(cache_dir: Path) -> ctypes.CDLL:
         return _library
 
 
+def digest(cxx: str | None = None) -> str:
+    """Names the kernels' source and compiler flags: their library's file, and the cost curves measured on it."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx or compiler() or "", *FLAGS]).encode()).hexdigest()[:16]
+
+
 def _build(cache_dir: Path) -> Path:
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError(unavailable() or "no C++ compiler")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([cxx, *FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir / "kernels" / f"kernels-{digest}.so"
+    target = cache_dir / "kernels" / f"kernels-{digest(cxx)}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
