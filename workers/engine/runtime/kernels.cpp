@@ -250,191 +250,118 @@ extern "C" void silu_mul(const float* gate_up, int64_t M, int64_t I, float* out)
     }
 }
 
-constexpr int QB = 4;  // queries of one row and key/value head computed together
-
-// One query of a block: its vector, mask row, output, scores buffer and number of keys.
-struct Query {
-    const float* q;
-    const float* m;
-    float* o;
-    float* p;
-    int64_t keys;
-};
-
-alignas(64) static const float ZEROS[128] = {};  // a key past the last one read: its dot is 0, its score -inf
-
-// N queries of one row and key/value head over its keys and values (kr, vr; `ks` floats apart). Each key and
-// value vector is read once for the N queries, whose arithmetic is each exactly that of a query computed alone
-// (the same operations in the same order), so a query's bits depend neither on the block it is in nor on its
-// neighbours' key counts.
-template <int D8, int N>
-static void attend(const Query* qs, const float* kr, const float* vr, int64_t ks, float scale) {
-    int64_t kmax = 0, kmin = qs[0].keys;
-    for (int i = 0; i < N; i++) {
-        kmax = qs[i].keys > kmax ? qs[i].keys : kmax;
-        kmin = qs[i].keys < kmin ? qs[i].keys : kmin;
-    }
-    const __m256 scalev = _mm256_set1_ps(scale);
-    __m256 topv8[N];
-    for (int i = 0; i < N; i++) topv8[i] = _mm256_set1_ps(-INFINITY);
-    // q . k for 8 keys at a time (two keys' chains at once): each key's 8 lanes are one chain of FMAs over the
-    // head's 8-float groups, reduced by the same adds whatever its place in the block (a key past the end is
-    // zeros): a key's score never depends on where the keys end
-    for (int64_t s = 0; s < kmax; s += 8) {
-        __m256 a[N][8];
-        for (int r = 0; r < 8; r += 2) {
-            const float* k0 = s + r < kmax ? kr + (s + r) * ks : ZEROS;
-            const float* k1 = s + r + 1 < kmax ? kr + (s + r + 1) * ks : ZEROS;
-            __m256 c0[N], c1[N];
-            const __m256 x0 = _mm256_loadu_ps(k0), x1 = _mm256_loadu_ps(k1);
-            for (int i = 0; i < N; i++) {
-                const __m256 qj = _mm256_loadu_ps(qs[i].q);
-                c0[i] = _mm256_mul_ps(qj, x0);
-                c1[i] = _mm256_mul_ps(qj, x1);
-            }
-            for (int j = 1; j < D8; j++) {
-                const __m256 y0 = _mm256_loadu_ps(k0 + 8 * j), y1 = _mm256_loadu_ps(k1 + 8 * j);
-                for (int i = 0; i < N; i++) {
-                    const __m256 qj = _mm256_loadu_ps(qs[i].q + 8 * j);
-                    c0[i] = _mm256_fmadd_ps(qj, y0, c0[i]);
-                    c1[i] = _mm256_fmadd_ps(qj, y1, c1[i]);
-                }
-            }
-            for (int i = 0; i < N; i++) {
-                a[i][r] = c0[i];
-                a[i][r + 1] = c1[i];
-            }
-        }
-        for (int i = 0; i < N; i++) {
-            const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[i][0], a[i][1]), _mm256_hadd_ps(a[i][2], a[i][3]));
-            const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[i][4], a[i][5]), _mm256_hadd_ps(a[i][6], a[i][7]));
-            const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-            const int64_t keys = qs[i].keys;
-            __m256 mv;
-            if (s + 8 <= keys) mv = _mm256_loadu_ps(qs[i].m + s);
-            else {
-                float tail[8];
-                for (int r = 0; r < 8; r++) tail[r] = s + r < keys ? qs[i].m[s + r] : -INFINITY;
-                mv = _mm256_loadu_ps(tail);
-            }
-            const __m256 scores = _mm256_add_ps(_mm256_mul_ps(dots, scalev), mv);
-            _mm256_storeu_ps(qs[i].p + s, scores);
-            topv8[i] = _mm256_max_ps(topv8[i], scores);
-        }
-    }
-    // the softmax's weights, each query alone: a key's weight lands in the lane of its column mod 8
-    float inverse[N];
-    for (int i = 0; i < N; i++) {
-        float* p = qs[i].p;
-        const int64_t keys = qs[i].keys, padded = (keys + 7) / 8 * 8;
-        float lanes[8];
-        _mm256_storeu_ps(lanes, topv8[i]);
-        float top = lanes[0];
-        for (int r = 1; r < 8; r++) top = lanes[r] > top ? lanes[r] : top;
-        for (int64_t s = keys; s < padded; s++) p[s] = top;  // lanes past the end: weighed 0 below
-        __m256 total = _mm256_setzero_ps();
-        const __m256 topv = _mm256_set1_ps(top), floor = _mm256_set1_ps(-87.0f);
-        for (int64_t s = 0; s < padded; s += 8) {
-            const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + s), topv);
-            __m256 e = _mm256_and_ps(exp256(x), _mm256_cmp_ps(x, floor, _CMP_GT_OQ));  // masked keys: exactly 0
-            if (s + 8 > keys) {
-                const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-                e = _mm256_and_ps(e, _mm256_cmp_ps(lane, _mm256_set1_ps((float)(keys - s)), _CMP_LT_OQ));
-            }
-            _mm256_storeu_ps(p + s, e);
-            total = _mm256_add_ps(total, e);
-        }
-        inverse[i] = 1.0f / hsum(total);
-    }
-    // weights x values, 16 floats of the head at a time: each output float is one chain of FMAs over the keys in
-    // order (a masked key weighs exactly 0 and adds exactly nothing, as the sums never hold -0)
-    for (int j = 0; j < D8; j += 2) {
-        __m256 acc0[N], acc1[N];
-        for (int i = 0; i < N; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
-        for (int64_t s = 0; s < kmin; s++) {
-            const __m256 v0 = _mm256_loadu_ps(vr + s * ks + 8 * j), v1 = _mm256_loadu_ps(vr + s * ks + 8 * j + 8);
-            for (int i = 0; i < N; i++) {
-                const __m256 w = _mm256_broadcast_ss(qs[i].p + s);
-                acc0[i] = _mm256_fmadd_ps(w, v0, acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(w, v1, acc1[i]);
-            }
-        }
-        for (int i = 0; i < N; i++) {
-            for (int64_t s = kmin; s < qs[i].keys; s++) {
-                const __m256 w = _mm256_broadcast_ss(qs[i].p + s);
-                acc0[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + s * ks + 8 * j), acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + s * ks + 8 * j + 8), acc1[i]);
-            }
-            const __m256 inv = _mm256_set1_ps(inverse[i]);
-            _mm256_storeu_ps(qs[i].o + 8 * j, _mm256_mul_ps(acc0[i], inv));
-            _mm256_storeu_ps(qs[i].o + 8 * j + 8, _mm256_mul_ps(acc1[i], inv));
-        }
-    }
-}
-
 // Attention of T queries per row over S cached keys, grouped-query (H query heads share KV key/value
-// heads), under an additive mask shared by the heads: softmax(q . k * scale + mask) . v. Row b reads only its
-// first rk[b] keys and computes only its first rq[b] queries (the rest, padding, are zeros in out); rq/rk null: T
-// and S. Given rk, the caller vouches that a row's queries sit in order at its last rq[b] key columns and that none
-// sees a later column than its own (causal prefill, draft trees in pop order), so query t reads keys up to its own
-// column only. A key's weight lands in the same lane of the softmax's sum (its column mod 8) whatever S and rk are,
-// and masked keys weigh exactly 0, so a row's bits depend neither on how many keys the batch's longest row has nor
-// on where its own end is cut. Strides are in floats; every vector's last dimension (D = 8 * D8) is contiguous.
-// out: (B, T, H * D).
+// heads), under an additive mask shared by the heads: softmax(q . k * scale + mask) . v. Each (row,
+// head, query) is computed alone. Row b reads only its first rk[b] keys and computes only its first rq[b]
+// queries (the rest, padding, are zeros in out); rq/rk null: T and S. Given rk, the caller vouches that a row's
+// queries sit in order at its last rq[b] key columns and that none sees a later column than its own (causal
+// prefill, draft trees in pop order), so query t reads keys up to its own column only. A key's weight lands in the same lane of
+// the softmax's sum (its column mod 8) whatever S and rk are, and masked keys weigh exactly 0, so a row's bits
+// depend neither on how many keys the batch's longest row has nor on where its own end is cut. Strides are in
+// floats; every vector's last dimension (D = 8 * D8) is contiguous. out: (B, T, H * D).
 template <int D8>
 static void attention_impl(const float* q, int64_t qb, int64_t qh, int64_t qt, const float* k, const float* v, int64_t kb,
                            int64_t kh, int64_t ks, const float* mask, int64_t mb, int64_t mt, int64_t B, int64_t H,
                            int64_t KV, int64_t T, int64_t S, float scale, float* out, const int64_t* rq, const int64_t* rk) {
     const int64_t group = H / KV;
-    // The (row, head, query) items computed, in that order (padding queries are zeroed here, not listed), cut into
-    // tasks for the threads: blocks of up to QB items of one row and key/value head (attend), or single items
-    // where blocks would be too few to share among the threads.
+    // The (row, head, query) items computed, in that order (padding queries are zeroed here, not listed), cut
+    // into tasks shared among the threads: with rows enough, one task per row and key/value head (its keys and
+    // values come from memory once and serve every query of the group from cache: attention over many rows is
+    // bound by reading them), else one per item.
     std::vector<int32_t> todo;
+    std::vector<int64_t> tasks{0};
     todo.reserve(B * H * T);
+    const bool by_kv_head = B * KV >= 8;
     for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++)
+        for (int64_t h = 0; h < H; h++) {
             for (int64_t t = 0; t < T; t++) {
                 if (rq && t >= rq[b]) std::memset(out + (b * T + t) * H * D8 * 8 + h * D8 * 8, 0, D8 * 8 * sizeof(float));
-                else todo.push_back((int32_t)((b * H + h) * T + t));
+                else {
+                    todo.push_back((int32_t)((b * H + h) * T + t));
+                    if (!by_kv_head) tasks.push_back((int64_t)todo.size());
+                }
             }
-    const int64_t block = (int64_t)todo.size() >= 8 * QB ? QB : 1;
-    std::vector<int64_t> tasks{0};
-    for (int64_t item = 1; item <= (int64_t)todo.size(); item++) {
-        const bool other = item == (int64_t)todo.size() || todo[item] / (group * T) != todo[item - 1] / (group * T);
-        if (other || item - tasks.back() == block) tasks.push_back(item);  // other: another row or key/value head
-    }
+            if (by_kv_head && (h + 1) % group == 0 && (int64_t)todo.size() > tasks.back()) tasks.push_back((int64_t)todo.size());
+        }
     const int64_t count = (int64_t)tasks.size() - 1;
 #pragma omp parallel if ((int64_t)todo.size() * S >= 1024)
     {
-        const int64_t room = (S + 7) / 8 * 8;
-        float* buffers = (float*)aligned_alloc(32, QB * room * sizeof(float));
+        float* p = (float*)aligned_alloc(32, ((S + 7) / 8) * 8 * sizeof(float));
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < count; task++) {
-            Query qs[QB];
-            const int n = (int)(tasks[task + 1] - tasks[task]);
-            int64_t b = 0, h = 0;
-            for (int i = 0; i < n; i++) {
-                const int32_t item = todo[tasks[task] + i];
-                b = item / (H * T), h = item / T % H;
-                const int64_t t = item % T;
-                int64_t keys = rk ? (rk[b] < S ? rk[b] : S) : S;
-                if (rk) {  // the row's queries sit at its last keys, each seeing no later column: stop at its own
-                    const int64_t own = rk[b] - (rq ? rq[b] : T) + t + 1;
-                    keys = own < keys ? (own > 0 ? own : 1) : keys;
-                }
-                qs[i] = Query{q + b * qb + h * qh + t * qt, mask + b * mb + t * mt,
-                              out + (b * T + t) * H * D8 * 8 + h * D8 * 8, buffers + i * room, keys};
+        for (int64_t task = 0; task < count; task++)
+        for (int64_t item = tasks[task]; item < tasks[task + 1]; item++) {
+            const int64_t b = todo[item] / (H * T), h = todo[item] / T % H, t = todo[item] % T;
+            float* o = out + (b * T + t) * H * D8 * 8 + h * D8 * 8;
+            int64_t keys = rk ? (rk[b] < S ? rk[b] : S) : S;
+            if (rk) {  // the row's queries sit at its last keys, each seeing no later column: stop at its own
+                const int64_t own = rk[b] - (rq ? rq[b] : T) + t + 1;
+                keys = own < keys ? (own > 0 ? own : 1) : keys;
             }
+            const float* qv = q + b * qb + h * qh + t * qt;
             const float* kr = k + b * kb + h / group * kh;
             const float* vr = v + b * kb + h / group * kh;
-            switch (n) {
-                case 1: attend<D8, 1>(qs, kr, vr, ks, scale); break;
-                case 2: attend<D8, 2>(qs, kr, vr, ks, scale); break;
-                case 3: attend<D8, 3>(qs, kr, vr, ks, scale); break;
-                default: attend<D8, 4>(qs, kr, vr, ks, scale); break;
+            const float* m = mask + b * mb + t * mt;
+            __m256 qs[D8];
+            for (int j = 0; j < D8; j++) qs[j] = _mm256_loadu_ps(qv + 8 * j);
+            // q . k for 8 keys at a time, each key's 8 lanes reduced by the same adds whatever its place in the
+            // block (a block past the end holds zeros): a key's score never depends on where the keys end
+            const int64_t padded = (keys + 7) / 8 * 8;
+            const __m256 scalev = _mm256_set1_ps(scale);
+            __m256 topv8 = _mm256_set1_ps(-INFINITY);
+            for (int64_t s = 0; s < padded; s += 8) {
+                __m256 a[8];
+                for (int r = 0; r < 8; r++) {
+                    if (s + r >= keys) {
+                        a[r] = _mm256_setzero_ps();
+                        continue;
+                    }
+                    const float* kv = kr + (s + r) * ks;
+                    a[r] = _mm256_mul_ps(qs[0], _mm256_loadu_ps(kv));
+                    for (int j = 1; j < D8; j++) a[r] = _mm256_fmadd_ps(qs[j], _mm256_loadu_ps(kv + 8 * j), a[r]);
+                }
+                const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+                const __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+                __m256 mv;
+                if (s + 8 <= keys) mv = _mm256_loadu_ps(m + s);
+                else {
+                    float tail[8];
+                    for (int r = 0; r < 8; r++) tail[r] = s + r < keys ? m[s + r] : -INFINITY;
+                    mv = _mm256_loadu_ps(tail);
+                }
+                const __m256 scores = _mm256_add_ps(_mm256_mul_ps(dots, scalev), mv);
+                _mm256_storeu_ps(p + s, scores);
+                topv8 = _mm256_max_ps(topv8, scores);
             }
+            float lanes[8];
+            _mm256_storeu_ps(lanes, topv8);
+            float top = lanes[0];
+            for (int r = 1; r < 8; r++) top = lanes[r] > top ? lanes[r] : top;
+            for (int64_t s = keys; s < padded; s++) p[s] = top;  // lanes past the end: weighed 0 below
+            __m256 total = _mm256_setzero_ps();
+            const __m256 topv = _mm256_set1_ps(top), floor = _mm256_set1_ps(-87.0f);
+            for (int64_t s = 0; s < padded; s += 8) {
+                const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(p + s), topv);
+                __m256 e = _mm256_and_ps(exp256(x), _mm256_cmp_ps(x, floor, _CMP_GT_OQ));  // masked keys: exactly 0
+                if (s + 8 > keys) {
+                    const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+                    e = _mm256_and_ps(e, _mm256_cmp_ps(lane, _mm256_set1_ps((float)(keys - s)), _CMP_LT_OQ));
+                }
+                _mm256_storeu_ps(p + s, e);
+                total = _mm256_add_ps(total, e);
+            }
+            const float sum = hsum(total);
+            __m256 acc[D8];
+            for (int j = 0; j < D8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t s = 0; s < keys; s++) {
+                if (p[s] == 0.0f) continue;  // masked: adds nothing
+                const __m256 w = _mm256_set1_ps(p[s]);
+                for (int j = 0; j < D8; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + s * ks + 8 * j), acc[j]);
+            }
+            const __m256 inverse = _mm256_set1_ps(1.0f / sum);
+            for (int j = 0; j < D8; j++) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], inverse));
         }
-        free(buffers);
+        free(p);
     }
 }
 
