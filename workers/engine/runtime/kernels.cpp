@@ -54,34 +54,37 @@ static inline float hsum(__m256 v) {
 
 // The order of every output's sum, whatever the number of rows: one accumulator over the 8-lane
 // groups of k in order, then the 8 lanes added (hsum). Weights are dequantised into registers for a
-// single row (T channels at once, for independent chains), into an L1 buffer otherwise.
+// few rows (several channels at once, for independent chains), into an L1 buffer otherwise.
 constexpr int T = 4;  // output channels per pass
 
-// One row, T channels (q, d, m: the first channel's row; rows of the weights are `stride` bytes apart).
-template <bool Q4>
-static inline void dot_row(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t stride,
-                           int valid, float* y) {
+// R rows (x: R x K), TC channels (q, d, m: the first channel's row; rows of the weights are `stride` bytes apart):
+// each block of weights dequantised once, in registers, and used for the R rows.
+template <bool Q4, int R, int TC>
+static inline void dot_rows(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t stride,
+                            int valid, float* y, int64_t ldy) {
     const int64_t nb = K / 32;
-    __m256 acc[T];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    __m256 acc[R][TC];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TC; t++) acc[r][t] = _mm256_setzero_ps();
     constexpr int64_t block_bytes = Q4 ? 16 : 32;
     for (int64_t b = 0; b < nb; b++) {
-        if (b * block_bytes % 64 == 0)  // the same line of the next T channels (this thread's next pass; past the end, a prefetch never faults)
-            for (int t = 0; t < T; t++) _mm_prefetch((const char*)(q + (T + t) * stride + b * block_bytes), _MM_HINT_T0);
-        const float* xb = x + b * 32;
-        const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8), x2 = _mm256_loadu_ps(xb + 16),
-                     x3 = _mm256_loadu_ps(xb + 24);
-        for (int t = 0; t < T; t++) {
+        if (b * block_bytes % 64 == 0)  // the same line of the next TC channels (this thread's next pass; past the end, a prefetch never faults)
+            for (int t = 0; t < TC; t++) _mm_prefetch((const char*)(q + (TC + t) * stride + b * block_bytes), _MM_HINT_T0);
+        for (int t = 0; t < TC; t++) {
             const int c = t < valid ? t : 0;  // past the last channel: repeat the first, discarded
             __m256 w[4];
             dequant<Q4>(q + c * stride, d + c * nb, Q4 ? m + c * nb : nullptr, b, w);
-            acc[t] = _mm256_fmadd_ps(w[0], x0, acc[t]);
-            acc[t] = _mm256_fmadd_ps(w[1], x1, acc[t]);
-            acc[t] = _mm256_fmadd_ps(w[2], x2, acc[t]);
-            acc[t] = _mm256_fmadd_ps(w[3], x3, acc[t]);
+            for (int r = 0; r < R; r++) {
+                const float* xb = x + r * K + b * 32;
+                acc[r][t] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), acc[r][t]);
+            }
         }
     }
-    for (int t = 0; t < valid; t++) y[t] = hsum(acc[t]);
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(acc[r][t]);
 }
 
 // R rows x T channels from T rows of dequantised weights w (T x K): 12 accumulators + 3 inputs + 1
@@ -103,6 +106,7 @@ static inline void tile(const float* x, int64_t K, const float* w, int valid, fl
         for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(a[r][t]);
 }
 
+constexpr int64_t SMALL_M = 7;                    // up to this many rows: weights dequantised in registers
 constexpr int64_t ROW_CHUNK_BYTES = 192 * 1024;  // inputs per chunk of rows: within a core's L2 (512 KiB on Zen 3)
 constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
 
@@ -110,11 +114,22 @@ constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
 template <bool Q4>
 static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
     const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
-    if (M == 1) {  // each weight used once: dequantised in registers
+    if (M <= SMALL_M) {  // each weight used M times: dequantised in registers, TC channels a pass (M x TC chains)
+        const int64_t tc = M <= 3 ? 4 : M == 4 ? 3 : M <= 6 ? 2 : 1;  // as many chains as AVX2's registers hold
 #pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n += T) {
-            const int valid = N - n < T ? (int)(N - n) : T;
-            dot_row<Q4>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n);
+        for (int64_t n = 0; n < N; n += tc) {
+            const int valid = N - n < tc ? (int)(N - n) : (int)tc;
+            const uint8_t* q = qs + n * row_bytes;
+            const float *dn = d + n * nb, *mn = Q4 ? m + n * nb : nullptr;
+            switch (M) {
+                case 1: dot_rows<Q4, 1, 4>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+                case 2: dot_rows<Q4, 2, 4>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+                case 3: dot_rows<Q4, 3, 4>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+                case 4: dot_rows<Q4, 4, 3>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+                case 5: dot_rows<Q4, 5, 2>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+                case 6: dot_rows<Q4, 6, 2>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+                default: dot_rows<Q4, 7, 1>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
+            }
         }
         return;
     }
