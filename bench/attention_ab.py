@@ -1,13 +1,9 @@
 """The attention kernel of two versions of kernels.cpp side by side: the working tree's and the one at a git
-revision, both built here and loaded into one process, interleaved.
+revision, both built here and loaded into one process, interleaved, at the shapes of the engine's steps (the
+packaged model's 9 query heads over 3 key/value heads of 64): medians, milliseconds and GFLOP/s, and whether both
+give the same bits. The whole engine on a backlog under each version: `bench/kernels_ab.py --backlog`.
 
-1. The kernel alone at the shapes of the engine's steps (the packaged model's 9 query heads over 3 key/value
-   heads of 64): medians, milliseconds and GFLOP/s, and whether both give the same bits.
-2. With `--backlog`: the default workload's 24 prompts through the engine at `--batch` rows (continuous
-   batching, as `dare bench --batch`), each mode under each kernel in turn, each kernel with the cost curve
-   measured under it; tokens/s per round, medians, and whether both kernels emit the same tokens.
-
-    .venv/bin/python bench/attention_ab.py --old HEAD~1 --backlog > bench/results/attention_ab.txt
+    .venv/bin/python bench/attention_ab.py --old HEAD~1 > bench/results/attention_ab.txt
 """
 
 from __future__ import annotations
@@ -60,59 +56,11 @@ def shapes(libs: dict[str, object], rounds: int) -> None:
         print(f"| {label} | {cells} | {same} |", flush=True)
 
 
-@torch.inference_mode()
-def backlog(libs: dict[str, object], batch: int, rounds: int, modes: list[str]) -> None:
-    from dare.benchmarks.batch import run_dare
-    from dare.benchmarks.workload import POOL_PATH, SPEC_PATH, default_prompts, read_pool
-    from dare.cli import load_lm
-    from infra.settings import load_settings
-    from workers.engine.backends.transformers import TransformersEngine, measure_cost
-    from workers.engine.runtime.model import chat_input_ids
-
-    settings = load_settings()
-    lm = load_lm(settings)
-    real = kernels.attention
-    pool, prompts = read_pool(POOL_PATH), default_prompts(SPEC_PATH)
-    inputs = [chat_input_ids(lm.tokenizer, p.prompt) for p in prompts]
-    segments = [p.segment for p in prompts]
-    engines = {}
-    for name, lib in libs.items():  # each kernel's engine schedules by the cost curve measured under it
-        kernels.attention = lambda _lib, *args, lib=lib: real(lib, *args)  # type: ignore[misc]
-        engines[name] = TransformersEngine(lm, measure_cost(lm.steps, lm.device))
-        print(f"{name}: cost curve ms {engines[name].cost.milliseconds()}", flush=True)
-    dare = next(iter(engines.values()))
-    pools = {segment: dare.pool(texts) for segment, texts in pool.items()}
-    global_pool = dare.pool(list(dict.fromkeys(t for texts in pool.values() for t in texts)))
-    print(f"{lm.describe()}; {len(inputs)} prompts, batch {batch}, {settings.max_new_tokens} new tokens")
-    rates: dict[tuple[str, str], list[float]] = {}
-    texts: dict[tuple[str, str], list] = {}
-    for r in range(rounds):
-        for mode in modes:
-            for name, lib in libs.items():
-                kernels.attention = lambda _lib, *args, lib=lib: real(lib, *args)  # type: ignore[misc]
-                result = run_dare(engines[name], segments, inputs, pools, global_pool, mode, batch, settings.max_new_tokens)
-                rates.setdefault((mode, name), []).append(result["tokens_per_s"])
-                texts[(mode, name)] = result["outputs"]
-                print(f"round {r + 1} {mode} {name}: {result['tokens_per_s']:.1f} tokens/s", flush=True)
-    kernels.attention = real
-    names = list(libs)
-    print(f"\n| mode | {' | '.join(f'{n} tokens/s' for n in names)} | {names[-1]} / {names[0]} | same tokens |")
-    print(f"| --- | {' | '.join('---:' for _ in names)} | ---: | --- |")
-    for mode in modes:
-        medians = [statistics.median(rates[(mode, n)]) for n in names]
-        same = all(texts[(mode, n)] == texts[(mode, names[0])] for n in names)
-        print(f"| {mode} | {' | '.join(f'{m:.1f}' for m in medians)} | {medians[-1] / medians[0]:.3f} | {same} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", default="HEAD", help="git revision of the other kernels.cpp")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backlog", action="store_true", help="also the 24-prompt backlog through the engine")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--backlog-rounds", type=int, default=3)
-    parser.add_argument("--modes", default="ar,relaxed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = Path(kernels.__file__).with_name("kernels.cpp")
@@ -123,8 +71,6 @@ def main() -> None:
         libs = {f"old ({rev})": build(old_source, Path(tmp), "old"), "new": build(source.read_text(), Path(tmp), "new")}
         print(f"attention kernel A/B, {time.strftime('%Y-%m-%d')}, {args.threads} threads, medians of {args.rounds}")
         shapes(libs, args.rounds)
-        if args.backlog:
-            backlog(libs, args.batch, args.backlog_rounds, args.modes.split(","))
 
 
 if __name__ == "__main__":
