@@ -106,32 +106,33 @@ static inline void tile(const float* x, int64_t K, const float* w, int valid, fl
         for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(a[r][t]);
 }
 
-constexpr int64_t SMALL_M = 7;                    // up to this many rows: weights dequantised in registers
 constexpr int64_t ROW_CHUNK_BYTES = 192 * 1024;  // inputs per chunk of rows: within a core's L2 (512 KiB on Zen 3)
 constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
+
+// R rows (up to 7), TC channels a pass (R x TC chains: as many as AVX2's 16 registers hold), the passes shared
+// among the threads.
+template <bool Q4, int R, int TC>
+static void gemm_small(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += TC) {
+        const int valid = N - n < TC ? (int)(N - n) : TC;
+        dot_rows<Q4, R, TC>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n, N);
+    }
+}
 
 // x: M x K (row-major), y: M x N; K a multiple of 32.
 template <bool Q4>
 static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
     const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
-    if (M <= SMALL_M) {  // each weight used M times: dequantised in registers, TC channels a pass (M x TC chains)
-        const int64_t tc = M <= 3 ? 4 : M == 4 ? 3 : M <= 6 ? 2 : 1;  // as many chains as AVX2's registers hold
-#pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n += tc) {
-            const int valid = N - n < tc ? (int)(N - n) : (int)tc;
-            const uint8_t* q = qs + n * row_bytes;
-            const float *dn = d + n * nb, *mn = Q4 ? m + n * nb : nullptr;
-            switch (M) {
-                case 1: dot_rows<Q4, 1, 4>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-                case 2: dot_rows<Q4, 2, 4>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-                case 3: dot_rows<Q4, 3, 4>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-                case 4: dot_rows<Q4, 4, 3>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-                case 5: dot_rows<Q4, 5, 2>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-                case 6: dot_rows<Q4, 6, 2>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-                default: dot_rows<Q4, 7, 1>(x, K, q, dn, mn, row_bytes, valid, y + n, N); break;
-            }
-        }
-        return;
+    switch (M) {  // few rows: each weight used M times, dequantised in registers
+        case 1: return gemm_small<Q4, 1, 4>(x, K, qs, d, m, N, y);
+        case 2: return gemm_small<Q4, 2, 4>(x, K, qs, d, m, N, y);
+        case 3: return gemm_small<Q4, 3, 4>(x, K, qs, d, m, N, y);
+        case 4: return gemm_small<Q4, 4, 3>(x, K, qs, d, m, N, y);
+        case 5: return gemm_small<Q4, 5, 2>(x, K, qs, d, m, N, y);
+        case 6: return gemm_small<Q4, 6, 2>(x, K, qs, d, m, N, y);
+        case 7: return gemm_small<Q4, 7, 1>(x, K, qs, d, m, N, y);
     }
     // Rows in chunks whose inputs stay in a core's L2 (every channel group reads all of them); each
     // chunk de-quantises the weights again, which costs less than streaming the inputs from L3.
