@@ -155,12 +155,11 @@ class PoolBuilderService:
         the input's beginning. Its pool shards and assignments are republished."""
         consumer = self.consumer
         assert consumer is not None
-        for p in partitions:
-            if p in self.builders:
-                continue
-            restored = self._restore(self.partition_path(p))
-            if restored is not None and self._beyond_the_end(p, restored.positions):
-                restored = None
+        new = [p for p in partitions if p not in self.builders]
+        checkpoints = {p: self._restore(self.partition_path(p)) for p in new}
+        ahead = self._beyond_the_end({p: c.positions for p, c in checkpoints.items() if c is not None})
+        for p in new:
+            restored = None if p in ahead else checkpoints[p]
             builder = restored or PoolBuilder(self.encoder, **self.config, shard=p)
             builder.pool_cap = math.ceil(self.config["pool_cap"] / max(1, self.partitions))
             builder.item_vectors, builder.item_segment = self.items.item_vectors, self.items.item_segment
@@ -183,16 +182,19 @@ class PoolBuilderService:
             builder.apply_centroids(self.centroids.centroids, self.centroids.version)  # its changes are all in what follows
         return builder.all_snapshots() + builder.all_assignments(items=False)
 
-    def _beyond_the_end(self, partition: int, positions: dict[str, int]) -> bool:
-        """A checkpoint that has read past where the inputs now end belongs to topics that are gone (a broker that
-        lost its data): it is set aside and the partition rebuilt from what the topics hold."""
-        tps = [TopicPartition(topic, partition) for topic in positions]
-        ends = end_offsets(self.settings, tps)
-        if all(positions[tp.topic] <= end for tp, end in ends.items()):
-            return False
-        log.warning("checkpoint ahead of its input topics (were they recreated?): rebuilding the partition from them",
-                    partition=partition, positions=positions, ends={tp.topic: end for tp, end in ends.items()})
-        return True
+    def _beyond_the_end(self, positions: dict[int, dict[str, int]]) -> set[int]:
+        """Of these partitions' checkpoints (their input positions), those that have read past where the inputs now
+        end: they belong to topics that are gone (a broker that lost its data), so they are set aside and the
+        partition rebuilt from what the topics hold."""
+        ends = end_offsets(self.settings, [TopicPartition(topic, p) for p, at in positions.items() for topic in at])
+        ahead = set()
+        for p, at in positions.items():
+            mine = {tp.topic: end for tp, end in ends.items() if tp.partition == p}
+            if any(at[topic] > end for topic, end in mine.items()):
+                log.warning("checkpoint ahead of its input topics (were they recreated?): rebuilding the partition from "
+                            "them", partition=p, positions=at, ends=mine)
+                ahead.add(p)
+        return ahead
 
     def rebalanced(self, listener: Rebalance) -> set[int]:
         """Act on the group's changes since the last poll; the partitions taken now."""

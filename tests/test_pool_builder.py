@@ -6,9 +6,10 @@ import time
 
 import numpy as np
 import pytest
+from kafka import KafkaAdminClient
 
 from dare.data import item_events, load_movielens, user_events
-from infra.kafka import make_producer, produce
+from infra.kafka import client_config, make_producer, produce
 from infra.reader import read_topic
 from pool_builder import checkpoint
 from pool_builder.builder import PoolBuilder
@@ -343,6 +344,25 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_state_rebuilt_from_the_topi
     assert rebuilt.counters.user_events == first.counters.user_events == 5_000
     assert rebuilt.user_segment.keys() == first.user_segment.keys()
     assert checkpoint.load(path, HashEncoder()).counters.user_events == users_in_it  # a good checkpoint again
+
+
+@pytest.mark.integration
+def test_checkpoints_ahead_of_recreated_topics_are_set_aside_and_the_partitions_rebuilt(kafka_settings, ml, tmp_path):
+    """A broker that lost its data: the user-events topic deleted and filled again with fewer events than the
+    checkpoints have read. Every partition is rebuilt from what the topic holds now."""
+    settings = kafka_settings
+    topics = Topics(settings.topic_prefix)
+    produce(settings, topics.item_events, list(item_events(ml)))
+
+    def run_service(ratings):
+        produce(settings, topics.user_events, user_events(ml, limit=ratings))
+        return PoolBuilderService(settings, tmp_path, segments=4, pool_cap=8, encoder=HashEncoder()).run(threading.Event(), idle_exit_s=3.0)
+
+    assert run_service(5_000).counters.user_events == 5_000
+    admin = KafkaAdminClient(**client_config(settings, "admin"))
+    admin.delete_topics([topics.user_events])
+    admin.close()
+    assert run_service(1_000).counters.user_events == 1_000  # not 5,000 from the old checkpoints
 
 
 def run_member(settings, state_dir):
