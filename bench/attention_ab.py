@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from kernels_ab import build  # bench/ is on the path of a script run from it
+from kernels_ab import build, source_at  # bench/ is on the path of a script run from it
 
 from workers.engine.runtime import kernels
 
@@ -63,12 +63,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    source = Path(kernels.__file__).with_name("kernels.cpp")
-    relative = source.relative_to(Path(__file__).resolve().parent.parent)
-    old_source = subprocess.run(["git", "show", f"{args.old}:{relative}"], check=True, capture_output=True, text=True).stdout
     rev = subprocess.run(["git", "rev-parse", "--short", args.old], check=True, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {f"old ({rev})": build(old_source, Path(tmp), "old"), "new": build(source.read_text(), Path(tmp), "new")}
+        libs = {f"old ({rev})": build(source_at(args.old), Path(tmp), "old"), "new": build(kernels.SOURCE.read_text(), Path(tmp), "new")}
         print(f"attention kernel A/B, {time.strftime('%Y-%m-%d')}, {args.threads} threads, medians of {args.rounds}")
         shapes(libs, args.rounds)
 

@@ -34,6 +34,12 @@ def build(source: str, directory: Path, name: str) -> object:
     return kernels._load(directory / f"{name}.so")
 
 
+def source_at(revision: str) -> str:
+    """kernels.cpp as it is at a git revision."""
+    return subprocess.run(["git", "show", f"{revision}:workers/engine/runtime/kernels.cpp"], check=True, capture_output=True,
+                          text=True, cwd=kernels.SOURCE.parent).stdout
+
+
 @torch.inference_mode()
 def backlog(libs: dict[str, object], batch: int, rounds: int, modes: list[str]) -> None:
     from dare.benchmarks.batch import run_dare
@@ -95,8 +101,7 @@ def main() -> None:
     parser.add_argument("--modes", default="ar,relaxed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old = subprocess.run(["git", "show", f"{args.old}:workers/engine/runtime/kernels.cpp"], check=True, capture_output=True,
-                         text=True, cwd=kernels.SOURCE.parent).stdout
+    old = source_at(args.old)
     with tempfile.TemporaryDirectory() as tmp:
         libs = {args.old: build(old, Path(tmp), "old"), "working tree": build(kernels.SOURCE.read_text(), Path(tmp), "new")}
         if args.backlog:
