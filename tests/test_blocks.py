@@ -37,9 +37,9 @@ def as_blocks(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return kernels.library(tmp_path_factory.mktemp("kernels"))
+@pytest.fixture(scope="module", params=kernels.runnable())  # AVX-512: another order of sums, the same rules
+def lib(tmp_path_factory, request):
+    return kernels.build(tmp_path_factory.mktemp("kernels"), request.param)
 
 
 def test_derive_finds_the_blocks_again_and_refuses_other_weights():
@@ -59,14 +59,15 @@ def test_derive_finds_the_blocks_again_and_refuses_other_weights():
 @pytest.mark.parametrize("round_trip", [q4_1_round_trip, q8_0_round_trip])
 def test_kernel_is_the_exact_weights_product_and_rows_do_not_depend_on_the_batch(lib, round_trip):
     torch.manual_seed(1)
-    weight = round_trip(torch.randn(7, 128) * 0.05)  # 7 outputs: passes of 2, 3 or 4 channels end in a partial one
+    weight = round_trip(torch.randn(7, 128) * 0.05)  # 7 outputs: passes of 2, 3, 4, 6 or 8 channels end in a partial one
     found = blocks.derive(weight)
     assert found is not None
-    x = torch.randn(9, 128)
+    x = torch.randn(17, 128)
     out = blocks.matmul(lib, x, found)
     torch.testing.assert_close(out.double(), x.double() @ weight.double().T, atol=2e-6, rtol=1e-6)
-    for rows in range(1, 9):  # one row alone, and in calls of other sizes (registers up to 7 rows): the same bits
-        for start in range(0, 9 - rows + 1, rows):
+    for rows in range(1, 18):  # one row alone, and in calls of other sizes (registers up to 7 rows, then tiles of
+        # 3 or 6 rows and every remainder): the same bits
+        for start in range(0, 17 - rows + 1, rows):
             assert torch.equal(blocks.matmul(lib, x[start:start + rows], found), out[start:start + rows])
 
 
@@ -90,3 +91,19 @@ def test_concat_stacks_outputs(lib):
     x = torch.randn(3, 64)
     assert torch.equal(blocks.matmul(lib, x, joined), torch.cat([blocks.matmul(lib, x, blocks.derive(p)) for p in parts], 1))
     assert blocks.concat([blocks.derive(parts[0]), blocks.derive(q8_0_round_trip(parts[1]))]) is None
+
+
+def test_the_instruction_set_can_be_forced_and_a_wrong_one_is_refused(monkeypatch):
+    monkeypatch.setenv("DARE_KERNELS_ISA", "avx2")
+    assert kernels.isa() == "avx2" and "-mavx512f" not in kernels.flags()
+    forced = kernels.digest()
+    monkeypatch.setenv("DARE_KERNELS_ISA", "sse2")
+    with pytest.raises(kernels.KernelBuildError, match="expected one of avx2, avx512"):
+        kernels.isa()
+    monkeypatch.delenv("DARE_KERNELS_ISA")
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert kernels.isa() == "avx512" and kernels.digest() != forced  # cost curves are not shared between the builds
+    else:
+        monkeypatch.setenv("DARE_KERNELS_ISA", "avx512")
+        with pytest.raises(kernels.KernelBuildError, match="this CPU offers"):
+            kernels.isa()

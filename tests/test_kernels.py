@@ -12,9 +12,9 @@ from workers.engine.runtime import kernels
 pytestmark = pytest.mark.skipif(kernels.unavailable() is not None, reason=f"no CPU kernels here: {kernels.unavailable()}")
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return kernels.library(tmp_path_factory.mktemp("kernels"))
+@pytest.fixture(scope="module", params=kernels.runnable())  # AVX-512: another order of sums, the same rules
+def lib(tmp_path_factory, request):
+    return kernels.build(tmp_path_factory.mktemp("kernels"), request.param)
 
 
 def test_rms_norm_and_the_residual_add_match_transformers(lib):

@@ -1,4 +1,5 @@
-// The engine's own CPU kernels (AVX2, float32; kernels.py builds and loads them).
+// The engine's own CPU kernels (AVX2, and AVX-512 for the block GEMMs where the build has it; float32; kernels.py
+// builds and loads them).
 //
 // 1. Block GEMMs: y = x W^T with W held as the GGUF's own blocks of 32 weights per row (blocks.py says why).
 //   Q4_1: w = d * q + m, q in 0..15; byte j of a block holds q[j] (low nibble) and q[j + 16] (high nibble).
@@ -121,9 +122,149 @@ static void gemm_small(const float* x, int64_t K, const uint8_t* qs, const float
     }
 }
 
+#if defined(__AVX512F__)
+// ---- 1b. The same GEMMs on AVX-512 (built where the CPU has it, kernels.py): 16 lanes, 32 registers. A server
+// core's two 512-bit FMA units double the fp32 roof of AVX2. The order of every output's sum is again the same for
+// any number of rows: one accumulator over the 16-lane groups of k in order, then the 16 lanes added (hsum16)
+// — another order than AVX2's, so the two builds' bits differ, but each build's rows never depend on M.
+
+static inline void dequant_q4_16(const uint8_t* q, float d, float m, __m512 w[2]) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)q), nibble = _mm_set1_epi8(0x0F);
+    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, nibble))), dv, mv);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble))), dv, mv);
+}
+
+static inline void dequant_q8_16(const int8_t* q, float d, __m512 w[2]) {
+    const __m512 dv = _mm512_set1_ps(d);
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))), dv);
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16)))), dv);
+}
+
+template <bool Q4>
+static inline void dequant16(const uint8_t* q, const float* d, const float* m, int64_t b, __m512 w[2]) {
+    if (Q4) dequant_q4_16(q + b * 16, d[b], m[b], w);
+    else dequant_q8_16((const int8_t*)q + b * 32, d[b], w);
+}
+
+static inline float hsum16(__m512 v) {
+    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+// As dot_rows, 16 lanes: R rows x TC channels of chains.
+template <bool Q4, int R, int TC>
+static inline void dot_rows16(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t stride,
+                              int valid, float* y, int64_t ldy) {
+    const int64_t nb = K / 32;
+    __m512 acc[R][TC];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TC; t++) acc[r][t] = _mm512_setzero_ps();
+    constexpr int64_t block_bytes = Q4 ? 16 : 32;
+    for (int64_t b = 0; b < nb; b++) {
+        if (b * block_bytes % 64 == 0)
+            for (int t = 0; t < TC; t++) _mm_prefetch((const char*)(q + (TC + t) * stride + b * block_bytes), _MM_HINT_T0);
+        for (int t = 0; t < TC; t++) {
+            const int c = t < valid ? t : 0;
+            __m512 w[2];
+            dequant16<Q4>(q + c * stride, d + c * nb, Q4 ? m + c * nb : nullptr, b, w);
+            for (int r = 0; r < R; r++) {
+                const float* xb = x + r * K + b * 32;
+                acc[r][t] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xb), acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xb + 16), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum16(acc[r][t]);
+}
+
+template <bool Q4, int R, int TC>
+static void gemm_small16(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += TC) {
+        const int valid = N - n < TC ? (int)(N - n) : TC;
+        dot_rows16<Q4, R, TC>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n, N);
+    }
+}
+
+constexpr int TILE16 = 6;  // rows of a wide tile (6 x 4 and 4 x 6 measured alike; 3 x 8, 5 x 4, 7 x 3, 2 x 12 slower)
+
+// As tile, 16 lanes: R rows (up to 6) x T channels = 24 accumulators + 6 inputs + 1 weight of 32 registers.
+template <int R>
+static inline void tile16(const float* x, int64_t K, const float* w, int valid, float* y, int64_t ldy) {
+    __m512 a[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) a[r][t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 xs[R];
+        for (int r = 0; r < R; r++) xs[r] = _mm512_loadu_ps(x + r * K + k);
+        for (int t = 0; t < T; t++) {
+            const __m512 wt = _mm512_load_ps(w + t * K + k);
+            for (int r = 0; r < R; r++) a[r][t] = _mm512_fmadd_ps(wt, xs[r], a[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum16(a[r][t]);
+}
+
+
+template <bool Q4>
+static void gemm16(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
+    switch (M) {
+        case 1: return gemm_small16<Q4, 1, 8>(x, K, qs, d, m, N, y);
+        case 2: return gemm_small16<Q4, 2, 8>(x, K, qs, d, m, N, y);
+        case 3: return gemm_small16<Q4, 3, 6>(x, K, qs, d, m, N, y);
+        case 4: return gemm_small16<Q4, 4, 6>(x, K, qs, d, m, N, y);
+        case 5: return gemm_small16<Q4, 5, 4>(x, K, qs, d, m, N, y);
+        case 6: return gemm_small16<Q4, 6, 4>(x, K, qs, d, m, N, y);
+        case 7: return gemm_small16<Q4, 7, 3>(x, K, qs, d, m, N, y);
+        case 8: return gemm_small16<Q4, 8, 3>(x, K, qs, d, m, N, y);  // 8 and 9 rows: 1.1x the buffer; 10 and more: not
+        case 9: return gemm_small16<Q4, 9, 2>(x, K, qs, d, m, N, y);
+    }
+    const int64_t chunk = M <= ROW_CHUNK_MIN ? M : (ROW_CHUNK_BYTES / (K * (int64_t)sizeof(float))) / TILE16 * TILE16 + TILE16;
+#pragma omp parallel
+    {
+        float* w = (float*)aligned_alloc(64, T * K * sizeof(float));
+        for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+            const int64_t rows = M - r0 < chunk ? M - r0 : chunk;
+            const float* xc = x + r0 * K;
+            float* yc = y + r0 * N;
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n += T) {
+                const int valid = N - n < T ? (int)(N - n) : T;
+                for (int t = 0; t < T; t++) {
+                    const int64_t c = n + (t < valid ? t : 0);
+                    for (int64_t b = 0; b < nb; b++) {
+                        __m512 v[2];
+                        dequant16<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
+                        _mm512_store_ps(w + t * K + b * 32, v[0]);
+                        _mm512_store_ps(w + t * K + b * 32 + 16, v[1]);
+                    }
+                }
+                int64_t r = 0;
+                for (; r + TILE16 <= rows; r += TILE16) tile16<TILE16>(xc + r * K, K, w, valid, yc + r * N + n, N);
+                switch (rows - r) {
+                    case 5: tile16<5>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
+                    case 4: tile16<4>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
+                    case 3: tile16<3>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
+                    case 2: tile16<2>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
+                    case 1: tile16<1>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
+                }
+            }
+        }
+        free(w);
+    }
+}
+#endif
+
 // x: M x K (row-major), y: M x N; K a multiple of 32.
 template <bool Q4>
 static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+#if defined(__AVX512F__)
+    return gemm16<Q4>(x, M, K, qs, d, m, N, y);
+#else
     const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
     switch (M) {  // few rows: each weight used M times, dequantised in registers
         case 1: return gemm_small<Q4, 1, 4>(x, K, qs, d, m, N, y);
@@ -163,6 +304,7 @@ static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const 
         }
         free(w);
     }
+#endif
 }
 
 extern "C" void q4_1_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
@@ -393,21 +535,35 @@ extern "C" int attention(const float* q, int64_t qb, int64_t qh, int64_t qt, con
 
 // ---- 3. the roof ----
 
-// For benches: fp32 FLOP/s of independent FMAs on every thread (10 chains each, in registers), the
-// ceiling a GEMM here is measured against.
+// For benches: fp32 FLOP/s of independent FMAs on every thread (10 chains each, in registers; the widest
+// registers of this build), the ceiling a GEMM here is measured against.
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define VFMA _mm512_fmadd_ps
+#define VSET _mm512_set1_ps
+constexpr int LANES = 16;
+#else
+typedef __m256 vec;
+#define VFMA _mm256_fmadd_ps
+#define VSET _mm256_set1_ps
+constexpr int LANES = 8;
+#endif
 extern "C" double fma_roof(int64_t iterations) {
     double flops = 0;
 #pragma omp parallel reduction(+ : flops)
     {
-        __m256 a[10], x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
-        for (int i = 0; i < 10; i++) a[i] = _mm256_set1_ps((float)i);
+        vec a[10], x = VSET(0.999999f), y = VSET(1e-7f);
+        for (int i = 0; i < 10; i++) a[i] = VSET((float)i);
         for (int64_t n = 0; n < iterations; n++)
-            for (int i = 0; i < 10; i++) a[i] = _mm256_fmadd_ps(a[i], x, y);
-        float sink[8];
-        __m256 s = a[0];
-        for (int i = 1; i < 10; i++) s = _mm256_add_ps(s, a[i]);
-        _mm256_storeu_ps(sink, s);
-        flops += (double)iterations * 10 * 16 + (sink[0] == 12345.f);  // 8 lanes x 2 flops per FMA
+            for (int i = 0; i < 10; i++) a[i] = VFMA(a[i], x, y);
+        float sink[LANES];
+        memcpy(sink, &a[0], sizeof(sink));
+        for (int i = 1; i < 10; i++) {
+            float more[LANES];
+            memcpy(more, &a[i], sizeof(more));
+            sink[0] += more[0];
+        }
+        flops += (double)iterations * 10 * 2 * LANES + (sink[0] == 12345.f);  // 2 flops per FMA per lane
     }
     return flops;
 }

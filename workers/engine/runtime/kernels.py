@@ -1,10 +1,14 @@
-"""The engine's own CPU kernels (kernels.cpp: AVX2, float32), built on first use and called with ctypes.
+"""The engine's own CPU kernels (kernels.cpp: AVX2, and AVX-512 where the CPU has it; float32), built on first
+use and called with ctypes.
 
 GEMMs over the GGUF's own Q4_1/Q8_0 blocks (blocks.py), and a decoder layer's glue for the lean forward
 (lean.py: RMSNorm, residual add + RMSNorm, rotary in place, SiLU(gate) * up, grouped-query attention). The source
 is compiled with the system's g++ (~2 s) into the cache directory once per source and flags, and
 loaded into this process; its OpenMP resolves to the runtime torch loaded, so both share threads.
-`unavailable()` says why the kernels cannot run here (no AVX2, no compiler).
+`unavailable()` says why the kernels cannot run here (no AVX2, no compiler). The instruction set is AVX-512
+where torch finds it (`torch.backends.cpu.get_cpu_capability()`), else AVX2; `DARE_KERNELS_ISA=avx2` forces
+AVX2. Each build's block GEMMs sum in their own order (8 or 16 lanes): outputs differ in the last bits between
+the two, and within one build a row's output never depends on the rows beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ log = structlog.get_logger()
 SOURCE = Path(__file__).with_name("kernels.cpp")
 # no fused multiply-adds but the written ones: the glue rounds as torch does where it can (rotary)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+ISA_FLAGS = {"avx2": [], "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -49,6 +54,27 @@ def unavailable() -> str | None:
     return None
 
 
+def isa() -> str:
+    """The instruction set the kernels are built for here: "avx512" or "avx2"."""
+    asked = os.environ.get("DARE_KERNELS_ISA", "").strip().lower()
+    if asked and asked not in ISA_FLAGS:
+        raise KernelBuildError(f"DARE_KERNELS_ISA={asked!r}: expected one of {', '.join(ISA_FLAGS)}")
+    found = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    if asked == "avx512" and found != "avx512":
+        raise KernelBuildError(f"DARE_KERNELS_ISA=avx512 but this CPU offers {torch.backends.cpu.get_cpu_capability()}")
+    return asked or found
+
+
+def runnable() -> list[str]:
+    """Every instruction set the kernels can be built for on this CPU (tests run each)."""
+    return ["avx2"] + (["avx512"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [])
+
+
+def flags(instructions: str | None = None) -> list[str]:
+    """The compiler flags for `instructions` (default: `isa()`)."""
+    return FLAGS + ISA_FLAGS[instructions or isa()]
+
+
 def library(cache_dir: Path) -> ctypes.CDLL:
     """The kernels, built into `cache_dir`/kernels once per source and compiler flags. One library per
     process: the first call builds or finds it; later calls return it whatever their `cache_dir`."""
@@ -59,27 +85,35 @@ def library(cache_dir: Path) -> ctypes.CDLL:
         return _library
 
 
-def digest(cxx: str | None = None) -> str:
+def digest(cxx: str | None = None, instructions: str | None = None) -> str:
     """Names the kernels' source and compiler flags: their library's file, and the cost curves measured on it."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx or compiler() or "", *FLAGS]).encode()).hexdigest()[:16]
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx or compiler() or "", *flags(instructions)]).encode()).hexdigest()[:16]
 
 
-def _build(cache_dir: Path) -> Path:
+def build(cache_dir: Path, instructions: str | None = None) -> ctypes.CDLL:
+    """A library of these kernels for `instructions` (default: `isa()`), beside the one `library` loaded: for tests
+    and benches that compare the two builds."""
+    with _lock:
+        return _load(_build(cache_dir, instructions))
+
+
+def _build(cache_dir: Path, instructions: str | None = None) -> Path:
     cxx = compiler()
     if cxx is None:
         raise KernelBuildError(unavailable() or "no C++ compiler")
-    target = cache_dir / "kernels" / f"kernels-{digest(cxx)}.so"
+    used = flags(instructions)
+    target = cache_dir / "kernels" / f"kernels-{digest(cxx, instructions)}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], check=False, capture_output=True, text=True)
+        done = subprocess.run([cxx, *used, str(SOURCE), "-o", str(built)], check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise KernelBuildError(f"building {SOURCE.name} with {cxx} failed: {done.stderr.strip()[-800:]}")
         os.replace(built, target)  # atomic: processes building at once each leave a whole library
-    log.info("CPU kernels built", path=str(target), seconds=round(time.perf_counter() - start, 1))
+    log.info("CPU kernels built", path=str(target), isa=instructions or isa(), seconds=round(time.perf_counter() - start, 1))
     return target
 
 
