@@ -7,7 +7,7 @@ is compiled with the system's g++ (~2 s) into the cache directory once per sourc
 loaded into this process; its OpenMP resolves to the runtime torch loaded, so both share threads.
 `unavailable()` says why the kernels cannot run here (no AVX2, no compiler). The instruction set is AVX-512
 where torch finds it (`torch.backends.cpu.get_cpu_capability()`), else AVX2; `DARE_KERNELS_ISA=avx2` forces
-AVX2. Each build's block GEMMs sum in their own order (8 or 16 lanes): outputs differ in the last bits between
+AVX2 (read here from the environment, as the setting of that name documents). Each build's block GEMMs sum in their own order (8 or 16 lanes): outputs differ in the last bits between
 the two, and within one build a row's output never depends on the rows beside it.
 """
 
@@ -56,9 +56,10 @@ def unavailable() -> str | None:
 
 def isa() -> str:
     """The instruction set the kernels are built for here: "avx512" or "avx2"."""
-    asked = os.environ.get("DARE_KERNELS_ISA", "").strip().lower()
+    asked = os.environ.get("DARE_KERNELS_ISA", "").strip().lower()  # the setting of that name (infra.settings)
+    asked = "" if asked == "auto" else asked
     if asked and asked not in ISA_FLAGS:
-        raise KernelBuildError(f"DARE_KERNELS_ISA={asked!r}: expected one of {', '.join(ISA_FLAGS)}")
+        raise KernelBuildError(f"DARE_KERNELS_ISA={asked!r}: expected auto, {' or '.join(ISA_FLAGS)}")
     found = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
     if asked == "avx512" and found != "avx512":
         raise KernelBuildError(f"DARE_KERNELS_ISA=avx512 but this CPU offers {torch.backends.cpu.get_cpu_capability()}")
