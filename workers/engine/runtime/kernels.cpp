@@ -23,7 +23,10 @@
 #include <cstring>
 #include <vector>
 
-static inline void dequant_q4(const uint8_t* q, float d, float m, __m256 w[4]) {
+// The block GEMMs' helpers must vanish into their loops.
+#define ALWAYS inline __attribute__((always_inline))
+
+static ALWAYS void dequant_q4(const uint8_t* q, float d, float m, __m256 w[4]) {
     const __m128i raw = _mm_loadu_si128((const __m128i*)q), nibble = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(raw, nibble), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
     const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
@@ -33,7 +36,7 @@ static inline void dequant_q4(const uint8_t* q, float d, float m, __m256 w[4]) {
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
 }
 
-static inline void dequant_q8(const int8_t* q, float d, __m256 w[4]) {
+static ALWAYS void dequant_q8(const int8_t* q, float d, __m256 w[4]) {
     const __m256 dv = _mm256_set1_ps(d);
     for (int i = 0; i < 4; i++)
         w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * i)))), dv);
@@ -41,7 +44,7 @@ static inline void dequant_q8(const int8_t* q, float d, __m256 w[4]) {
 
 // Block b of one output channel's row (q, d, m point at that row).
 template <bool Q4>
-static inline void dequant(const uint8_t* q, const float* d, const float* m, int64_t b, __m256 w[4]) {
+static ALWAYS void dequant(const uint8_t* q, const float* d, const float* m, int64_t b, __m256 w[4]) {
     if (Q4) dequant_q4(q + b * 16, d[b], m[b], w);
     else dequant_q8((const int8_t*)q + b * 32, d[b], w);
 }
@@ -53,234 +56,167 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// The order of every output's sum, whatever the number of rows: one accumulator over the 8-lane
-// groups of k in order, then the 8 lanes added (hsum). Weights are dequantised into registers for a
-// few rows (several channels at once, for independent chains), into an L1 buffer otherwise.
-constexpr int T = 4;  // output channels per pass
-
-// R rows (x: R x K), TC channels (q, d, m: the first channel's row; rows of the weights are `stride` bytes apart):
-// each block of weights dequantised once, in registers, and used for the R rows.
-template <bool Q4, int R, int TC>
-static inline void dot_rows(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t stride,
-                            int valid, float* y, int64_t ldy) {
-    const int64_t nb = K / 32;
-    __m256 acc[R][TC];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < TC; t++) acc[r][t] = _mm256_setzero_ps();
-    constexpr int64_t block_bytes = Q4 ? 16 : 32;
-    for (int64_t b = 0; b < nb; b++) {
-        if (b * block_bytes % 64 == 0)  // the same line of the next TC channels (this thread's next pass; past the end, a prefetch never faults)
-            for (int t = 0; t < TC; t++) _mm_prefetch((const char*)(q + (TC + t) * stride + b * block_bytes), _MM_HINT_T0);
-        for (int t = 0; t < TC; t++) {
-            const int c = t < valid ? t : 0;  // past the last channel: repeat the first, discarded
-            __m256 w[4];
-            dequant<Q4>(q + c * stride, d + c * nb, Q4 ? m + c * nb : nullptr, b, w);
-            for (int r = 0; r < R; r++) {
-                const float* xb = x + r * K + b * 32;
-                acc[r][t] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), acc[r][t]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(acc[r][t]);
-}
-
-// R rows x T channels from T rows of dequantised weights w (T x K): 12 accumulators + 3 inputs + 1
-// weight = AVX2's 16 registers.
-template <int R>
-static inline void tile(const float* x, int64_t K, const float* w, int valid, float* y, int64_t ldy) {
-    __m256 a[R][T];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) a[r][t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-        __m256 xs[R];
-        for (int r = 0; r < R; r++) xs[r] = _mm256_loadu_ps(x + r * K + k);
-        for (int t = 0; t < T; t++) {
-            const __m256 wt = _mm256_load_ps(w + t * K + k);
-            for (int r = 0; r < R; r++) a[r][t] = _mm256_fmadd_ps(wt, xs[r], a[r][t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum(a[r][t]);
-}
-
-constexpr int64_t ROW_CHUNK_BYTES = 192 * 1024;  // inputs per chunk of rows: within a core's L2 (512 KiB on Zen 3)
-constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
-
-// R rows (up to 7), TC channels a pass (R x TC chains: as many as AVX2's 16 registers hold), the passes shared
-// among the threads.
-template <bool Q4, int R, int TC>
-static void gemm_small(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
-    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n += TC) {
-        const int valid = N - n < TC ? (int)(N - n) : TC;
-        dot_rows<Q4, R, TC>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n, N);
-    }
-}
-
 #if defined(__AVX512F__)
-// ---- 1b. The same GEMMs on AVX-512 (built where the CPU has it, kernels.py): 16 lanes, 32 registers. A server
-// core's two 512-bit FMA units double the fp32 roof of AVX2. The order of every output's sum is again the same for
-// any number of rows: one accumulator over the 16-lane groups of k in order, then the 16 lanes added (hsum16)
-// — another order than AVX2's, so the two builds' bits differ, but each build's rows never depend on M.
-
-static inline void dequant_q4_16(const uint8_t* q, float d, float m, __m512 w[2]) {
+// AVX-512 (built where the CPU has it, kernels.py): a server core's two 512-bit FMA units double AVX2's fp32 roof.
+static ALWAYS void dequant_q4_16(const uint8_t* q, float d, float m, __m512 w[2]) {
     const __m128i raw = _mm_loadu_si128((const __m128i*)q), nibble = _mm_set1_epi8(0x0F);
     const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
     w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, nibble))), dv, mv);
     w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble))), dv, mv);
 }
 
-static inline void dequant_q8_16(const int8_t* q, float d, __m512 w[2]) {
+static ALWAYS void dequant_q8_16(const int8_t* q, float d, __m512 w[2]) {
     const __m512 dv = _mm512_set1_ps(d);
     w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q))), dv);
     w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16)))), dv);
 }
+#endif
 
-template <bool Q4>
-static inline void dequant16(const uint8_t* q, const float* d, const float* m, int64_t b, __m512 w[2]) {
-    if (Q4) dequant_q4_16(q + b * 16, d[b], m[b], w);
-    else dequant_q8_16((const int8_t*)q + b * 32, d[b], w);
-}
+// The block GEMMs are written once over a register type: Lanes8 (AVX2) or Lanes16 (AVX-512). The order of every
+// output's sum, whatever the number of rows: one accumulator over the L-lane groups of k in order, then the L lanes
+// added (sum). So a row's output never depends on the rows beside it; the two register types sum in different
+// orders, so an AVX2 build's bits differ from an AVX-512 build's. Weights are dequantised into registers for a few
+// rows (several channels at once, for independent chains), into an L1 buffer otherwise (tiles of TILE rows).
+struct Lanes8 {
+    typedef __m256 V;
+    static constexpr int L = 8, TILE = 3;  // tile: 3 rows x T channels = 12 accumulators + 3 inputs + 1 weight of 16 registers
+    // 1-7 rows in registers, as many chains (rows x channels) as 16 registers hold; from 8 rows the buffer wins
+    // (one channel a pass measured 22.2 vs 20.0 ms at 8)
+    static constexpr int FEW = 7;
+    static constexpr int channels(int rows) { return rows <= 3 ? 4 : rows == 4 ? 3 : rows <= 6 ? 2 : 1; }
+    static ALWAYS V zero() { return _mm256_setzero_ps(); }
+    static ALWAYS V load(const float* p) { return _mm256_loadu_ps(p); }
+    static ALWAYS V load_aligned(const float* p) { return _mm256_load_ps(p); }
+    static ALWAYS void store_aligned(float* p, V v) { _mm256_store_ps(p, v); }
+    static ALWAYS V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static ALWAYS float sum(V v) { return hsum(v); }
+    template <bool Q4>
+    static ALWAYS void dequant(const uint8_t* q, const float* d, const float* m, int64_t b, V w[32 / L]) { ::dequant<Q4>(q, d, m, b, w); }
+};
 
-static inline float hsum16(__m512 v) {
-    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
-}
+#if defined(__AVX512F__)
+struct Lanes16 {
+    typedef __m512 V;
+    // tile: 6 rows x T channels = 24 accumulators + 6 inputs + 1 weight of 32 registers (4 x 6 measured alike;
+    // 3 x 8, 5 x 4, 7 x 3, 2 x 12 slower)
+    static constexpr int L = 16, TILE = 6;
+    // 1-9 rows in registers (8 and 9 rows: 1.1x the buffer; 10 and more: not)
+    static constexpr int FEW = 9;
+    static constexpr int channels(int rows) { return rows <= 2 ? 8 : rows <= 4 ? 6 : rows <= 6 ? 4 : rows <= 8 ? 3 : 2; }
+    static ALWAYS V zero() { return _mm512_setzero_ps(); }
+    static ALWAYS V load(const float* p) { return _mm512_loadu_ps(p); }
+    static ALWAYS V load_aligned(const float* p) { return _mm512_load_ps(p); }
+    static ALWAYS void store_aligned(float* p, V v) { _mm512_store_ps(p, v); }
+    static ALWAYS V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static ALWAYS float sum(V v) { return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))); }
+    template <bool Q4>
+    static ALWAYS void dequant(const uint8_t* q, const float* d, const float* m, int64_t b, V w[32 / L]) {
+        if (Q4) dequant_q4_16(q + b * 16, d[b], m[b], w);
+        else dequant_q8_16((const int8_t*)q + b * 32, d[b], w);
+    }
+};
+typedef Lanes16 GemmLanes;
+#else
+typedef Lanes8 GemmLanes;
+#endif
 
-// As dot_rows, 16 lanes: R rows x TC channels of chains.
-template <bool Q4, int R, int TC>
-static inline void dot_rows16(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t stride,
-                              int valid, float* y, int64_t ldy) {
+constexpr int T = 4;  // output channels per pass of the buffer path
+
+// R rows (x: R x K), TC channels (q, d, m: the first channel's row; rows of the weights are `stride` bytes apart):
+// each block of weights dequantised once, in registers, and used for the R rows. Not inlined: inside its caller's
+// loop g++ spilled the chains to the stack on AVX2 (0.8x at 5-6 rows).
+template <class X, bool Q4, int R, int TC>
+static __attribute__((noinline)) void dot_rows(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m,
+                                               int64_t stride, int valid, float* y, int64_t ldy) {
     const int64_t nb = K / 32;
-    __m512 acc[R][TC];
+    typename X::V acc[R][TC];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < TC; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < TC; t++) acc[r][t] = X::zero();
     constexpr int64_t block_bytes = Q4 ? 16 : 32;
     for (int64_t b = 0; b < nb; b++) {
-        if (b * block_bytes % 64 == 0)
+        if (b * block_bytes % 64 == 0)  // the same line of the next TC channels (this thread's next pass; past the end, a prefetch never faults)
             for (int t = 0; t < TC; t++) _mm_prefetch((const char*)(q + (TC + t) * stride + b * block_bytes), _MM_HINT_T0);
         for (int t = 0; t < TC; t++) {
-            const int c = t < valid ? t : 0;
-            __m512 w[2];
-            dequant16<Q4>(q + c * stride, d + c * nb, Q4 ? m + c * nb : nullptr, b, w);
+            const int c = t < valid ? t : 0;  // past the last channel: repeat the first, discarded
+            typename X::V w[32 / X::L];
+            X::template dequant<Q4>(q + c * stride, d + c * nb, Q4 ? m + c * nb : nullptr, b, w);
             for (int r = 0; r < R; r++) {
                 const float* xb = x + r * K + b * 32;
-                acc[r][t] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xb), acc[r][t]);
-                acc[r][t] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xb + 16), acc[r][t]);
+                acc[r][t] = X::fma(w[0], X::load(xb), acc[r][t]);
+                acc[r][t] = X::fma(w[1], X::load(xb + X::L), acc[r][t]);
+                if constexpr (X::L == 8) {
+                    acc[r][t] = X::fma(w[2], X::load(xb + 16), acc[r][t]);
+                    acc[r][t] = X::fma(w[3], X::load(xb + 24), acc[r][t]);
+                }
             }
         }
     }
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum16(acc[r][t]);
+        for (int t = 0; t < valid; t++) y[r * ldy + t] = X::sum(acc[r][t]);
 }
 
-template <bool Q4, int R, int TC>
-static void gemm_small16(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+// R rows x T channels from T rows of dequantised weights w (T x K).
+template <class X, int R>
+static ALWAYS void tile(const float* x, int64_t K, const float* w, int valid, float* y, int64_t ldy) {
+    typename X::V a[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) a[r][t] = X::zero();
+    for (int64_t k = 0; k < K; k += X::L) {
+        typename X::V xs[R];
+        for (int r = 0; r < R; r++) xs[r] = X::load(x + r * K + k);
+        for (int t = 0; t < T; t++) {
+            const typename X::V wt = X::load_aligned(w + t * K + k);
+            for (int r = 0; r < R; r++) a[r][t] = X::fma(wt, xs[r], a[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < valid; t++) y[r * ldy + t] = X::sum(a[r][t]);
+}
+
+// The last rows of a chunk (fewer than a tile): one tile of `rows` rows.
+template <class X, int R>
+static ALWAYS void tile_rest(int64_t rows, const float* x, int64_t K, const float* w, int valid, float* y, int64_t ldy) {
+    if constexpr (R > 0) {
+        if (rows == R) tile<X, R>(x, K, w, valid, y, ldy);
+        else tile_rest<X, R - 1>(rows, x, K, w, valid, y, ldy);
+    }
+}
+
+constexpr int64_t ROW_CHUNK_BYTES = 192 * 1024;  // inputs per chunk of rows: within a core's L2 (512 KiB on Zen 3)
+constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
+
+// R rows, TC channels a pass (R x TC chains: as many as the registers hold), the passes shared among the threads.
+template <class X, bool Q4, int R, int TC>
+static bool gemm_small(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
     const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n += TC) {
         const int valid = N - n < TC ? (int)(N - n) : TC;
-        dot_rows16<Q4, R, TC>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n, N);
+        dot_rows<X, Q4, R, TC>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n, N);
     }
+    return true;
 }
 
-constexpr int TILE16 = 6;  // rows of a wide tile (6 x 4 and 4 x 6 measured alike; 3 x 8, 5 x 4, 7 x 3, 2 x 12 slower)
-
-// As tile, 16 lanes: R rows (up to 6) x T channels = 24 accumulators + 6 inputs + 1 weight of 32 registers.
-template <int R>
-static inline void tile16(const float* x, int64_t K, const float* w, int valid, float* y, int64_t ldy) {
-    __m512 a[R][T];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < T; t++) a[r][t] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512 xs[R];
-        for (int r = 0; r < R; r++) xs[r] = _mm512_loadu_ps(x + r * K + k);
-        for (int t = 0; t < T; t++) {
-            const __m512 wt = _mm512_load_ps(w + t * K + k);
-            for (int r = 0; r < R; r++) a[r][t] = _mm512_fmadd_ps(wt, xs[r], a[r][t]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < valid; t++) y[r * ldy + t] = hsum16(a[r][t]);
+// Few rows (up to X::FEW): each weight used M times, dequantised in registers, X::channels(M) channels a pass.
+// False: M rows go through the buffer.
+template <class X, bool Q4, int R = 1>
+static bool few_rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+    if constexpr (R > X::FEW) return false;
+    else if (M == R) return gemm_small<X, Q4, R, X::channels(R)>(x, K, qs, d, m, N, y);
+    else return few_rows<X, Q4, R + 1>(x, M, K, qs, d, m, N, y);
 }
-
-
-template <bool Q4>
-static void gemm16(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
-    const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
-    switch (M) {
-        case 1: return gemm_small16<Q4, 1, 8>(x, K, qs, d, m, N, y);
-        case 2: return gemm_small16<Q4, 2, 8>(x, K, qs, d, m, N, y);
-        case 3: return gemm_small16<Q4, 3, 6>(x, K, qs, d, m, N, y);
-        case 4: return gemm_small16<Q4, 4, 6>(x, K, qs, d, m, N, y);
-        case 5: return gemm_small16<Q4, 5, 4>(x, K, qs, d, m, N, y);
-        case 6: return gemm_small16<Q4, 6, 4>(x, K, qs, d, m, N, y);
-        case 7: return gemm_small16<Q4, 7, 3>(x, K, qs, d, m, N, y);
-        case 8: return gemm_small16<Q4, 8, 3>(x, K, qs, d, m, N, y);  // 8 and 9 rows: 1.1x the buffer; 10 and more: not
-        case 9: return gemm_small16<Q4, 9, 2>(x, K, qs, d, m, N, y);
-    }
-    const int64_t chunk = M <= ROW_CHUNK_MIN ? M : (ROW_CHUNK_BYTES / (K * (int64_t)sizeof(float))) / TILE16 * TILE16 + TILE16;
-#pragma omp parallel
-    {
-        float* w = (float*)aligned_alloc(64, T * K * sizeof(float));
-        for (int64_t r0 = 0; r0 < M; r0 += chunk) {
-            const int64_t rows = M - r0 < chunk ? M - r0 : chunk;
-            const float* xc = x + r0 * K;
-            float* yc = y + r0 * N;
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; n += T) {
-                const int valid = N - n < T ? (int)(N - n) : T;
-                for (int t = 0; t < T; t++) {
-                    const int64_t c = n + (t < valid ? t : 0);
-                    for (int64_t b = 0; b < nb; b++) {
-                        __m512 v[2];
-                        dequant16<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
-                        _mm512_store_ps(w + t * K + b * 32, v[0]);
-                        _mm512_store_ps(w + t * K + b * 32 + 16, v[1]);
-                    }
-                }
-                int64_t r = 0;
-                for (; r + TILE16 <= rows; r += TILE16) tile16<TILE16>(xc + r * K, K, w, valid, yc + r * N + n, N);
-                switch (rows - r) {
-                    case 5: tile16<5>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
-                    case 4: tile16<4>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
-                    case 3: tile16<3>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
-                    case 2: tile16<2>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
-                    case 1: tile16<1>(xc + r * K, K, w, valid, yc + r * N + n, N); break;
-                }
-            }
-        }
-        free(w);
-    }
-}
-#endif
 
 // x: M x K (row-major), y: M x N; K a multiple of 32.
-template <bool Q4>
+template <class X, bool Q4>
 static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
-#if defined(__AVX512F__)
-    return gemm16<Q4>(x, M, K, qs, d, m, N, y);
-#else
+    if (few_rows<X, Q4>(x, M, K, qs, d, m, N, y)) return;
     const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
-    switch (M) {  // few rows: each weight used M times, dequantised in registers
-        case 1: return gemm_small<Q4, 1, 4>(x, K, qs, d, m, N, y);
-        case 2: return gemm_small<Q4, 2, 4>(x, K, qs, d, m, N, y);
-        case 3: return gemm_small<Q4, 3, 4>(x, K, qs, d, m, N, y);
-        case 4: return gemm_small<Q4, 4, 3>(x, K, qs, d, m, N, y);
-        case 5: return gemm_small<Q4, 5, 2>(x, K, qs, d, m, N, y);
-        case 6: return gemm_small<Q4, 6, 2>(x, K, qs, d, m, N, y);
-        case 7: return gemm_small<Q4, 7, 1>(x, K, qs, d, m, N, y);
-    }
     // Rows in chunks whose inputs stay in a core's L2 (every channel group reads all of them); each
     // chunk de-quantises the weights again, which costs less than streaming the inputs from L3.
-    const int64_t chunk = M <= ROW_CHUNK_MIN ? M : (ROW_CHUNK_BYTES / (K * (int64_t)sizeof(float))) / 3 * 3 + 3;
+    const int64_t chunk = M <= ROW_CHUNK_MIN ? M : (ROW_CHUNK_BYTES / (K * (int64_t)sizeof(float))) / X::TILE * X::TILE + X::TILE;
 #pragma omp parallel
     {
-        float* w = (float*)aligned_alloc(32, T * K * sizeof(float));
+        float* w = (float*)aligned_alloc(sizeof(typename X::V), T * K * sizeof(float));
         for (int64_t r0 = 0; r0 < M; r0 += chunk) {
             const int64_t rows = M - r0 < chunk ? M - r0 : chunk;
             const float* xc = x + r0 * K;
@@ -291,29 +227,27 @@ static void gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const 
                 for (int t = 0; t < T; t++) {
                     const int64_t c = n + (t < valid ? t : 0);
                     for (int64_t b = 0; b < nb; b++) {
-                        __m256 v[4];
-                        dequant<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
-                        for (int i = 0; i < 4; i++) _mm256_store_ps(w + t * K + b * 32 + 8 * i, v[i]);
+                        typename X::V v[32 / X::L];
+                        X::template dequant<Q4>(qs + c * row_bytes, d + c * nb, Q4 ? m + c * nb : nullptr, b, v);
+                        for (int i = 0; i < 32 / X::L; i++) X::store_aligned(w + t * K + b * 32 + i * X::L, v[i]);
                     }
                 }
                 int64_t r = 0;
-                for (; r + 3 <= rows; r += 3) tile<3>(xc + r * K, K, w, valid, yc + r * N + n, N);
-                if (rows - r == 2) tile<2>(xc + r * K, K, w, valid, yc + r * N + n, N);
-                else if (rows - r == 1) tile<1>(xc + r * K, K, w, valid, yc + r * N + n, N);
+                for (; r + X::TILE <= rows; r += X::TILE) tile<X, X::TILE>(xc + r * K, K, w, valid, yc + r * N + n, N);
+                tile_rest<X, X::TILE - 1>(rows - r, xc + r * K, K, w, valid, yc + r * N + n, N);
             }
         }
         free(w);
     }
-#endif
 }
 
 extern "C" void q4_1_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
                           int64_t N, float* y) {
-    gemm<true>(x, M, K, qs, d, m, N, y);
+    gemm<GemmLanes, true>(x, M, K, qs, d, m, N, y);
 }
 
 extern "C" void q8_0_gemm(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, int64_t N, float* y) {
-    gemm<false>(x, M, K, qs, d, nullptr, N, y);
+    gemm<GemmLanes, false>(x, M, K, qs, d, nullptr, N, y);
 }
 
 // ---- 2. glue ----

@@ -7,8 +7,9 @@ is compiled with the system's g++ (~2 s) into the cache directory once per sourc
 loaded into this process; its OpenMP resolves to the runtime torch loaded, so both share threads.
 `unavailable()` says why the kernels cannot run here (no AVX2, no compiler). The instruction set is AVX-512
 where torch finds it (`torch.backends.cpu.get_cpu_capability()`), else AVX2; `DARE_KERNELS_ISA=avx2` forces
-AVX2 (read here from the environment, as the setting of that name documents). Each build's block GEMMs sum in their own order (8 or 16 lanes): outputs differ in the last bits between
-the two, and within one build a row's output never depends on the rows beside it.
+AVX2 (read here from the environment, as the setting of that name documents). Each build's block GEMMs sum in
+their own order (8 or 16 lanes): outputs differ in the last bits between the two, and within one build a row's
+output never depends on the rows beside it.
 """
 
 from __future__ import annotations
