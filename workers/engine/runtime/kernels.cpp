@@ -187,14 +187,13 @@ constexpr int64_t ROW_CHUNK_MIN = 48;             // fewer rows: one chunk
 
 // R rows, TC channels a pass (R x TC chains: as many as the registers hold), the passes shared among the threads.
 template <class X, bool Q4, int R, int TC>
-static bool gemm_small(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
+static void gemm_small(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
     const int64_t nb = K / 32, row_bytes = Q4 ? K / 2 : K;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n += TC) {
         const int valid = N - n < TC ? (int)(N - n) : TC;
         dot_rows<X, Q4, R, TC>(x, K, qs + n * row_bytes, d + n * nb, Q4 ? m + n * nb : nullptr, row_bytes, valid, y + n, N);
     }
-    return true;
 }
 
 // Few rows (up to X::FEW): each weight used M times, dequantised in registers, X::channels(M) channels a pass.
@@ -202,8 +201,10 @@ static bool gemm_small(const float* x, int64_t K, const uint8_t* qs, const float
 template <class X, bool Q4, int R = 1>
 static bool few_rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y) {
     if constexpr (R > X::FEW) return false;
-    else if (M == R) return gemm_small<X, Q4, R, X::channels(R)>(x, K, qs, d, m, N, y);
-    else return few_rows<X, Q4, R + 1>(x, M, K, qs, d, m, N, y);
+    else if (M == R) {
+        gemm_small<X, Q4, R, X::channels(R)>(x, K, qs, d, m, N, y);
+        return true;
+    } else return few_rows<X, Q4, R + 1>(x, M, K, qs, d, m, N, y);
 }
 
 // x: M x K (row-major), y: M x N; K a multiple of 32.

@@ -61,10 +61,9 @@ def isa() -> str:
     asked = "" if asked == "auto" else asked
     if asked and asked not in ISA_FLAGS:
         raise KernelBuildError(f"DARE_KERNELS_ISA={asked!r}: expected auto, {' or '.join(ISA_FLAGS)}")
-    found = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
-    if asked == "avx512" and found != "avx512":
-        raise KernelBuildError(f"DARE_KERNELS_ISA=avx512 but this CPU offers {torch.backends.cpu.get_cpu_capability()}")
-    return asked or found
+    if asked and asked not in runnable():
+        raise KernelBuildError(f"DARE_KERNELS_ISA={asked} but this CPU offers {torch.backends.cpu.get_cpu_capability()}")
+    return asked or runnable()[-1]  # the widest
 
 
 def runnable() -> list[str]:
