@@ -55,7 +55,9 @@ def instrument() -> None:
 
     def timed_step(self):  # type: ignore[no-untyped-def]
         if self.joining:
-            self._prefill()
+            self._admit()
+        if self.filling:
+            self._fill()
         if not self.rows:
             return []
         start = time.perf_counter()

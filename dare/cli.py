@@ -367,10 +367,15 @@ def cmd_load_bench(args: argparse.Namespace) -> int:
     fractions = None if args.rates else list(args.load or DEFAULT_LOAD)
     threads = settings.threads or os.cpu_count() or 1
     prepare_model(settings, threads)
+    trace = args.trace.open("w") if args.trace else None
     with pipeline(settings, "load-bench", timeout_s=1800) as run:
         report = run_load_bench(run, prompts, pool, methods, fractions, args.rates, args.prompts_per_point, args.batch,
                                 settings.max_new_tokens, seed=args.seed, repeat=args.repeat, threads=threads,
-                                saturation=args.saturation)
+                                saturation=args.saturation,
+                                trace=(lambda entry: print(json.dumps(entry), file=trace, flush=True)) if trace else None)
+    if trace:
+        trace.close()
+        print(f"wrote {args.trace}", file=sys.stderr)
     report |= {"commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                "command": "dare load-bench " + " ".join(sys.argv[2:])}
     return write_load_outputs(report, args)
@@ -598,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", type=Path, nargs="+", metavar="REPORT",
                    help="run nothing: merge these --json reports (e.g. this engine's and vLLM's) into one table, --json and --plot")
     p.add_argument("--plot", type=output_file, help="write latency against offered load (PNG) here")
+    p.add_argument("--trace", type=output_file, help="write every prompt's figures here (JSONL: method, round, rate, sent_s, "
+                                                     "latency_s, queue_s, decode_s, prefill_s, steps, ...)")
     p.set_defaults(func=cmd_load_bench)
 
     p = sub.add_parser("workload", help="regenerate the default benchmark workload (bench/workload.json, bench/pool.jsonl)")

@@ -82,7 +82,9 @@ class DecodeStats(Message):
     mean_accepted: float = Field(ge=0.0, description="tokens emitted per forward pass")
     wall_s: float = Field(ge=0.0)
     retrieval_s: float = Field(0.0, ge=0.0)
-    forward_s: float = Field(0.0, ge=0.0)
+    forward_s: float = Field(0.0, ge=0.0, description="the steps' forward passes, prefill included")
+    prefill_s: float = Field(0.0, ge=0.0, description="of forward_s: the prompt's prefill")
+    stalled_s: float = Field(0.0, ge=0.0, description="of wall_s: the request stood still while other prompts were prefilled")
 
 
 class KnowledgeRecord(Message):

@@ -112,6 +112,14 @@ def test_rows_prefilled_a_group_a_step_while_others_decode_change_no_row(tiny):
     assert overlapping >= 2  # rows decoded while others still waited for their prefill
     for i, prompt in enumerate(prompts):
         assert results[i].token_ids == greedy(tiny, prompt, 25), f"row {i}"
+    # the time rows stood still for the others' prefills is counted; a row decoded alone stood still for none
+    stats = [results[i].stats for i in range(len(prompts))]
+    assert sum(s.stalled_s > 0 for s in stats) >= 3
+    assert all(0 <= s.stalled_s < s.wall_s and s.prefill_s > 0 for s in stats)
+    alone = BatchDecoder(tiny, {EOS})
+    join(alone, 0, prompts[0], pool, 25)
+    only = run_to_end(alone)[0].stats
+    assert only.stalled_s == 0 and only.prefill_s > 0
 
 
 def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):

@@ -14,6 +14,7 @@ from dare.benchmarks.load import (
     percentile,
     point_figures,
     point_name,
+    point_trace,
     requests_for,
     run_load_bench,
     worker_groups,
@@ -64,9 +65,10 @@ def test_requests_cycle_the_prompts_with_fresh_ids():
     assert all(r.mode == "relaxed" and r.max_new_tokens == 16 for r in reqs)
 
 
-def record(request_id, tokens=10, wall_s=1.0, steps=5):
+def record(request_id, tokens=10, wall_s=1.0, steps=5, prefill_s=0.0, stalled_s=0.0):
     return KnowledgeRecord(request_id=request_id, entity_kind="user", entity_id="1", text="x", token_count=tokens, mode="ar",
-                           model="m", worker="w", stats=DecodeStats(steps=steps, new_tokens=tokens, mean_accepted=2.0, wall_s=wall_s))
+                           model="m", worker="w", stats=DecodeStats(steps=steps, new_tokens=tokens, mean_accepted=2.0, wall_s=wall_s,
+                                                                    prefill_s=prefill_s, stalled_s=stalled_s))
 
 
 def test_point_figures_count_lost_prompts_and_leave_the_warm_up_out():
@@ -81,6 +83,23 @@ def test_point_figures_count_lost_prompts_and_leave_the_warm_up_out():
     assert p["queue_p50_s"] == pytest.approx(2.0) and p["decode_p50_s"] == pytest.approx(1.0)
     assert p["tokens_per_step"] == pytest.approx(2.0) and p["batch_occupancy"] == pytest.approx(3.0)
     assert p["achieved_tokens_per_s"] == pytest.approx(190 / (151 - 100))  # first sent to last answered (a slow warm-up one)
+    assert p["prefill_share"] is None  # the worker counted no prefill
+
+
+def test_a_point_says_how_much_of_the_decode_went_to_prefills_and_traces_every_prompt():
+    reqs = requests_for([BenchPrompt("user-1", "s", "a prompt")], 10, "ar", 10, "t", seed=0)
+    sent = [Sent(r, 100.0 + i, 0.0) for i, r in enumerate(reqs)]
+    # decode 2 s each: 0.2 s its own prefill, 0.6 s standing still for the others'; the last one lost
+    arrived = {r.request_id: (100.0 + i + 2.5, record(r.request_id, wall_s=2.0, prefill_s=0.2, stalled_s=0.6))
+               for i, r in enumerate(reqs[:-1])}
+    assert point_figures("dare-ar", sent, arrived, 0, {}, {})["prefill_share"] == pytest.approx(0.4)
+    trace = point_trace(list(reversed(sent)), arrived)  # in order of production, whatever order they were kept in
+    assert [t["request_id"] for t in trace] == [r.request_id for r in reqs]
+    assert [t["warmup"] for t in trace] == [True] + [False] * 9 and [t["answered"] for t in trace] == [True] * 9 + [False]
+    assert trace[3]["sent_s"] == pytest.approx(3.0) and trace[3]["prompt_chars"] == len("a prompt")
+    assert trace[3]["latency_s"] == pytest.approx(2.5) and trace[3]["queue_s"] == pytest.approx(0.5)
+    assert (trace[3]["decode_s"], trace[3]["prefill_s"], trace[3]["stalled_s"]) == (2.0, 0.2, 0.6)
+    assert "latency_s" not in trace[-1]
 
 
 @pytest.mark.integration

@@ -8,10 +8,11 @@ the seed, each with a fresh request id and the method's mode) produced at seeded
 every knowledge record read back as a downstream consumer would. Latency is the time from a prompt's
 production to its record's arrival here; `decode` is the worker's own clock for the prompt (joining the
 decoder to the last token, prefill included), `queue` the rest (waiting in the topic and for a row,
-plus the two hops through the broker). The first tenth of a point's arrivals is warm-up: it fills the
-system and is left out of the percentiles. Rates are given in prompts/s, or as fractions of the
-saturation rate of the first method (`dare-ar`: the engine's greedy decoding), measured first in the
-same run.
+plus the two hops through the broker); of the decode, `prefill_share` went to prefills (the prompt's own and
+the others' it stood still for, counted by the worker). The first tenth of a point's arrivals is warm-up: it
+fills the system and is left out of the percentiles. `trace` receives every prompt's figures (`point_trace`).
+Rates are given in prompts/s, or as fractions of the saturation rate of the first method (`dare-ar`:
+the engine's greedy decoding), measured first in the same run.
 
 The worker does not add its own outputs to its pools (`--no-learn`): prompts repeat, and a repeated
 prompt must not draft its own earlier answer. Pools come from the workload's pool file, published to
@@ -214,7 +215,27 @@ def run_point(run: Pipeline, method: str, requests: list[PromptRequest], schedul
         show(f"{method}: {len(producer.sent)}/{len(ids)} produced, {len(arrived)} answered")
     thread.join(5)
     after = scrape(metrics_port) if metrics_port else {}
-    return point_figures(method, producer.sent, arrived, duplicates, before, after)
+    return point_figures(method, producer.sent, arrived, duplicates, before, after) | {
+        "trace": point_trace(producer.sent, arrived)}
+
+
+def point_trace(sent: list[Sent], arrived: dict[str, tuple[float, object]]) -> list[dict]:
+    """Each prompt of a point, in order of production: when it went out (s after the point's first), its
+    prompt's length, and, if answered, its latency and the worker's figures for it."""
+    start = min((s.at for s in sent), default=0.0)
+    skip = int(len(sent) * WARMUP_SHARE)
+    out = []
+    for i, s in enumerate(sorted(sent, key=lambda s: s.at)):
+        entry = {"request_id": s.request.request_id, "sent_s": s.at - start, "warmup": i < skip,
+                 "prompt_chars": len(s.request.prompt), "answered": s.request.request_id in arrived}
+        if entry["answered"]:
+            at, record = arrived[s.request.request_id]
+            stats = record.stats  # type: ignore[attr-defined]
+            entry |= {"latency_s": at - s.at, "decode_s": stats.wall_s, "queue_s": at - s.at - stats.wall_s,
+                      "prefill_s": stats.prefill_s, "stalled_s": stats.stalled_s, "forward_s": stats.forward_s,
+                      "retrieval_s": stats.retrieval_s, "steps": stats.steps, "new_tokens": stats.new_tokens, "mean_accepted": stats.mean_accepted}
+        out.append(entry)
+    return out
 
 
 def point_figures(method: str, sent: list[Sent], arrived: dict[str, tuple[float, object]], duplicates: int,
@@ -226,7 +247,9 @@ def point_figures(method: str, sent: list[Sent], arrived: dict[str, tuple[float,
     skip = int(len(sent) * WARMUP_SHARE)
     steady = [s for s in sorted(sent, key=lambda s: s.at)[skip:] if s.request.request_id in arrived]
     latency = [arrived[s.request.request_id][0] - s.at for s in steady]
-    decode = [arrived[s.request.request_id][1].stats.wall_s for s in steady]  # type: ignore[attr-defined]
+    stats = [arrived[s.request.request_id][1].stats for s in steady]  # type: ignore[attr-defined]
+    decode = [st.wall_s for st in stats]
+    prefills = [st.prefill_s + st.stalled_s for st in stats]  # its own, and the others' it stood still for
     queue = [lat - dec for lat, dec in zip(latency, decode)]
     records = [r for _, r in arrived.values()]
     tokens = sum(r.token_count for r in records)  # type: ignore[attr-defined]
@@ -248,6 +271,7 @@ def point_figures(method: str, sent: list[Sent], arrived: dict[str, tuple[float,
         "queue_p99_s": percentile(queue, 99),
         "decode_p50_s": percentile(decode, 50),
         "decode_p99_s": percentile(decode, 99),
+        "prefill_share": sum(prefills) / sum(decode) if sum(prefills) and sum(decode) else None,  # None: not counted
         "tokens_per_step": tokens / steps if steps else None,  # None: the engine does not count its steps (vLLM ngram/suffix)
         "batch_occupancy": d_rows / d_steps if d_steps else None,
         "wall_s": window,
@@ -270,12 +294,14 @@ def median_point(tries: list[dict]) -> dict:
 
 def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, list[str]], methods: list[str],
                    fractions: list[float] | None, rates: list[float] | None, per_point: int, batch: int, max_new: int,
-                   seed: int = 0, repeat: int = 1, threads: int | None = None, saturation: float | None = None) -> dict:
+                   seed: int = 0, repeat: int = 1, threads: int | None = None, saturation: float | None = None,
+                   trace: Callable[[dict], None] | None = None) -> dict:
     """Every method's backlog point and rate points, `repeat` times; medians per point. Methods that one
     worker serves (its engine and method; each request names its mode) run together, one worker at a
     time; the first method's backlog sets the rates that `fractions` ask for. Every method meets the same
     arrival times and prompt order at a given rate. `saturation`: the 100 % of `fractions`, measured in an
-    earlier run (e.g. `dare-ar`'s, for the vLLM methods run from their own environment's worker)."""
+    earlier run (e.g. `dare-ar`'s, for the vLLM methods run from their own environment's worker). `trace`:
+    called with every prompt's figures (`point_trace`), tagged with its method, round and rate."""
     publish_pools(run, pool)
     samples: dict[tuple[str, float | None], list[dict]] = {}
     saturations: list[float] = [saturation] if saturation else []
@@ -284,9 +310,12 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
         targets = [(f, f * saturation) for f in fractions]
 
     def measure(method: str, reqs: list[PromptRequest], schedule: list[float], fraction: float | None, rate: float | None,
-                port: int) -> dict:
+                port: int, round_: int) -> dict:
         """One point, printed and kept among its method's and rate's samples."""
         point = run_point(run, method, reqs, schedule, port, 1800, run.progress.show)
+        for entry in point.pop("trace"):
+            if trace:
+                trace({"method": method, "round": round_, "load_fraction": fraction, "offered_prompts_per_s": rate} | entry)
         point |= {"load_fraction": fraction, "offered_prompts_per_s": rate}
         run.progress.done()
         print(format_point(point), flush=True)
@@ -303,7 +332,7 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
             for method in group_methods:
                 mode, tag = METHODS[method][1], f"r{round_}-{method}"
                 backlog = requests_for(prompts, per_point, mode, max_new, f"{tag}-backlog", seed + round_)
-                point = measure(method, backlog, [0.0] * per_point, None, None, port)
+                point = measure(method, backlog, [0.0] * per_point, None, None, port, round_)
                 if method == methods[0] and not saturation:
                     saturations.append(point["achieved_prompts_per_s"])
                     if fractions and round_ == 0:  # the rates, fixed for every method and round
@@ -311,7 +340,7 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
                 for index, (fraction, rate) in enumerate(targets):
                     schedule = arrivals(per_point, rate, seed + round_ * 1000 + index)
                     reqs = requests_for(prompts, per_point, mode, max_new, f"{tag}-{rate:.4f}", seed + round_)
-                    measure(method, reqs, schedule, fraction, rate, port)
+                    measure(method, reqs, schedule, fraction, rate, port, round_)
         run.processes.stop()  # the next worker gets the cores to itself
     report_points = []
     for (method, _), tries in samples.items():
@@ -406,15 +435,15 @@ def format_table(report: dict) -> str:
              + (f" (loads are fractions of {report['rates_saturation_prompts_per_s']:.4f})"
                 if report.get("rates_saturation_prompts_per_s") else "") + f"; medians of {report['repeat']}"),
              ("| method | load | offered prompts/s | achieved tokens/s | p50 s | p90 s | p99 s | queue p50 s | decode p50 s "
-             "| tokens/step | rows/step | answered | lost | dup |"),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| prefill share | tokens/step | rows/step | answered | lost | dup |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in sorted(report["points"], key=lambda p: (report["methods"].index(p["bench_method"]), p["offered_prompts_per_s"] or 1e9)):
         load = "backlog" if p["offered_prompts_per_s"] is None else (f"{p['load_fraction']:.2f}x" if p["load_fraction"] else "—")
         offered = "—" if p["offered_prompts_per_s"] is None else f"{p['offered_prompts_per_s']:.3f}"
         occupancy = f"{p['batch_occupancy']:.1f}" if p.get("batch_occupancy") is not None else "—"
         lines.append(f"| {p['bench_method']} | {load} | {offered} | {p['achieved_tokens_per_s']:.1f} | {p['latency_p50_s']:.1f} "
                      f"| {p['latency_p90_s']:.1f} | {p['latency_p99_s']:.1f} | {p['queue_p50_s']:.1f} | {p['decode_p50_s']:.1f} "
-                     f"| {fmt(p['tokens_per_step'])} | {occupancy} | {p['answered']} | {p['lost']} | {p['duplicates']} |")
+                     f"| {fmt(p.get('prefill_share'))} | {fmt(p['tokens_per_step'])} | {occupancy} | {p['answered']} | {p['lost']} | {p['duplicates']} |")
     best = ", ".join(f"{m} {'—' if r is None else f'{r:.3f}'}" for m, r in report["highest_rate_within_objective"].items())
     lines.append(f"highest offered rate with p99 ≤ {report['latency_objective_s']:.0f} s (prompts/s): {best}")
     return "\n".join(lines)

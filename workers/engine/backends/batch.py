@@ -50,6 +50,7 @@ class RequestStats:
     accepted: list[int] = field(default_factory=list)  # tokens emitted per step (accepted drafts + 1)
     drafted: list[int] = field(default_factory=list)  # draft tokens sent per step
     prefill_s: float = 0.0
+    stalled_s: float = 0.0  # the request stood still while other prompts were prefilled (before its own or after)
     retrieval_s: float = 0.0
     forward_s: float = 0.0
     bookkeeping_s: float = 0.0
@@ -160,9 +161,13 @@ class BatchDecoder:
             tokens = [r.context[r.filled : e] for r, e in zip(group, end)]
             if any(tokens):
                 self._forward_prefill_rows(first, tokens, group[0].filled)
-            for row, e in zip(group, end):
+            spent_s = time.perf_counter() - start
+            for row, e in zip(group, end):  # a row's share of its group's call is its own; it waited for the rest
                 row.filled = e
-                row.stats.prefill_s += (time.perf_counter() - start) / len(group)
+                row.stats.prefill_s += spent_s / len(group)
+                row.stats.stalled_s += spent_s - spent_s / len(group)
+            for row in [*self.rows, *self.filling[len(group):]]:  # decoding, or waiting for their own prefill
+                row.stats.stalled_s += spent_s
             spent += max(len(t) for t in tokens)
             while self.filling and self.filling[0].filled == self.filling[0].length:
                 self.rows.append(self.filling.pop(0))
