@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -367,14 +368,13 @@ def cmd_load_bench(args: argparse.Namespace) -> int:
     fractions = None if args.rates else list(args.load or DEFAULT_LOAD)
     threads = settings.threads or os.cpu_count() or 1
     prepare_model(settings, threads)
-    trace = args.trace.open("w") if args.trace else None
-    with pipeline(settings, "load-bench", timeout_s=1800) as run:
+    with (args.trace.open("w") if args.trace else contextlib.nullcontext()) as trace, \
+            pipeline(settings, "load-bench", timeout_s=1800) as run:
         report = run_load_bench(run, prompts, pool, methods, fractions, args.rates, args.prompts_per_point, args.batch,
                                 settings.max_new_tokens, seed=args.seed, repeat=args.repeat, threads=threads,
                                 saturation=args.saturation,
                                 trace=(lambda entry: print(json.dumps(entry), file=trace, flush=True)) if trace else None)
-    if trace:
-        trace.close()
+    if args.trace:
         print(f"wrote {args.trace}", file=sys.stderr)
     report |= {"commit": git_commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
                "command": "dare load-bench " + " ".join(sys.argv[2:])}

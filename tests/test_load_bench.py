@@ -109,9 +109,10 @@ def test_a_small_load_run_answers_every_prompt_once_on_schedule(kafka_settings, 
     from dare.pipeline import pipeline
 
     settings = kafka_settings.model_copy(update={"cache_dir": model_cache, "threads": 2})
+    traced = []
     with pipeline(settings, "load-test", timeout_s=300) as run:
         report = run_load_bench(run, default_prompts()[:4], read_pool(POOL_PATH), ["dare-ar", "dare-relaxed"], [1.5], None,
-                                per_point=6, batch=4, max_new=6, seed=1, threads=2)
+                                per_point=6, batch=4, max_new=6, seed=1, threads=2, trace=traced.append)
     points = report["points"]
     assert all(p["backend"] == "transformers" for p in points)
     assert {(p["method"], p["load_fraction"]) for p in points} == {(m, f) for m in ("dare-ar", "dare-relaxed") for f in (None, 1.5)}
@@ -122,6 +123,9 @@ def test_a_small_load_run_answers_every_prompt_once_on_schedule(kafka_settings, 
     assert all(p["schedule_late_max_s"] < 0.5 for p in points)  # produced on the seeded schedule
     assert all(p["latency_p50_s"] > 0 and p["batch_occupancy"] >= 1 for p in points)
     assert next(p for p in points if p["method"] == "dare-relaxed")["tokens_per_step"] >= 1.0
+    # every prompt of every point traced once, answered, with the worker's own prefill counted
+    assert len(traced) == 4 * 6 and len({t["request_id"] for t in traced}) == 24
+    assert all(t["answered"] and t["prefill_s"] > 0 and t["decode_s"] >= t["prefill_s"] + t["stalled_s"] for t in traced)
 
 
 def test_reports_from_two_environments_merge_into_one_table():

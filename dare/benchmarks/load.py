@@ -233,7 +233,8 @@ def point_trace(sent: list[Sent], arrived: dict[str, tuple[float, object]]) -> l
             stats = record.stats  # type: ignore[attr-defined]
             entry |= {"latency_s": at - s.at, "decode_s": stats.wall_s, "queue_s": at - s.at - stats.wall_s,
                       "prefill_s": stats.prefill_s, "stalled_s": stats.stalled_s, "forward_s": stats.forward_s,
-                      "retrieval_s": stats.retrieval_s, "steps": stats.steps, "new_tokens": stats.new_tokens, "mean_accepted": stats.mean_accepted}
+                      "retrieval_s": stats.retrieval_s, "steps": stats.steps, "new_tokens": stats.new_tokens,
+                      "mean_accepted": stats.mean_accepted}
         out.append(entry)
     return out
 
@@ -313,9 +314,9 @@ def run_load_bench(run: Pipeline, prompts: list[BenchPrompt], pool: dict[str, li
                 port: int, round_: int) -> dict:
         """One point, printed and kept among its method's and rate's samples."""
         point = run_point(run, method, reqs, schedule, port, 1800, run.progress.show)
-        for entry in point.pop("trace"):
-            if trace:
-                trace({"method": method, "round": round_, "load_fraction": fraction, "offered_prompts_per_s": rate} | entry)
+        entries = point.pop("trace")
+        for entry in entries if trace else ():
+            trace({"method": method, "round": round_, "load_fraction": fraction, "offered_prompts_per_s": rate} | entry)
         point |= {"load_fraction": fraction, "offered_prompts_per_s": rate}
         run.progress.done()
         print(format_point(point), flush=True)
