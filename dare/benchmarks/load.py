@@ -219,13 +219,18 @@ def run_point(run: Pipeline, method: str, requests: list[PromptRequest], schedul
         "trace": point_trace(producer.sent, arrived)}
 
 
+def in_order(sent: list[Sent]) -> tuple[float, int, list[Sent]]:
+    """A point's prompts in order of production: when the first went out, how many of the first are its
+    warm-up (left out of the percentiles), and the prompts."""
+    return min((s.at for s in sent), default=0.0), int(len(sent) * WARMUP_SHARE), sorted(sent, key=lambda s: s.at)
+
+
 def point_trace(sent: list[Sent], arrived: dict[str, tuple[float, object]]) -> list[dict]:
     """Each prompt of a point, in order of production: when it went out (s after the point's first), its
     prompt's length, and, if answered, its latency and the worker's figures for it."""
-    start = min((s.at for s in sent), default=0.0)
-    skip = int(len(sent) * WARMUP_SHARE)
+    start, skip, ordered = in_order(sent)
     out = []
-    for i, s in enumerate(sorted(sent, key=lambda s: s.at)):
+    for i, s in enumerate(ordered):
         entry = {"request_id": s.request.request_id, "sent_s": s.at - start, "warmup": i < skip,
                  "prompt_chars": len(s.request.prompt), "answered": s.request.request_id in arrived}
         if entry["answered"]:
@@ -242,11 +247,10 @@ def point_trace(sent: list[Sent], arrived: dict[str, tuple[float, object]]) -> l
 def point_figures(method: str, sent: list[Sent], arrived: dict[str, tuple[float, object]], duplicates: int,
                   before: dict[str, float], after: dict[str, float]) -> dict:
     """Latency percentiles (warm-up arrivals left out), throughput and the worker's step figures of one point."""
-    start = min((s.at for s in sent), default=0.0)
+    start, skip, ordered = in_order(sent)
     end = max((t for t, _ in arrived.values()), default=start)
     window = max(end - start, 1e-9)
-    skip = int(len(sent) * WARMUP_SHARE)
-    steady = [s for s in sorted(sent, key=lambda s: s.at)[skip:] if s.request.request_id in arrived]
+    steady = [s for s in ordered[skip:] if s.request.request_id in arrived]
     latency = [arrived[s.request.request_id][0] - s.at for s in steady]
     stats = [arrived[s.request.request_id][1].stats for s in steady]  # type: ignore[attr-defined]
     decode = [st.wall_s for st in stats]
