@@ -1,8 +1,9 @@
 """What an ideal server would make of a load point's arrivals: the latency percentiles of a server that runs at a
 fixed rate (tokens/s, prefill included) whatever the number of rows, every prompt the same work, sharing its rate
 equally among at most `rows` prompts admitted first come, first served. Set the rate to a method's saturation
-throughput and it is the best that method could do on those arrivals with any scheduler that keeps its throughput:
-a real engine runs slower at few rows, and its prompts' work varies (long prompts' prefill, rows that draft poorly).
+throughput and it shows what that method would reach on those arrivals if it kept that throughput at any number of
+rows (one at a time, first come first served, is the order that makes the longest wait shortest): a real engine
+runs slower at few rows, and its prompts' work varies (long prompts' prefill, rows that draft poorly).
 
     .venv/bin/python -P bench/load_bound.py --rate 0.798 --tokens-per-s 155,124 --rows 1,16
 
