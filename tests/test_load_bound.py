@@ -16,8 +16,9 @@ def test_one_row_serves_in_order_of_arrival():
 
 
 def test_rows_share_the_rate():
-    # two at once share the rate: both done at 4 s; the third waits for a free row when rows=2
+    # two at once share the rate: both done at 4 s
     assert load_bound.serve([0.0, 0.0], 2.0, rows=2) == pytest.approx([4.0, 4.0])
-    # 0-1 s: the first alone (1 s of work left); 1-3 s: both, at half speed each, until the first is done
+    # 0-1 s: the first alone (1 s of work left); 1-3 s: both at half speed, the first done; 3-4 s: the second alone
     assert load_bound.serve([0.0, 1.0], 2.0, rows=2) == pytest.approx([3.0, 3.0])
+    # the third waits for a free row: alone from 4 s, done at 6 s
     assert load_bound.serve([0.0, 0.0, 0.0], 2.0, rows=2) == pytest.approx([4.0, 4.0, 6.0])
