@@ -3,10 +3,10 @@ whatever the batch does around it (rows of different lengths, finishing at diffe
 joining and leaving mid-run)."""
 
 import random
-import time
 
 import pytest
 
+from tests.device_model import ModelledDevice
 from tests.test_engine import EOS, VOCAB, greedy, tiny_llama
 from workers.engine.algorithm.accept import Acceptance
 from workers.engine.algorithm.budget import Budget
@@ -55,7 +55,7 @@ def test_strict_batched_rows_equal_their_own_greedy_decoding(tiny):
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 30))] for _ in range(9)]
     lengths = [rng.randrange(5, 40) for _ in prompts]
     pool = pools_with_answers(tiny, prompts, rng)
-    decoder = BatchDecoder(tiny, {EOS})
+    decoder = ModelledDevice.following(CostModel.flat()).attach(BatchDecoder(tiny, {EOS}))  # drafts pay, as the curve says
     for i, (prompt, n) in enumerate(zip(prompts, lengths)):
         join(decoder, i, prompt, pool, n)
     results = run_to_end(decoder)
@@ -126,7 +126,7 @@ def test_relaxed_rows_decode_and_draft_from_their_own_pools(tiny):
     rng = random.Random(5)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(12)] for _ in range(4)]
     pools = [pools_with_answers(tiny, [p], rng) for p in prompts]
-    decoder = BatchDecoder(tiny, {EOS})
+    decoder = ModelledDevice.following(CostModel.flat()).attach(BatchDecoder(tiny, {EOS}))
     for i, prompt in enumerate(prompts):
         join(decoder, i, prompt, pools[i], 25, mode="relaxed")
     results = run_to_end(decoder)
@@ -233,29 +233,18 @@ def test_the_step_clock_judges_drafting_steps_by_their_measured_tokens_per_secon
     assert clock.wants_plain(rows=8)  # three drafting steps since the last plain one: time a plain step again
 
 
-class SlowSteps:
-    """A device whose steps take `per_token` seconds a token, and twice that a token in a step wider than
-    one token a row, whatever the cost curve says: the tiny model's forward, padded out with sleep."""
-
-    def __init__(self, steps, per_token):
-        self.steps, self.per_token = steps, per_token
-
-    def __call__(self, cache, ids, positions, mask):
-        start = time.perf_counter()
-        out = self.steps(cache, ids, positions, mask)
-        seconds = self.per_token * ids.numel() * (2 if ids.shape[1] > 1 else 1)
-        time.sleep(max(0.0, seconds - (time.perf_counter() - start)))
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.steps, name)
-
-
 class CountingDrafter(RetrievalDrafter):
+    """Counts its retrievals; each costs `retrieval_s` of the device's time."""
+
     calls = 0
+
+    def __init__(self, *args, device: ModelledDevice, retrieval_s: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.device, self.retrieval_s = device, retrieval_s
 
     def get_candidates(self, context):
         CountingDrafter.calls += 1
+        self.device.spend(self.retrieval_s)
         return super().get_candidates(context)
 
 
@@ -263,15 +252,18 @@ class CountingDrafter(RetrievalDrafter):
                                                  (CostModel({1: 0.001, 512: 0.512}), "seldom")])
 def test_the_scheduler_retrieves_only_while_drafts_pay(tiny, cost, retrieves):
     """Steps flat in tokens (a GPU): drafts every step. Steps linear in tokens (a compute-bound CPU at a
-    wide batch; 1 ms a token, so retrieval's own time counts): no drafts are sent, retrieval pauses after a
-    few probes, and the output is still each row's greedy decoding."""
+    wide batch; 1 ms a token, and a retrieval costs 0.1 ms): no drafts are sent, retrieval pauses after a
+    few probes, and the output is still each row's greedy decoding. The device's steps take what its curve
+    says (`ModelledDevice`), whatever the machine running the test."""
     rng = random.Random(5)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 12))] for _ in range(4)]
     pool = pools_with_answers(tiny, prompts, rng)
-    decoder = BatchDecoder(tiny, {EOS})
+    device = ModelledDevice.following(cost)
+    decoder = device.attach(BatchDecoder(tiny, {EOS}))
     CountingDrafter.calls = 0
     for i, prompt in enumerate(prompts):
-        decoder.add(i, prompt, CountingDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt), Budget(cost), Acceptance("strict"), 40)
+        drafter = CountingDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt, device=device, retrieval_s=0.0001)
+        decoder.add(i, prompt, drafter, Budget(cost), Acceptance("strict"), 40)
     results, steps = {}, 0
     while len(decoder):
         results.update({f.key: f for f in decoder.step()})
@@ -293,17 +285,17 @@ def test_drafts_pause_where_the_device_is_slower_than_the_curve_says(tiny):
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
     pool = pools_with_answers(tiny, prompts, rng)
     flat = CostModel({1: 0.003, 512: 0.003})
-    decoder = BatchDecoder(tiny, {EOS}, rows=6)
-    decoder.steps = SlowSteps(decoder.steps, 0.003)
+    device = ModelledDevice(lambda tokens, wide: 0.003 * tokens * (2 if wide else 1))
+    decoder = device.attach(BatchDecoder(tiny, {EOS}, rows=6))
     CountingDrafter.calls = 0
     for i, prompt in enumerate(prompts):
-        decoder.add(i, prompt, CountingDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt), Budget(flat, max_tokens=8),
+        decoder.add(i, prompt, CountingDrafter([(pool, 1.0)], DraftConfig(), prompt=prompt, device=device), Budget(flat, max_tokens=8),
                     Acceptance("strict"), 100)
     results = {}
     while len(decoder):
         results.update({f.key: f for f in decoder.step()})
     row_steps = sum(r.stats.steps for r in results.values())
-    assert decoder.clock.ratio is not None and decoder.clock.ratio > 3  # 6 tokens: ~18 ms against the curve's 3
+    assert decoder.clock.ratio == pytest.approx(6.0)  # 6 tokens: 18 ms against the curve's 3
     assert CountingDrafter.calls <= row_steps / 3, (CountingDrafter.calls, row_steps)
     for i, prompt in enumerate(prompts):
         assert results[i].token_ids == greedy(tiny, prompt, 100)[: len(results[i].token_ids)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from tests.device_model import ModelledDevice
 from tests.test_blocks import as_blocks
 from tests.test_engine import EOS, VOCAB, decode, greedy, random_pools, tiny_llama
 from tests.test_weights import KINDS, stock_tiny
@@ -201,7 +202,7 @@ def test_strict_rows_of_a_packed_batch_equal_their_own_greedy_decoding(tmp_path,
     rng = random.Random(6)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(2, 20))] for _ in range(6)]
     pools = random_pools(model, rng, prompts)
-    decoder = BatchDecoder(model, {EOS}, rows=4, steps=StepForward(glued))
+    decoder = ModelledDevice.following(CostModel.flat()).attach(BatchDecoder(model, {EOS}, rows=4, steps=StepForward(glued)))
     results, step = {}, 0
     while step < 3 or len(decoder):
         if step < 3:

@@ -397,6 +397,14 @@ def test_two_pool_builders_split_the_users_and_one_takes_over_from_a_killed_one(
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.2)
 
+    def published_users():
+        """Each user's latest assignment on the assignments topic."""
+        latest = {}
+        for record in read_topic(settings, topics.assignments, timeout_s=5):
+            a = decode(SegmentAssignment, record.value)
+            latest[(a.entity_kind, a.entity_id)] = a
+        return {e: a for (kind, e), a in latest.items() if kind == "user"}
+
     try:
         wait_for(lambda: 0 < len(survivor.builders) < 4 and survivor.counters.user_events > 0, "the group to split the partitions")
         writers = sorted({e.user_id for e in ratings[:5_000]}, key=int)[:30]
@@ -410,16 +418,12 @@ def test_two_pool_builders_split_the_users_and_one_takes_over_from_a_killed_one(
         assert held < set(survivor.builders)
         wait_for(lambda: survivor.counters.user_events == 100_000 and len(survivor.user_segment) == 943
                  and survivor.counters.knowledge == 30, "every rating, user and text")
-        time.sleep(2.0)  # the last updates published
+        wait_for(lambda: {e: a.segment for e, a in published_users().items()} == survivor.user_segment, "the last updates published")
     finally:
         stop.set()
         thread.join(timeout=30)
     assert survivor.counters.user_events == 100_000  # nothing lost, nothing applied twice
-    latest = {}
-    for record in read_topic(settings, topics.assignments, timeout_s=5):
-        a = decode(SegmentAssignment, record.value)
-        latest[(a.entity_kind, a.entity_id)] = a
-    users = {e: a for (kind, e), a in latest.items() if kind == "user"}
+    users = published_users()
     assert len(users) == 943 and len({a.segment for a in users.values()}) == 6
     assert {e: a.segment for e, a in users.items()} == survivor.user_segment  # the topic ends where the survivor is
     pools = read_pools(settings)

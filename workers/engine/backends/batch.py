@@ -24,7 +24,7 @@ stay contiguous (the rows being prefilled follow them).
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,7 +82,7 @@ class Row:
     max_new_tokens: int
     out: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
-    started: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # the decoder's clock when it was added
     done: bool = False
     filled: int = 0  # while prefilling: the prompt's tokens in the cache so far (then = length)
 
@@ -93,11 +93,14 @@ class Row:
 
 class BatchDecoder:
     def __init__(self, model: torch.nn.Module, eos_token_ids: set[int], rows: int = 1, prefix: Sequence[int] = (),
-                 steps: StepForward | None = None, prefill_per_step: int = PREFILL_PER_STEP) -> None:
+                 steps: StepForward | None = None, prefill_per_step: int = PREFILL_PER_STEP,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         """`rows`: how many rows to make room for at once (the batch size); more grow the cache.
         `prefix`: tokens most prompts start with (the chat template's head): computed once, copied
         into each such row instead of prefilled again. `steps`: the steps' forward (if None: the model's `engine_forward`, eager).
-        `prefill_per_step`: prompt tokens prefilled between two steps while rows decode (0: every joining prompt whole)."""
+        `prefill_per_step`: prompt tokens prefilled between two steps while rows decode (0: every joining prompt whole).
+        `timer`: the clock steps are timed by, in seconds (drafting is judged by those times; a test passes a
+        model of a device, so that its verdict never depends on the machine's speed or load)."""
         self.model = model
         self.steps = steps or StepForward(model)
         self.room = rows
@@ -108,6 +111,7 @@ class BatchDecoder:
         self.joining: list[Row] = []
         self.filling: list[Row] = []  # admitted, being prefilled: cache rows len(rows), len(rows) + 1, ...
         self.prefill_per_step = prefill_per_step
+        self.timer = timer
         self.cache = SlotCache(model)
         self.prefix = list(prefix)
         self.prefix_kv: torch.Tensor | None = None
@@ -127,7 +131,8 @@ class BatchDecoder:
         """Queue a request; its prefill starts before the next step."""
         if not input_ids:
             raise ValueError("empty prompt: nothing to continue")
-        self.joining.append(Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens))
+        self.joining.append(Row(key, list(input_ids), input_ids[-1], len(input_ids) - 1, drafter, budget, rule, max_new_tokens,
+                                started=self.timer()))
 
     def _admit(self) -> None:
         """Queued rows take the next free rows of the cache, after the decoding and filling ones, shortest
@@ -155,13 +160,13 @@ class BatchDecoder:
         limit = self.prefill_per_step if self.rows and self.prefill_per_step else None
         chunk, spent = self.steps.forward.prefill_chunk, 0
         while self.filling and (limit is None or spent < limit):
-            start, first = time.perf_counter(), len(self.rows)
+            start, first = self.timer(), len(self.rows)
             group = [self.filling[0]] if chunk else self._group()
             end = [min(r.filled + chunk, r.length) if chunk else r.length for r in group]
             tokens = [r.context[r.filled : e] for r, e in zip(group, end)]
             if any(tokens):
                 self._forward_prefill_rows(first, tokens, group[0].filled)
-            spent_s = time.perf_counter() - start
+            spent_s = self.timer() - start
             for row, e in zip(group, end):  # a row's share of its group's call is its own; it waited for the rest
                 row.filled = e
                 row.stats.prefill_s += spent_s / len(group)
@@ -234,9 +239,9 @@ class BatchDecoder:
             self._fill()
         if not self.rows:
             return []
-        t0 = time.perf_counter()
+        t0 = self.timer()
         trees, drafting = self._draft()
-        t1 = time.perf_counter()
+        t1 = self.timer()
         rows, cost, self.emitted = len(self.rows), self.rows[0].budget.cost, 0
         ids, positions, mask = self._inputs(trees)
         counts = [len(t) + 1 for t in trees]
@@ -245,7 +250,7 @@ class BatchDecoder:
             logits = packed.split(counts)
         else:
             logits = self.steps(self.cache, ids, positions, mask)
-        t2 = time.perf_counter()
+        t2 = self.timer()
         paths = []
         for b, (row, tree) in enumerate(zip(self.rows, trees)):
             path, bonus = accept(logits[b][: len(tree) + 1], tree, row.rule)
@@ -254,7 +259,7 @@ class BatchDecoder:
             self._emit(row, [tree.tokens[p - 1] for p in path] + [bonus], len(tree))
             row.pending = bonus
         self._keep_paths(paths)
-        t3 = time.perf_counter()
+        t3 = self.timer()
         self.keep_s[drafting] = 0.8 * self.keep_s[drafting] + 0.2 * (t3 - t2)
         if drafting:  # judged by what it did where a plain step has been timed, else by what it promised
             gain = self.clock.gain(t3 - t0, self.emitted, rows, cost)
@@ -268,7 +273,7 @@ class BatchDecoder:
         finished = []
         for row in self.rows:
             if row.done:
-                row.stats.new_tokens, row.stats.wall_s = len(row.out), time.perf_counter() - row.started
+                row.stats.new_tokens, row.stats.wall_s = len(row.out), self.timer() - row.started
                 finished.append(Finished(row.key, row.out, row.stats))
         if finished:
             self._leave({i for i, r in enumerate(self.rows) if r.done})
@@ -280,9 +285,9 @@ class BatchDecoder:
         rows = len(self.rows)
         if not any(row.drafts for row in self.rows) or not self.pause.drafting(rows) or self.clock.wants_plain(rows):
             return [DraftTree() for _ in self.rows], False
-        start = time.perf_counter()
+        start = self.timer()
         candidates = [row.drafter.get_candidates(row.context) if row.drafts else DraftTree() for row in self.rows]
-        retrieval_s = time.perf_counter() - start
+        retrieval_s = self.timer() - start
         scores = [c.scores[: r.budget.max_tokens] for c, r in zip(candidates, self.rows)]
         calibrations = [r.budget.calibration for r in self.rows]
         cost = self.rows[0].budget.cost
