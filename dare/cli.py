@@ -119,6 +119,14 @@ def cmd_schemas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema_example(args: argparse.Namespace) -> int:
+    from schemas import encode
+    from schemas.examples import EXAMPLES
+
+    print(encode(EXAMPLES[args.type]).decode())
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from infra.broker import EmbeddedBroker
 
@@ -134,36 +142,52 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dare.benchmarks.reference import hf_generate
-    from dare.data import item_prompt, load_movielens, user_prompt
-    from workers.engine import chat_input_ids
+    from dare.benchmarks.workload import read_pool_texts
+    from dare.data import item_prompt, load_catalogue, user_prompt
+    from workers.engine import Strategy, generate, open_engine
 
     settings = settings_from(args)
+    entity = f"user-{args.user}" if args.user else f"item-{args.item}" if args.item else None
     if args.prompt:
         prompt = args.prompt
-    elif args.user:
-        prompt = user_prompt(load_movielens(), args.user)
     else:
-        prompt = item_prompt(load_movielens(), args.item)
+        catalogue = load_catalogue(args.dataset, args.templates)
+        prompt = user_prompt(catalogue, args.user) if args.user else item_prompt(catalogue, args.item)
+    texts = read_pool_texts(args.pool, leave_out=entity) if args.pool else []  # never the entity's own text
     lm = load_lm(settings)
-    gen = hf_generate(lm, chat_input_ids(lm.tokenizer, prompt), settings.max_new_tokens)
-    print(gen.text)
-    print(f"\n[{len(gen.token_ids)} tokens in {gen.wall_s:.2f}s: {gen.tokens_per_s:.1f} tokens/s, greedy, {lm.model_id}, {lm.device}]")
+    engine = open_engine("transformers", lm, settings.cache_dir, strategy=Strategy(max_top1=settings.relaxed_max_top1))
+    runs = [args.mode, *(["ar"] if args.compare and args.mode != "ar" else [])]
+    if len(runs) > 1:  # a first decode warms the kernels and caches up: neither timed run gets that for free
+        generate(engine, lm.tokenizer, [prompt], (), "ar", 2, rows=1)
+    outputs = {mode: generate(engine, lm.tokenizer, [prompt], texts, mode, settings.max_new_tokens, rows=1)[0] for mode in runs}
+    print(outputs[args.mode].text)
+    print()
+    for mode, out in outputs.items():
+        s = out.stats
+        drafts = f", drafting from {len(texts)} pool texts and its own" if mode != "ar" else ""
+        print(f"[{mode}: {len(out.token_ids)} tokens in {s.wall_s:.2f}s = {len(out.token_ids) / s.wall_s:.1f} tokens/s, "
+              f"{s.mean_accepted:.2f} tokens per step ({s.steps} steps){drafts}; {lm.model_id}, {lm.device}]")
+    if len(outputs) > 1:
+        mine, greedy = outputs[args.mode], outputs["ar"]
+        speed = (len(mine.token_ids) / mine.stats.wall_s) / (len(greedy.token_ids) / greedy.stats.wall_s)
+        same = "the same text as greedy" if mine.token_ids == greedy.token_ids else "a text other than greedy's"
+        print(f"[{args.mode}: {speed:.2f}x greedy's tokens/s, {same}]")
     return 0
 
 
 def start_service(args: argparse.Namespace) -> tuple[Settings, threading.Event]:
-    """What every long-running service does first: settings, signal handling, a broker that
-    answers (retried with backoff), and the metrics endpoint if asked for."""
+    """What every long-running service does first: settings, signal handling, the metrics port if asked for
+    (/metrics, /healthz, /readyz: infra/health.py), and a broker that answers (retried with backoff)."""
+    from infra.health import HEALTH, serve
     from infra.kafka import wait_for_broker
 
     settings = settings_from(args)
     stop = stop_event_on_signals()
-    wait_for_broker(settings)
     if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port)
+        serve(args.metrics_port)
+    HEALTH.set_ready(False, "waiting for the Kafka broker")
+    wait_for_broker(settings)
+    HEALTH.set_ready(False, "starting")
     return settings, stop
 
 
@@ -496,16 +520,27 @@ def build_parser() -> argparse.ArgumentParser:
     e = schemas_sub.add_parser("export", help="write JSON Schema files")
     e.add_argument("dir")
     e.set_defaults(func=cmd_schemas)
+    from schemas.examples import EXAMPLES
+
+    e = schemas_sub.add_parser("example", help="print an example message of TYPE as it travels on its topic (one JSON line)")
+    e.add_argument("type", choices=list(EXAMPLES))
+    e.set_defaults(func=cmd_schema_example)
 
     p = sub.add_parser("broker", help="run the embedded Tansu broker in the foreground")
     p.add_argument("--port", type=port, default=9092)
     p.set_defaults(func=cmd_broker)
 
-    p = sub.add_parser("generate", help="greedy generation for one prompt, MovieLens user or item")
+    p = sub.add_parser("generate", help="DARE (or greedy) on one prompt, or a catalogue's user or item: its text, tokens per step, tokens/s")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="the user message")
-    which.add_argument("--user", help="MovieLens user id (KAR preference prompt)")
-    which.add_argument("--item", help="MovieLens item id (KAR knowledge prompt)")
+    which.add_argument("--user", help="a user id of the catalogue (its preference prompt)")
+    which.add_argument("--item", help="an item id of the catalogue (its knowledge prompt)")
+    add_catalogue_flags(p)
+    p.add_argument("--mode", choices=MODES, default="ar", help="ar: the engine's greedy decoding (the worker's default); strict, relaxed: DARE")
+    p.add_argument("--pool", type=Path, metavar="FILE",
+                   help="JSONL, a \"text\" per line (a pool file like bench/pool.jsonl, or knowledge records such as "
+                        "results/knowledge/ml-100k-ar.jsonl): the texts DARE drafts from, but the entity's own")
+    p.add_argument("--compare", action="store_true", help="also decode greedily and print both speeds")
     add_model_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -516,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1, help="decode up to B prompts together (continuous batching; default 1)")
     p.add_argument("--max-prompts", type=positive_int, help="exit after this many prompts")
     p.add_argument("--idle-exit", type=seconds, help="exit after S seconds without a prompt (default: run until stopped)")
-    p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics (incl. dare_worker_ready) on this port")
+    p.add_argument("--metrics-port", type=port, help="serve /metrics (Prometheus), /healthz and /readyz on this port")
     p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
                    help="vllm: DARE inside vLLM (continuous batching up to --batch; needs `make install-vllm`)")
     p.add_argument("--eager", action="store_true", help="with --backend vllm: no torch.compile in vLLM (starts ~2 min sooner, decodes slower)")
@@ -558,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-every", type=seconds, default=30.0, help="seconds between k-means re-fits while users grow")
     p.add_argument("--state-dir", type=Path, help="checkpoint directory, one file per partition held (default: "
                                                   "DARE_CACHE_DIR/pool-builder)")
-    p.add_argument("--metrics-port", type=port, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=port, help="serve /metrics (Prometheus), /healthz and /readyz on this port")
     p.set_defaults(func=cmd_pool_builder)
 
     p = sub.add_parser("bench", help="hf-generate, pld, rest and DARE on the same prompts, side by side")

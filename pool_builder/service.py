@@ -39,6 +39,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from infra.delivery import commit, consumer_lag, dead_letter
+from infra.health import HEALTH
 from infra.kafka import close_producer, end_offsets, ensure_topics, group_id, make_consumer, make_producer
 from infra.reader import TopicReader
 from infra.settings import Settings
@@ -59,6 +60,7 @@ POOL_TEXTS = Gauge("dare_pool_builder_pool_texts", "Texts in a segment's pool, i
 REFIT = Histogram("dare_pool_builder_refit_seconds", "k-means re-fit time")
 LAG = Gauge("dare_pool_builder_lag", "Input messages not yet consumed")
 SKIPPED = Gauge("dare_pool_builder_skipped", "Inputs applied as no-ops since start, by reason", ["reason"])
+READY = Gauge("dare_pool_builder_ready", "1 once this member holds partitions, their state restored or rebuilt and caught up")
 
 
 class Rebalance(ConsumerRebalanceListener):
@@ -104,7 +106,7 @@ class PoolBuilderService:
         self.centroids = CentroidsReplica()
         self.partitions = 0  # of the user-events topic: pool caps are split over as many shards
         self.consumer: KafkaConsumer | None = None
-        self.ready = threading.Event()
+        self.catching_up: dict[int, dict[str, int]] = {}  # partition → where its inputs ended when taken (until read so far)
 
     # ------------------------------------------------------------------ state
 
@@ -157,7 +159,10 @@ class PoolBuilderService:
         assert consumer is not None
         new = [p for p in partitions if p not in self.builders]
         checkpoints = {p: self._restore(self.partition_path(p)) for p in new}
-        ahead = self._beyond_the_end({p: c.positions for p, c in checkpoints.items() if c is not None})
+        ends = end_offsets(self.settings, [TopicPartition(topic, p) for p in new for topic in (self.topics.user_events, self.topics.knowledge)])
+        for tp, end in ends.items():  # ready once read this far (`readiness`)
+            self.catching_up.setdefault(tp.partition, {})[tp.topic] = end
+        ahead = self._beyond_the_end({p: c.positions for p, c in checkpoints.items() if c is not None}, ends)
         for p in new:
             restored = None if p in ahead else checkpoints[p]
             builder = restored or PoolBuilder(self.encoder, **self.config, shard=p)
@@ -182,19 +187,30 @@ class PoolBuilderService:
             builder.apply_centroids(self.centroids.centroids, self.centroids.version)  # its changes are all in what follows
         return builder.all_snapshots() + builder.all_assignments(items=False)
 
-    def _beyond_the_end(self, positions: dict[int, dict[str, int]]) -> set[int]:
+    def _beyond_the_end(self, positions: dict[int, dict[str, int]], ends: dict[TopicPartition, int]) -> set[int]:
         """Of these partitions' checkpoints (their input positions), those that have read past where the inputs now
-        end: they belong to topics that are gone (a broker that lost its data), so they are set aside and the
+        end (`ends`): they belong to topics that are gone (a broker that lost its data), so they are set aside and the
         partition rebuilt from what the topics hold."""
-        ends = end_offsets(self.settings, [TopicPartition(topic, p) for p, at in positions.items() for topic in at])
         ahead = set()
         for p, at in positions.items():
             mine = {tp.topic: end for tp, end in ends.items() if tp.partition == p}
-            if any(at[topic] > end for topic, end in mine.items()):
+            if any(at.get(topic, 0) > end for topic, end in mine.items()):
                 log.warning("checkpoint ahead of its input topics (were they recreated?): rebuilding the partition from "
                             "them", partition=p, positions=at, ends=mine)
                 ahead.add(p)
         return ahead
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once this member holds partitions whose state is restored or rebuilt up to where their inputs
+        ended when they were taken (a member beyond the partition count holds none: never ready)."""
+        for p, ends in list(self.catching_up.items()):
+            if p in self.builders and all(self.builders[p].positions.get(topic, 0) >= end for topic, end in ends.items()):
+                del self.catching_up[p]
+        if not self.builders:
+            return False, "no partitions held yet (joining the consumer group)"
+        if self.catching_up:
+            return False, f"catching up with the inputs of partition(s) {', '.join(map(str, sorted(self.catching_up)))}"
+        return True, ""
 
     def rebalanced(self, listener: Rebalance) -> set[int]:
         """Act on the group's changes since the last poll; the partitions taken now."""
@@ -219,6 +235,7 @@ class PoolBuilderService:
         for p in held:
             del self.builders[p]
             self.dirty.discard(p)
+            self.catching_up.pop(p, None)
             log.info("partition released", partition=p)
         PARTITIONS.set(len(self.builders))
 
@@ -247,11 +264,11 @@ class PoolBuilderService:
         consumer.subscribe([topics.user_events, topics.knowledge], listener=listener)
         last_checkpoint = last_refit = last_message = time.monotonic()
         checkpoint_s = 0.0  # how long the last checkpoint took
-        self.ready.set()
         log.info("pool builder started", state=str(self.state_dir))
         try:
             while not stop.is_set():
                 now = time.monotonic()
+                HEALTH.beat()
                 if self._poll_items(items) | self._follow_centroids(centroids):
                     last_message = now
                 batch = consumer.poll(timeout_ms=200)
@@ -270,9 +287,14 @@ class PoolBuilderService:
                 if self.dirty and (idle or now - last_checkpoint > max(self.checkpoint_every_s, 9 * checkpoint_s)):
                     self._checkpoint()
                     last_checkpoint, checkpoint_s = now, time.monotonic() - now
+                ready, why = self.readiness()
+                HEALTH.set_ready(ready, why)
+                READY.set(int(ready))
                 if idle_exit_s is not None and now - last_message > idle_exit_s and not self.dirty:
                     break
         finally:
+            HEALTH.set_ready(False, "stopped")
+            READY.set(0)
             if self.dirty:
                 self._checkpoint()
             close_producer(self.producer, timeout_s=10)

@@ -173,3 +173,26 @@ def test_a_segments_pool_is_the_union_of_its_shards_and_a_snapshot_replaces_one_
     assert set(replica.pools["s"]) == {"a", "b", "d"} and replica.version("s") == 8 and replica.version("t") is None
     replica.drop("s")
     assert replica.pools == {} and replica.shards == {} and replica.shard_versions == {} and replica.version("s") is None
+
+
+def test_the_documented_example_lines_are_valid_messages_and_what_the_command_prints(capsys):
+    import re
+    from pathlib import Path
+
+    from dare.cli import main
+    from schemas import ALL_MESSAGES
+    from schemas.examples import EXAMPLES
+
+    doc = (Path(__file__).parents[1] / "docs" / "design.md").read_text()
+    shown = dict(re.findall(r"\*\*`(\w+)`\*\*[^\n]*\n\n```json\n(.+?)\n```", doc))
+    assert set(shown) == set(EXAMPLES) == {"UserEvent", "ItemEvent", "PromptRequest", "KnowledgeRecord", "SegmentAssignment", "DeadLetter"}
+    for name, line in shown.items():
+        message = decode(ALL_MESSAGES[name], line.encode())  # valid against the schema
+        assert encode(message) == encode(EXAMPLES[name]) == line.encode(), name
+        assert main(["schemas", "example", name]) == 0
+        assert capsys.readouterr().out == line + "\n"
+    letter = EXAMPLES["DeadLetter"]
+    import base64
+
+    with pytest.raises(SchemaError, match=letter.reason.split(": ", 1)[1][:20]):  # the reason is what decoding its bytes says
+        decode(ALL_MESSAGES["PromptRequest"], base64.b64decode(letter.value_b64))

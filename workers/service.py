@@ -27,9 +27,10 @@ from pathlib import Path
 import structlog
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from infra.delivery import Delivery, OffsetTracker, Undelivered, commit, consumer_lag, dead_letter
+from infra.health import HEALTH
 from infra.kafka import ensure_topics, group_id, make_consumer
 from infra.settings import Settings
 from schemas import DecodeStats, KnowledgeRecord, Mode, PromptRequest, SchemaError, Topics, decode, encode
@@ -51,6 +52,36 @@ LAG = Gauge("dare_worker_consumer_lag", "Prompts waiting in this worker's partit
 READY = Gauge("dare_worker_ready", "1 once the worker has its pools and has joined the group")
 STEPS = Counter("dare_worker_steps_total", "Decoding steps (one forward over every row the decoder holds)")
 STEP_ROWS = Counter("dare_worker_step_rows_total", "Rows summed over decoding steps (/ steps = mean batch occupancy)")
+# Distributions, per prompt, by mode (what the load bench measures, for a fleet):
+SECONDS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+LATENCY = Histogram("dare_worker_latency_seconds", "Prompt produced (its created_at) to its knowledge record acknowledged by the broker",
+                    ["mode"], buckets=SECONDS)
+QUEUE = Histogram("dare_worker_queue_seconds", "Prompt produced to its decode starting: waiting in the topic and for a row",
+                  ["mode"], buckets=SECONDS)
+DECODE = Histogram("dare_worker_decode_seconds", "A prompt's decode, joining the decoder to its last token (its prefill included)",
+                   ["mode"], buckets=SECONDS)
+PREFILL = Histogram("dare_worker_prefill_seconds", "A prompt's own prefill", ["mode"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8))
+ENTITY_TOKENS = Histogram("dare_worker_tokens_per_entity", "Tokens of a knowledge text", ["mode", "entity_kind"],
+                          buckets=(8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024))
+STEP_TOKENS = Histogram("dare_worker_tokens_per_step", "A prompt's tokens per decoding step (1: no draft accepted)", ["mode"],
+                        buckets=(1, 1.1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12))
+DRAFTED = Counter("dare_worker_draft_tokens_total", "Draft tokens verified, by acceptance rule", ["rule"])
+DRAFTS_ACCEPTED = Counter("dare_worker_draft_tokens_accepted_total", "Draft tokens accepted, by acceptance rule", ["rule"])
+
+
+def observe(knowledge: KnowledgeRecord, stats: RequestStats, produced_at: float) -> None:
+    """A published prompt into the distributions and the draft counters."""
+    mode, s = knowledge.mode, knowledge.stats
+    latency = max(0.0, time.time() - produced_at)  # wall clocks of two machines: never below 0
+    LATENCY.labels(mode).observe(latency)
+    QUEUE.labels(mode).observe(max(0.0, latency - s.wall_s))
+    DECODE.labels(mode).observe(s.wall_s)
+    PREFILL.labels(mode).observe(s.prefill_s)
+    ENTITY_TOKENS.labels(mode, knowledge.entity_kind).observe(knowledge.token_count)
+    STEP_TOKENS.labels(mode).observe(s.mean_accepted)
+    if mode != "ar":
+        DRAFTED.labels(mode).inc(sum(stats.drafted))
+        DRAFTS_ACCEPTED.labels(mode).inc(sum(stats.accepted) - stats.steps)
 
 
 class PromptRejected(ValueError):
@@ -197,6 +228,7 @@ class Worker:
                                  listener=FollowPools(self.follower, self._pools_loaded), max_poll_records=1,
                                  fetch_max_wait_ms=self.settings.fetch_wait_ms)
         self._last_message = time.monotonic()
+        HEALTH.set_ready(False, "joining the consumer group; its partitions' pools not loaded yet")
         log.info("worker started", worker=self.worker_id, mode=self.mode, batch=self.batch, topic=self.topics.prompts)
         try:
             self._loop(consumer, stop, max_prompts, idle_timeout_s)
@@ -205,6 +237,7 @@ class Worker:
         finally:
             self.ready.clear()
             READY.set(0)
+            HEALTH.set_ready(False, "stopped")
             self.delivery.close()
             consumer.close(autocommit=False)
             self.follower.close()
@@ -221,6 +254,7 @@ class Worker:
         decoder = self.engine.decoder(self.batch)
         offsets = OffsetTracker()
         while not stop.is_set() and not (not len(decoder) and self._finished(max_prompts, idle_timeout_s)):
+            HEALTH.beat()
             room = self.batch - len(decoder)
             if max_prompts is not None:
                 room = min(room, max_prompts - self.stats.prompts - self.stats.dead_lettered - len(decoder))
@@ -243,7 +277,9 @@ class Worker:
                 f = self.in_flight.pop(finished.key)  # type: ignore[arg-type]
                 with structlog.contextvars.bound_contextvars(request_id=f.request.request_id, partition=f.record.partition,
                                                              offset=f.record.offset):
-                    self._publish(self.record(f.request, f.segment, f.mode, finished.token_ids, finished.stats, f.pool_version))
+                    knowledge = self.record(f.request, f.segment, f.mode, finished.token_ids, finished.stats, f.pool_version)
+                    self._publish(knowledge)
+                    observe(knowledge, finished.stats, f.request.created_at)
                 offsets.done(f.record)
             commit(consumer, offsets.committable())
             LAG.set(consumer_lag(consumer))
@@ -255,6 +291,7 @@ class Worker:
         elif not self.ready.is_set():
             self.ready.set()
             READY.set(1)
+            HEALTH.set_ready(True)
             log.info("worker ready", partitions=len(consumer.assignment()))
         records = [r for rs in batch.values() for r in rs]
         if records:

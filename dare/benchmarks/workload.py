@@ -146,6 +146,20 @@ def read_pool(path: Path) -> dict[str, list[str]]:
     return dict(pool)
 
 
+def read_pool_texts(path: Path, leave_out: str | None = None) -> list[str]:
+    """Every text of a JSONL file whose lines have a "text" field (a pool file like bench/pool.jsonl, or knowledge
+    records), but the entity `leave_out`'s own (e.g. "user-12": a pool row's "entity", a record's kind and id)."""
+    def entity(row: dict) -> str | None:  # type: ignore[type-arg]
+        if "entity" in row:
+            return str(row["entity"])
+        return f"{row['entity_kind']}-{row['entity_id']}" if "entity_kind" in row and "entity_id" in row else None
+
+    rows = _jsonl(path, {"text": str})
+    if not rows:
+        raise WorkloadError(f"{path}: no texts")
+    return [r["text"] for r in rows if leave_out is None or entity(r) != leave_out]
+
+
 def check_segments(prompts: list[BenchPrompt], pool: dict[str, list[str]], prompts_path: Path | str) -> None:
     missing = Counter(p.segment for p in prompts if p.segment not in pool)
     if missing:

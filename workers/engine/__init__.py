@@ -9,7 +9,9 @@
     backends/   engines that decode with both: transformers (this project's batch decoder over runtime/:
                 transformers.py, batch.py) and vllm (DARE inside vLLM: vllm.py)
 
-Every backend is an `Engine` whose `decoder(rows)` is a `Decoder`; `open_engine` makes one by name.
+Every backend is an `Engine` whose `decoder(rows)` is a `Decoder`; `open_engine` makes one by name; `generate`
+(generate.py) decodes a list of prompts with it, drafting from a list of knowledge texts: DARE in one's own
+process, no Kafka (docs/python.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from workers.engine.algorithm.texts import PoolTexts
 from workers.engine.algorithm.trie import Pool
 from workers.engine.backends.batch import Finished, RequestStats
 from workers.engine.backends.transformers import Output, TransformersEngine, load_or_measure
+from workers.engine.generate import generate
 from workers.engine.runtime.model import LoadedModel, ModelLoadError, cached_default_model, chat_input_ids, load_model, model_id
 
 BACKENDS = ("transformers", "vllm")
@@ -32,7 +35,7 @@ VLLM_CONTEXT = 4096  # the vLLM engine's longest request (prompt + new tokens): 
 
 __all__ = ["BACKENDS", "MODES", "CostModel", "Decoder", "DraftConfig", "Engine", "Finished", "LoadedModel", "ModelLoadError",
            "Output", "Pool", "PoolTexts", "RequestStats", "Source", "Strategy", "TransformersEngine", "cached_default_model",
-           "chat_input_ids", "load_model", "load_or_measure", "model_id", "open_engine"]
+           "chat_input_ids", "generate", "load_model", "load_or_measure", "model_id", "open_engine"]
 
 
 class Decoder(Protocol):
