@@ -126,6 +126,35 @@ def test_draft_tree_is_best_first_and_ancestor_closed():
     assert tree.scores == sorted(tree.scores, reverse=True)
 
 
+def test_each_draft_node_names_the_source_that_gave_it_most_of_its_score():
+    segment, shared = Pool(depth=8, label="segment"), Pool(depth=8, label="global")
+    for n in range(3):
+        segment.add(f"s{n}", [1, 2, 3, 4, 5])  # after 1 2: 3 4 5, three times
+    shared.add("g", [1, 2, 6, 7])  # after 1 2: 6 7, once
+    tree = build_draft([1, 2], [(segment, 1.0), (shared, 1.0)], DraftConfig())
+    by_token = dict(zip(tree.tokens, tree.sources, strict=True))
+    assert by_token[3] == by_token[4] == "segment" and by_token[6] == by_token[7] == "global"
+    assert tree.prefix(2).sources == tree.sources[:2]
+    own = Pool(depth=8, label="own")
+    for n in range(5):
+        own.add(f"o{n}", [1, 2, 3])  # 3 after 1 2 in both: most of its score now comes from `own`
+    mixed = build_draft([1, 2], [(segment, 0.1), (own, 1.0)], DraftConfig())
+    assert dict(zip(mixed.tokens, mixed.sources, strict=True))[3] == "own"
+
+
+def test_a_decode_counts_its_drafts_by_source_and_they_add_up(tiny):
+    rng = random.Random(4)
+    prompt = [rng.randrange(2, VOCAB) for _ in range(8)]
+    truth = greedy(tiny, prompt, 30, eos=False)
+    segment = Pool(depth=12, label="segment")
+    segment.add("t", prompt[-3:] + truth)
+    out = decode(tiny, prompt, [segment], n=30)
+    s = out.stats
+    assert set(s.drafted_by) <= {"segment", "own"} and s.drafted_by.get("segment", 0) > 0
+    assert sum(s.drafted_by.values()) == sum(s.drafted) and sum(s.accepted_by.values()) == sum(s.accepted) - s.steps
+    assert all(s.accepted_by.get(k, 0) <= n for k, n in s.drafted_by.items())
+
+
 def test_empty_pool_gives_an_empty_draft():
     assert len(build_draft([1, 2, 3], [(Pool(), 1.0)], DraftConfig())) == 0
 

@@ -113,7 +113,10 @@ def test_the_worker_is_ready_only_once_it_holds_its_pools_and_its_histograms_mov
         assert sample("dare_worker_latency_seconds_sum", mode=mode) > 0
         assert sample("dare_worker_decode_seconds_count", mode=mode) >= 1 and sample("dare_worker_queue_seconds_count", mode=mode) >= 1
     assert tokens_before < sample("dare_worker_tokens_per_entity_sum", mode="strict", entity_kind="item") <= tokens_before + 12
-    assert sample("dare_worker_draft_tokens_total", rule="strict") >= sample("dare_worker_draft_tokens_accepted_total", rule="strict")
+    drafted, accepted = ({s.labels["source"]: s.value for f in REGISTRY.collect() if f.name == name for s in f.samples
+                          if s.name == name + "_total" and s.labels["rule"] == "strict"}
+                         for name in ("dare_worker_draft_tokens", "dare_worker_draft_tokens_accepted"))
+    assert drafted and set(drafted) <= {"segment", "global", "own"} and all(accepted.get(k, 0) <= n for k, n in drafted.items())
     status, metrics = get(health_port, "/metrics")
     assert status == 200 and 'dare_worker_latency_seconds_bucket{le="0.1",mode="strict"}' in metrics
 

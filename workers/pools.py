@@ -31,7 +31,7 @@ class LivePools:
         self.texts = texts
         self.segment_nodes = segment_nodes
         self.pools: dict[str, Pool] = {}
-        self.global_pool = texts.pool([], max_nodes=global_nodes)
+        self.global_pool = texts.pool([], max_nodes=global_nodes, label="global")
         self.assignments: dict[str, str] = {}
         self.replica = PoolReplica()
         self.applied = 0
@@ -39,7 +39,7 @@ class LivePools:
 
     def _pool(self, segment: str) -> Pool:
         if segment not in self.pools:
-            self.pools[segment] = self.texts.pool([], max_nodes=self.segment_nodes)
+            self.pools[segment] = self.texts.pool([], max_nodes=self.segment_nodes, label="segment")
         return self.pools[segment]
 
     def add_text(self, segment: str | None, text_id: str, text: str) -> None:

@@ -65,8 +65,10 @@ ENTITY_TOKENS = Histogram("dare_worker_tokens_per_entity", "Tokens of a knowledg
                           buckets=(8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024))
 STEP_TOKENS = Histogram("dare_worker_tokens_per_step", "A prompt's tokens per decoding step (1: no draft accepted)", ["mode"],
                         buckets=(1, 1.1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 12))
-DRAFTED = Counter("dare_worker_draft_tokens_total", "Draft tokens verified, by acceptance rule", ["rule"])
-DRAFTS_ACCEPTED = Counter("dare_worker_draft_tokens_accepted_total", "Draft tokens accepted, by acceptance rule", ["rule"])
+DRAFTED = Counter("dare_worker_draft_tokens_total", "Draft tokens verified, by acceptance rule and source "
+                  "(segment pool, global pool, own prompt and output; unattributed: the vLLM backend)", ["rule", "source"])
+DRAFTS_ACCEPTED = Counter("dare_worker_draft_tokens_accepted_total", "Draft tokens accepted, by acceptance rule and source",
+                          ["rule", "source"])
 
 
 def observe(knowledge: KnowledgeRecord, stats: RequestStats, produced_at: float) -> None:
@@ -79,9 +81,15 @@ def observe(knowledge: KnowledgeRecord, stats: RequestStats, produced_at: float)
     PREFILL.labels(mode).observe(s.prefill_s)
     ENTITY_TOKENS.labels(mode, knowledge.entity_kind).observe(knowledge.token_count)
     STEP_TOKENS.labels(mode).observe(s.mean_accepted)
-    if mode != "ar":
-        DRAFTED.labels(mode).inc(sum(stats.drafted))
-        DRAFTS_ACCEPTED.labels(mode).inc(sum(stats.accepted) - stats.steps)
+    if mode == "ar":
+        return
+    if stats.drafted_by:
+        for source, n in stats.drafted_by.items():
+            DRAFTED.labels(mode, source).inc(n)
+            DRAFTS_ACCEPTED.labels(mode, source).inc(stats.accepted_by.get(source, 0))
+    else:  # a backend that does not say where its drafts came from
+        DRAFTED.labels(mode, "unattributed").inc(sum(stats.drafted))
+        DRAFTS_ACCEPTED.labels(mode, "unattributed").inc(sum(stats.accepted) - stats.steps)
 
 
 class PromptRejected(ValueError):

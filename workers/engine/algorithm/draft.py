@@ -27,12 +27,13 @@ class DraftTree:
     parents: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)  # 1 for children of the root
     scores: list[float] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # the label of the pool that gave each node most of its score
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def prefix(self, n: int) -> DraftTree:
-        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.scores[:n])
+        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.scores[:n], self.sources[:n])
 
 
 @dataclass
@@ -49,15 +50,16 @@ Source = tuple[Pool, float]  # a pool and its weight
 
 
 def build_draft(context: Sequence[int], sources: Sequence[Source], config: DraftConfig) -> DraftTree:
-    """The best-first draft tree for what follows `context`, merged over all sources."""
-    # Every (node, scale) pair is one vote: scale = w / (count + smoothing); a path's score is the
+    """The best-first draft tree for what follows `context`, merged over all sources; each node names the source
+    whose votes gave it most of its score."""
+    # Every (node, scale, source) triple is one vote: scale = w / (count + smoothing); a path's score is the
     # w-weighted mean over votes of its estimated probability, so it lies in [0, 1].
-    votes: list[tuple[Node, float]] = []
+    votes: list[tuple[Node, float, str]] = []
     total_weight = 0.0
     for pool, weight in sources:
         for k, node in pool.lookup(context, config.max_key):
             w = weight * k**config.length_power
-            votes.append((node, w / (node[0] + config.smoothing)))
+            votes.append((node, w / (node[0] + config.smoothing), pool.label))
             total_weight += w
     tree = DraftTree()
     if not votes:
@@ -67,30 +69,33 @@ def build_draft(context: Sequence[int], sources: Sequence[Source], config: Draft
     heap: list[tuple] = []
     counter = 0
 
-    def push_children(parent_votes: list[tuple[Node, float]], parent: int, depth: int) -> None:
+    def push_children(parent_votes: list[tuple[Node, float, str]], parent: int, depth: int) -> None:
         nonlocal counter
-        merged: dict[int, tuple[float, list[tuple[Node, float]]]] = {}
-        for node, scale in parent_votes:
+        merged: dict[int, tuple[float, list[tuple[Node, float, str]], dict[str, float]]] = {}
+        for node, scale, label in parent_votes:
             children = node[1]
             items = children.items() if len(children) <= config.max_children else heapq.nlargest(
                 config.max_children, children.items(), key=lambda kv: kv[1][0]
             )
             for token, child in items:
-                score, child_votes = merged.get(token, (0.0, []))
-                child_votes.append((child, scale))
-                merged[token] = (score + scale * child[0] * norm, child_votes)
-        for token, (score, child_votes) in merged.items():
+                score, child_votes, by_source = merged.get(token, (0.0, [], {}))
+                child_votes.append((child, scale, label))
+                share = scale * child[0] * norm
+                by_source[label] = by_source.get(label, 0.0) + share
+                merged[token] = (score + share, child_votes, by_source)
+        for token, (score, child_votes, by_source) in merged.items():
             counter += 1
-            heapq.heappush(heap, (-score, counter, token, parent, depth, child_votes))
+            heapq.heappush(heap, (-score, counter, token, parent, depth, child_votes, max(by_source, key=by_source.__getitem__)))
 
     push_children(votes, -1, 1)
     while heap and len(tree) < config.max_nodes:
-        neg_score, _, token, parent, depth, child_votes = heapq.heappop(heap)
+        neg_score, _, token, parent, depth, child_votes, source = heapq.heappop(heap)
         index = len(tree)
         tree.tokens.append(token)
         tree.parents.append(parent)
         tree.depths.append(depth)
         tree.scores.append(min(1.0, -neg_score))
+        tree.sources.append(source)
         if depth < config.max_depth:
             push_children(child_votes, index, depth + 1)
     return tree

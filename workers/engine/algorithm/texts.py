@@ -18,8 +18,8 @@ class PoolTexts:
         self.depth = draft.max_key + draft.max_depth
         _, self.assistant_prefix = template_parts(tokenizer)
 
-    def pool(self, texts: Sequence[str], max_nodes: int = 400_000) -> Pool:
-        pool = Pool(depth=self.depth, max_nodes=max_nodes)
+    def pool(self, texts: Sequence[str], max_nodes: int = 400_000, label: str = "pool") -> Pool:
+        pool = Pool(depth=self.depth, max_nodes=max_nodes, label=label)
         for n, text in enumerate(texts):
             self.add_text(pool, str(n), text)
         return pool

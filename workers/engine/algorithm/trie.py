@@ -26,13 +26,15 @@ def _new_node() -> Node:
 
 
 class Pool:
-    """A bounded trie over token sequences. Oldest texts are evicted first when `max_nodes` is exceeded."""
+    """A bounded trie over token sequences. Oldest texts are evicted first when `max_nodes` is exceeded.
+    `label` names it as a draft source (`segment`, `global`, `own`...), which its draft nodes carry."""
 
-    def __init__(self, depth: int = 16, max_nodes: int = 400_000) -> None:
+    def __init__(self, depth: int = 16, max_nodes: int = 400_000, label: str = "pool") -> None:
         if depth < 2:
             raise ValueError("depth must be at least 2 (a key token and one continuation)")
         self.depth = depth
         self.max_nodes = max_nodes
+        self.label = label
         self.root: Node = _new_node()
         self.nodes = 0
         self.texts: OrderedDict[str, tuple[int, ...]] = OrderedDict()
@@ -107,7 +109,7 @@ class LiveText(Pool):
     context's suffix finds only *earlier* occurrences, each with its real continuation."""
 
     def __init__(self, depth: int = 16) -> None:
-        super().__init__(depth=depth, max_nodes=1 << 62)
+        super().__init__(depth=depth, max_nodes=1 << 62, label="own")
         self.tokens: list[int] = []
         self._open: list[Node] = []  # nodes of the suffixes ending at the last indexed token
 

@@ -49,6 +49,8 @@ class RequestStats:
     new_tokens: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens emitted per step (accepted drafts + 1)
     drafted: list[int] = field(default_factory=list)  # draft tokens sent per step
+    drafted_by: dict[str, int] = field(default_factory=dict)  # draft tokens sent, by the label of the pool they came from
+    accepted_by: dict[str, int] = field(default_factory=dict)  # draft tokens accepted, likewise
     prefill_s: float = 0.0
     stalled_s: float = 0.0  # the request stood still while other prompts were prefilled (before its own or after)
     retrieval_s: float = 0.0
@@ -59,6 +61,18 @@ class RequestStats:
     @property
     def mean_accepted(self) -> float:
         return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+
+def count_sources(stats: RequestStats, tree: DraftTree, path: list[int]) -> None:
+    """A step's draft tokens, sent and accepted (`path`: tree positions from 1), by the source each node came from
+    (trees made elsewhere than `build_draft` may name none)."""
+    if len(tree.sources) != len(tree):
+        return
+    for label in tree.sources:
+        stats.drafted_by[label] = stats.drafted_by.get(label, 0) + 1
+    for p in path:
+        label = tree.sources[p - 1]
+        stats.accepted_by[label] = stats.accepted_by.get(label, 0) + 1
 
 
 @dataclass
@@ -256,6 +270,7 @@ class BatchDecoder:
             path, bonus = accept(logits[b][: len(tree) + 1], tree, row.rule)
             paths.append([0, *path])
             row.budget.observe(sum(tree.scores), len(path))
+            count_sources(row.stats, tree, path)
             self._emit(row, [tree.tokens[p - 1] for p in path] + [bonus], len(tree))
             row.pending = bonus
         self._keep_paths(paths)
